@@ -1,0 +1,32 @@
+"""ACIQ: analytical clipping for integer quantization of activations, applied to torchvision CNNs."""
+
+from .clipping import (
+    TensorStats,
+    aciq_range,
+    choose_clipping,
+    gaus_sigma_from_range,
+    mse_gaus,
+    mse_laplace,
+    optimal_alpha,
+)
+from .quantization.qtypes.int_quantizer import (
+    gemmlowp_qparams,
+    gemmlowp_quantize,
+    gemmlowp_quantize_per_channel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TensorStats",
+    "__version__",
+    "aciq_range",
+    "choose_clipping",
+    "gaus_sigma_from_range",
+    "gemmlowp_qparams",
+    "gemmlowp_quantize",
+    "gemmlowp_quantize_per_channel",
+    "mse_gaus",
+    "mse_laplace",
+    "optimal_alpha",
+]

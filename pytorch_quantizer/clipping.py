@@ -1,0 +1,181 @@
+"""The ACIQ math: expected clipping + quantization MSE, the optimal clipping value, estimators and the range rule.
+
+Everything here is a small pure function of floats so that the CLI, the notebook, the report and the
+tests all call the same code.  Notation follows the paper (Banner et al.): a tensor is modelled as
+Laplace(0, b) or N(0, sigma^2), clipped to [-alpha, alpha] and quantized uniformly with 2**bits levels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from scipy import optimize, special
+
+PRIORS = ("laplace", "gaus")
+METHODS = ("no", "laplace", "gaus", "mix")
+SIGMA_ESTIMATORS = ("range", "std")
+MIN_BITS, MAX_BITS = 1, 16
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` as an int, or raise ValueError when it is not a whole number in 1..16."""
+    if isinstance(bits, bool) or not float(bits).is_integer() or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def check_prior(prior: str) -> str:
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}: expected one of {', '.join(PRIORS)}")
+    return prior
+
+
+def quantization_noise(alpha: float, bits: int) -> float:
+    """Rounding noise of 2**bits uniform bins over [-alpha, alpha]: alpha^2 / (3 * 4^bits)."""
+    return alpha**2 / (3.0 * 4.0 ** check_bits(bits))
+
+
+def clipping_noise_laplace(alpha: float, b: float) -> float:
+    """E[(|x| - alpha)^2; |x| > alpha] for x ~ Laplace(0, b)."""
+    return 2.0 * b**2 * math.exp(-alpha / b)
+
+
+def clipping_noise_gaus(alpha: float, sigma: float) -> float:
+    """E[(|x| - alpha)^2; |x| > alpha] for x ~ N(0, sigma^2)."""
+    tail = 1.0 - math.erf(alpha / (sigma * math.sqrt(2.0)))
+    return (sigma**2 + alpha**2) * tail - math.sqrt(2.0 / math.pi) * alpha * sigma * math.exp(
+        -(alpha**2) / (2.0 * sigma**2)
+    )
+
+
+def mse_laplace(alpha: float, b: float, bits: int) -> float:
+    """Expected MSE of clipping Laplace(0, b) at +-alpha and quantizing to 2**bits levels (paper eq. 5)."""
+    return clipping_noise_laplace(alpha, b) + quantization_noise(alpha, bits)
+
+
+def mse_gaus(alpha: float, sigma: float, bits: int) -> float:
+    """Expected MSE of clipping N(0, sigma^2) at +-alpha and quantizing to 2**bits levels (paper eq. 8)."""
+    return clipping_noise_gaus(alpha, sigma) + quantization_noise(alpha, bits)
+
+
+def mse(prior: str, alpha: float, scale: float, bits: int) -> float:
+    """``mse_laplace`` or ``mse_gaus`` by name; ``scale`` is b or sigma."""
+    return (mse_laplace if check_prior(prior) == "laplace" else mse_gaus)(alpha, scale, bits)
+
+
+@lru_cache(maxsize=None)
+def optimal_alpha(prior: str, bits: int) -> float:
+    """The alpha minimising the expected MSE for unit scale (b = 1 or sigma = 1).
+
+    The MSE is linear-in-scale-squared, so the optimum for scale s is ``s * optimal_alpha(prior, bits)``.
+    The derivative has no closed-form root; it is bracketed and solved with Brent's method.
+    """
+    check_prior(prior)
+    bits = check_bits(bits)
+    if prior == "laplace":
+        # d/da [2 e^-a + a^2 / (3 4^M)] = -2 e^-a + 2a / (3 4^M)
+        def grad(a: float) -> float:
+            return -2.0 * math.exp(-a) + 2.0 * a / (3.0 * 4.0**bits)
+
+        upper = 64.0
+    else:
+        # d/da of the Gaussian MSE: 2a (1 - erf(a/sqrt2)) - 2 sqrt(2/pi) e^{-a^2/2} + 2a / (3 4^M)
+        def grad(a: float) -> float:
+            return (
+                2.0 * a * special.erfc(a / math.sqrt(2.0))
+                - 2.0 * math.sqrt(2.0 / math.pi) * math.exp(-(a**2) / 2.0)
+                + 2.0 * a / (3.0 * 4.0**bits)
+            )
+
+        upper = 16.0
+    return float(optimize.brentq(grad, 1e-9, upper, xtol=1e-12, rtol=1e-14))
+
+
+def laplace_b(mean_abs_deviation: float) -> float:
+    """The maximum-likelihood Laplace scale is the mean absolute deviation from the centre."""
+    return float(mean_abs_deviation)
+
+
+def gaus_sigma_from_range(value_range: float, numel: int) -> float:
+    """The seed's sigma estimate from a sample's range: the expected range of N Gaussian draws grows as
+    sqrt(2 ln N); ``0.175 * (1 + sqrt(pi ln 4))`` is the seed's constant."""
+    if numel < 2:
+        raise ValueError(f"the range estimator of sigma needs at least 2 elements per sample, got {numel}")
+    return value_range * 0.175 * (1.0 + math.sqrt(math.pi * math.log(4.0))) / math.sqrt(2.0 * math.log(numel))
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """What the clipping rule needs to know of one activation tensor (per sample, or averaged over samples)."""
+
+    min: float
+    max: float
+    mean: float
+    b: float  # mean |x - mean|
+    std: float
+    numel: int  # elements per sample
+
+    def __post_init__(self) -> None:
+        values = (self.min, self.max, self.mean, self.b, self.std)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"statistics must be finite, got {self}")
+        if self.max < self.min:
+            raise ValueError(f"max {self.max} is below min {self.min}")
+
+    @property
+    def range(self) -> float:
+        return self.max - self.min
+
+    def sigma(self, estimator: str = "range") -> float:
+        """Gaussian sigma: ``range`` (the seed's estimate from max - min) or ``std`` (the sample std)."""
+        if estimator == "range":
+            return gaus_sigma_from_range(self.range, self.numel)
+        if estimator == "std":
+            return self.std
+        raise ValueError(f"unknown sigma estimator {estimator!r}: expected one of {', '.join(SIGMA_ESTIMATORS)}")
+
+
+@dataclass(frozen=True)
+class ClipDecision:
+    """The clipping chosen for one tensor: which prior, its alpha and the MSE the model predicts for it."""
+
+    method: str  # "no", "laplace" or "gaus" (mix resolves to one of the latter two)
+    alpha: float  # 0 when not clipping
+    predicted_mse: float
+
+
+def no_clip_mse(stats: TensorStats, bits: int) -> float:
+    """Predicted MSE without clipping: uniform rounding noise over the full range (delta^2 / 12 per bin)."""
+    return quantization_noise(stats.range / 2.0, bits)
+
+
+def choose_clipping(
+    stats: TensorStats, method: str, bits: int, sigma_estimator: str = "range"
+) -> ClipDecision:
+    """Alpha for ``method``; ``mix`` takes whichever prior predicts the smaller MSE."""
+    bits = check_bits(bits)
+    if method == "no":
+        return ClipDecision("no", 0.0, no_clip_mse(stats, bits))
+    if method == "mix":
+        candidates = [choose_clipping(stats, p, bits, sigma_estimator) for p in PRIORS]
+        return min(candidates, key=lambda d: d.predicted_mse)
+    if method not in PRIORS:
+        raise ValueError(f"unknown clipping method {method!r}: expected one of {', '.join(METHODS)}")
+    scale = stats.b if method == "laplace" else stats.sigma(sigma_estimator)
+    if scale <= 0.0:  # a constant tensor: nothing to clip, and the MSE is zero
+        return ClipDecision(method, 0.0, 0.0)
+    alpha = optimal_alpha(method, bits) * scale
+    return ClipDecision(method, alpha, mse(method, alpha, scale, bits))
+
+
+def aciq_range(vmin: float, vmax: float, mean: float, alpha: float) -> tuple[float, float]:
+    """The seed's range rule: (delta, offset) of the quantization grid for clipping value ``alpha``.
+
+    No clipping when alpha <= 0 or when alpha already covers half the range; otherwise the grid spans
+    2 alpha, centred on the mean but never starting below the observed minimum.
+    """
+    if alpha <= 0.0 or alpha >= (vmax - vmin) / 2.0:
+        return vmax - vmin, vmin
+    return 2.0 * alpha, max(vmin, mean - alpha)
