@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from scipy import optimize, special
 
@@ -65,7 +65,7 @@ def mse(prior: str, alpha: float, scale: float, bits: int) -> float:
     return (mse_laplace if check_prior(prior) == "laplace" else mse_gaus)(alpha, scale, bits)
 
 
-@lru_cache(maxsize=None)
+@cache
 def optimal_alpha(prior: str, bits: int) -> float:
     """The alpha minimising the expected MSE for unit scale (b = 1 or sigma = 1).
 

@@ -73,9 +73,8 @@ def gemmlowp_qparams(
     offset = _as_float(offset, "offset")
     if delta <= 0.0:
         return None
-    scale, inv_scale, off = _grid(
-        torch.tensor(delta, dtype=torch.float64), torch.tensor(offset, dtype=torch.float64), bits, preserve_zero, pow2_scale
-    )
+    delta64, offset64 = torch.tensor(delta, dtype=torch.float64), torch.tensor(offset, dtype=torch.float64)
+    scale, inv_scale, off = _grid(delta64, offset64, bits, preserve_zero, pow2_scale)
     return QParams(scale.item(), inv_scale.item(), off.item(), float(2**bits - 1))
 
 
@@ -155,10 +154,26 @@ def gemmlowp_quantize(
     """
     _check_tensor(x)
     qp = gemmlowp_qparams(delta, offset, bits, preserve_zero, pow2_scale)
+    if noise is None and stochastic and qp is not None:
+        noise = uniform_noise(x, generator)
+    return quantize_with_qparams(x, qp, inplace=inplace, noise=noise, backend=backend)
+
+
+def quantize_with_qparams(
+    x: torch.Tensor,
+    qp: QParams | None,
+    *,
+    inplace: bool = False,
+    noise: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-tensor quantization with precomputed grid parameters (``None``: identity).
+
+    The inference hooks compute each layer's ``QParams`` once and call this per batch.
+    """
+    _check_tensor(x)
     if qp is None or x.numel() == 0:
         return x if inplace else x.clone()
-    if noise is None and stochastic:
-        noise = uniform_noise(x, generator)
     impl = select_backend(x.device, backend)
     return _run(x, inplace, lambda t: impl.quantize_(t, qp, noise))
 

@@ -1,0 +1,63 @@
+"""Which layers' outputs are activations to observe or quantize, how they are named, and hook bookkeeping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+QUANTIZED_TYPES: tuple[tuple[str, type[nn.Module]], ...] = (("conv", nn.Conv2d), ("linear", nn.Linear))
+
+
+@dataclass(frozen=True)
+class ActivationLayer:
+    """One hooked layer: ``name`` is the seed's (``conv3_activation``), ``module_name`` the model's path."""
+
+    name: str
+    module_name: str
+    kind: str  # "conv" or "linear"
+    module: nn.Module
+
+
+def activation_layers(model: nn.Module) -> list[ActivationLayer]:
+    """Every Conv2d and Linear (subclasses included) in module order, convs and linears numbered apart."""
+    counters = {kind: 0 for kind, _ in QUANTIZED_TYPES}
+    layers = []
+    for module_name, module in model.named_modules():
+        for kind, cls in QUANTIZED_TYPES:
+            if isinstance(module, cls):
+                layers.append(ActivationLayer(f"{kind}{counters[kind]}_activation", module_name, kind, module))
+                counters[kind] += 1
+                break
+    if not layers:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    return layers
+
+
+class HookSet:
+    """Forward hooks on a list of layers that can be removed together; usable as a context manager."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def add(self, layer: ActivationLayer, hook: Callable[[nn.Module, tuple, torch.Tensor], None]) -> None:
+        self._handles.append(layer.module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def check_finite(name: str, lo: float, hi: float) -> None:
+    """Raise when a layer produced NaN or Inf (its min or max is not finite), naming the layer."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise FloatingPointError(f"layer {name} produced non-finite values (min {lo}, max {hi})")

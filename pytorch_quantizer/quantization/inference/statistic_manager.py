@@ -1,0 +1,255 @@
+"""Per-sample activation statistics: collecting them with hooks, and the on-disk layout.
+
+A statistics folder holds, for every hooked layer ``<name>`` (``conv0_activation``, ...):
+
+- ``<name>.csv``: one row per sample, columns ``min,max,mean,std,kurtosis,mean_abs,b``;
+- ``<name>_summary.csv``: rows ``min``, ``mean``, ``max`` (the reduction over samples, first column ``reduce``),
+  columns the statistics plus ``range`` (max - min);
+- ``meta.json``: which model the statistics came from (arch, weights, weight fingerprint, BatchNorm folding),
+  how many images, the seed, the package version, and each layer's module path and elements per sample.
+
+The folder is written to a temporary sibling and swapped in only when complete, so a failed or
+interrupted run leaves earlier statistics untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ...clipping import TensorStats
+from .layers import ActivationLayer, HookSet, activation_layers, check_finite
+
+STAT_COLUMNS = ("min", "max", "mean", "std", "kurtosis", "mean_abs", "b")
+SUMMARY_COLUMNS = (*STAT_COLUMNS, "range")
+REDUCTIONS = ("min", "mean", "max")
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+class StatisticsError(ValueError):
+    """Statistics that are missing, malformed or belong to another model."""
+
+
+def per_sample_stats(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, 7]`` float64 statistics of each sample of an activation, columns as ``STAT_COLUMNS``.
+
+    Moments are computed in float32 over each sample (as the activations are) and returned as float64.
+    Kurtosis is Pearson's (3 for a Gaussian, 6 for a Laplace); a constant sample has std 0 and kurtosis 0.
+    """
+    flat = x.detach().reshape(x.shape[0], -1)
+    if not flat.is_floating_point():
+        raise TypeError(f"activation statistics need a floating-point tensor, got {flat.dtype}")
+    flat = flat.float()
+    lo, hi = torch.aminmax(flat, dim=1)
+    mean = flat.mean(dim=1, keepdim=True)
+    centred = flat - mean
+    b = centred.abs().mean(dim=1)
+    squared = centred.square_()
+    var = squared.mean(dim=1)
+    fourth = squared.square_().mean(dim=1)
+    kurtosis = torch.where(var > 0, fourth / var.square().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    mean_abs = flat.abs().mean(dim=1)
+    columns = (lo, hi, mean.squeeze(1), var.sqrt(), kurtosis, mean_abs, b)
+    return torch.stack(columns, dim=1).double().cpu()
+
+
+def summarize(samples: pd.DataFrame) -> pd.DataFrame:
+    """The min / mean / max over samples of each statistic and of the range."""
+    frame = samples.assign(range=samples["max"] - samples["min"])
+    summary = frame.agg(list(REDUCTIONS))
+    summary.index.name = "reduce"
+    return summary[list(SUMMARY_COLUMNS)]
+
+
+class StatisticsCollector:
+    """Records per-sample statistics of every Conv2d/Linear output of a model while it runs.
+
+    ``with StatisticsCollector(model) as collector: model(x)`` attaches forward hooks and removes them on exit;
+    the model itself is never modified.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers: list[ActivationLayer] = activation_layers(model)
+        self._batches: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        self.numel: dict[str, int] = {}
+        self._hooks = HookSet()
+
+    def attach(self) -> StatisticsCollector:
+        if not self._hooks.attached:
+            for layer in self.layers:
+                self._hooks.add(layer, self._hook(layer.name))
+        return self
+
+    def detach(self) -> None:
+        self._hooks.remove()
+
+    def __enter__(self) -> StatisticsCollector:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            stats = per_sample_stats(output)
+            check_finite(name, stats[:, 0].min().item(), stats[:, 1].max().item())
+            self._batches[name].append(stats)
+            self.numel[name] = output[0].numel()
+
+        return hook
+
+    @property
+    def samples(self) -> int:
+        first = self._batches[self.layers[0].name]
+        return sum(len(b) for b in first)
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """Per-layer sample tables collected so far."""
+        if self.samples == 0:
+            raise StatisticsError("no statistics were collected: the model never ran with the hooks attached")
+        return {
+            name: pd.DataFrame(torch.cat(batches).numpy(), columns=list(STAT_COLUMNS))
+            for name, batches in self._batches.items()
+        }
+
+    def save(self, folder: str | os.PathLike, meta: dict[str, Any]) -> Path:
+        """Write the statistics folder atomically (see the module docstring); ``meta`` describes the model."""
+        frames = self.frames()
+        layers = [
+            {"name": layer.name, "module": layer.module_name, "kind": layer.kind, "numel": self.numel[layer.name]}
+            for layer in self.layers
+        ]
+        full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": layers}
+        return write_statistics(folder, frames, full_meta)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path, index: bool) -> None:
+    frame.to_csv(path, index=index, float_format="%.9g")
+
+
+def write_statistics(folder: str | os.PathLike, frames: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Path:
+    """Write per-layer tables, summaries and meta into a temporary sibling folder, then swap it in."""
+    folder = Path(folder).expanduser()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        for name, frame in frames.items():
+            _write_csv(frame, staging / f"{name}.csv", index=False)
+            _write_csv(summarize(frame), staging / f"{name}_summary.csv", index=True)
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _swap_in(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace ``folder`` by ``staging``: the old folder is moved aside first and removed only afterwards."""
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    if not (folder / META_FILE).exists() and any(folder.iterdir()):
+        raise StatisticsError(f"{folder} exists and is not a statistics folder; refusing to replace it")
+    retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    folder.rename(retired)
+    try:
+        staging.rename(folder)
+    except BaseException:
+        retired.rename(folder)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """A loaded statistics folder: its meta and each layer's summary."""
+
+    folder: Path
+    meta: dict[str, Any]
+    summaries: dict[str, pd.DataFrame]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer["name"] for layer in self.meta["layers"]]
+
+    def numel(self, name: str) -> int:
+        return next(int(layer["numel"]) for layer in self.meta["layers"] if layer["name"] == name)
+
+    def summary(self, name: str) -> pd.DataFrame:
+        try:
+            return self.summaries[name]
+        except KeyError:
+            raise StatisticsError(f"{self.folder} has no statistics for layer {name}") from None
+
+    def tensor_stats(self, name: str, reduce: str = "mean") -> TensorStats:
+        """The statistics the clipping rule uses: each column reduced over samples (the seed used the mean)."""
+        row = self.summary(name).loc[reduce]
+        return TensorStats(
+            min=float(row["min"]),
+            max=float(row["max"]),
+            mean=float(row["mean"]),
+            b=float(row["b"]),
+            std=float(row["std"]),
+            numel=self.numel(name),
+        )
+
+    def extreme_range(self, name: str) -> tuple[float, float]:
+        """The min of the per-sample minima and the max of the maxima (the seed's rule for the classifier)."""
+        summary = self.summary(name)
+        return float(summary.loc["min", "min"]), float(summary.loc["max", "max"])
+
+    def check_model(self, expected: dict[str, Any]) -> None:
+        """Refuse statistics of another model: every key of ``expected`` must match the recorded meta."""
+        for key, value in expected.items():
+            recorded = self.meta.get(key)
+            if recorded != value:
+                raise StatisticsError(
+                    f"statistics in {self.folder} were collected with {key}={recorded!r}, "
+                    f"but this run has {key}={value!r}; collect them again with -sm collect"
+                )
+
+    def check_layers(self, layers: list[ActivationLayer]) -> None:
+        names = [layer.name for layer in layers]
+        if names != self.layer_names:
+            raise StatisticsError(
+                f"statistics in {self.folder} describe {len(self.layer_names)} layers, the model has {len(names)}; "
+                "collect them again with -sm collect"
+            )
+
+
+def load_statistics(folder: str | os.PathLike) -> Statistics:
+    """Read a statistics folder written by ``StatisticsCollector.save``; clear errors when it is not one."""
+    folder = Path(folder).expanduser()
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise StatisticsError(f"no statistics in {folder} (no {META_FILE}); run with -sm collect first")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise StatisticsError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        summaries = {}
+        for layer in meta["layers"]:
+            summary = pd.read_csv(folder / f"{layer['name']}_summary.csv", index_col="reduce")
+            missing = set(SUMMARY_COLUMNS) - set(summary.columns)
+            if missing or list(summary.index) != list(REDUCTIONS):
+                raise StatisticsError(f"{folder / layer['name']}_summary.csv is malformed (columns {sorted(missing)})")
+            if not all(math.isfinite(v) for v in summary.to_numpy().ravel()):
+                raise StatisticsError(f"{folder / layer['name']}_summary.csv holds non-finite values")
+            summaries[layer["name"]] = summary
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+        if isinstance(err, StatisticsError):
+            raise
+        raise StatisticsError(f"statistics in {folder} are unreadable: {err}") from err
+    return Statistics(folder, meta, summaries)

@@ -1,0 +1,147 @@
+"""Quantized inference through hooks: exact detach, the seed's layer policy, use and no-stats modes."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+from pytorch_quantizer import aciq_range, choose_clipping, gemmlowp_quantize
+from pytorch_quantizer.quantization.inference.inference_quantization_manager import (
+    ActivationQuantizer,
+    QuantConfig,
+    plan_table,
+)
+from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
+
+
+def heavy_tailed(n, seed):
+    """Gaussian scale mixture: activations with the heavy tails that make clipping worthwhile."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=g) * torch.randn(n, 3, 16, 16, generator=g).exp()
+
+
+@pytest.fixture
+def stats(tiny_model, tmp_path):
+    with torch.no_grad(), StatisticsCollector(tiny_model) as collector:
+        for seed in range(2):
+            tiny_model(heavy_tailed(4, seed))
+    return load_statistics(collector.save(tmp_path / "s", {"arch": "tiny"}))
+
+
+def test_attach_detach_is_bit_identical(tiny_model, stats):
+    x = torch.randn(4, 3, 16, 16)
+    state = copy.deepcopy(tiny_model.state_dict())
+    with torch.no_grad():
+        before = tiny_model(x)
+        for threshold in ("no", "laplace", "gaus", "mix"):
+            for statistics in (stats, None):
+                with ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold=threshold), statistics):
+                    quantized = tiny_model(x)
+                assert not torch.equal(quantized, before)
+                assert torch.equal(tiny_model(x), before)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert not any(m._forward_hooks for m in tiny_model.modules())
+
+
+def test_resnet18_detach_bit_identical():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        with ActivationQuantizer(model, QuantConfig(bits=4, threshold="laplace", stochastic=True)):
+            model(x)
+        assert torch.equal(model(x), before)
+
+
+def test_seed_policy(tiny_model, stats):
+    q = ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="laplace"), stats)
+    table = plan_table(q.plan)
+    assert table.loc["conv0_activation", "bits"] == 8 and table.loc["conv0_activation", "role"] == "first"
+    assert table.loc["conv1_activation", "bits"] == 4
+    assert table.loc["linear0_activation", "role"] == "classifier"
+    assert table.loc["linear0_activation", "method"] == "minmax"
+    lo, hi = stats.extreme_range("linear0_activation")
+    assert table.loc["linear0_activation", "offset"] == lo
+    assert table.loc["linear0_activation", "delta"] == pytest.approx(hi - lo)
+    kept = ActivationQuantizer(tiny_model, QuantConfig(bits=4, keep_8bit={"conv1_activation"}), stats)
+    assert plan_table(kept.plan).loc["conv1_activation", "bits"] == 8
+
+
+def test_use_mode_quantizes_each_output_as_planned(tiny_model, stats):
+    """Recompute the expected conv1 output independently from the summary and the documented rules."""
+    x = heavy_tailed(4, 5)
+    config = QuantConfig(bits=4, threshold="laplace", weight_bits=None, bias_bits=None, first_layer_bits=None)
+    seen = {}
+    conv = tiny_model.features[3]
+    with torch.no_grad():
+        with ActivationQuantizer(tiny_model, config, stats):
+            # registered after the quantizer's hook, so it sees the quantized output
+            handle = conv.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o.clone()))
+            tiny_model(x)
+        handle.remove()
+        raw = conv(tiny_model.features[:3](x))
+    s = stats.tensor_stats("conv1_activation")
+    alpha = choose_clipping(s, "laplace", 4).alpha
+    assert alpha < (s.max - s.min) / 2  # this layer really is clipped
+    delta, offset = aciq_range(s.min, s.max, s.mean, alpha)
+    assert torch.equal(seen["q"], gemmlowp_quantize(raw, delta, offset, 4, preserve_zero=False))
+
+
+def test_weights_quantized_to_8_bits(tiny_model, stats):
+    conv = tiny_model.features[0]
+    original = conv.weight.detach().clone()
+    with ActivationQuantizer(tiny_model, QuantConfig(bits=4), stats):
+        assert conv.weight.unique().numel() <= 256
+        assert not torch.equal(conv.weight, original)
+        lo, hi = original.min().item(), original.max().item()
+        assert torch.equal(conv.weight, gemmlowp_quantize(original, hi - lo, lo, 8, preserve_zero=False))
+    assert torch.equal(conv.weight, original)
+    with ActivationQuantizer(tiny_model, QuantConfig(bits=4, weight_per_channel=True), stats):
+        for c in range(conv.weight.shape[0]):
+            assert conv.weight[c].unique().numel() <= 256
+
+
+def test_clipping_lowers_error_on_heavy_tails(tiny_model, stats):
+    """At 4 bits, analytical clipping should beat no clipping on the logits' MSE on average."""
+    x = heavy_tailed(16, 7)
+    with torch.no_grad():
+        ref = tiny_model(x)
+        errors = {}
+        for threshold in ("no", "laplace"):
+            with ActivationQuantizer(tiny_model, QuantConfig(bits=3, threshold=threshold, first_layer_bits=3), stats):
+                errors[threshold] = (tiny_model(x) - ref).square().mean().item()
+    assert errors["laplace"] < errors["no"]
+
+
+def test_stochastic_is_reproducible(tiny_model, stats):
+    x = torch.randn(4, 3, 16, 16)
+    config = QuantConfig(bits=2, stochastic=True, seed=3)
+    outs = []
+    with torch.no_grad():
+        for _ in range(2):
+            with ActivationQuantizer(tiny_model, config, stats):
+                outs.append(tiny_model(x))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_stats_of_another_model_are_refused(stats):
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="collect them again"):
+        ActivationQuantizer(other, QuantConfig(bits=4), stats)
+
+
+def test_no_stats_mode_names_layer_with_nan(tiny_model):
+    with torch.no_grad():
+        tiny_model.features[3].bias[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="conv1_activation"), torch.no_grad():
+        with ActivationQuantizer(tiny_model, QuantConfig(bits=4, weight_bits=None, bias_bits=None)):
+            tiny_model(torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("bad", [{"bits": 0}, {"bits": 33}, {"threshold": "median"}, {"sigma_estimator": "x"}])
+def test_bad_config(bad):
+    with pytest.raises(ValueError):
+        QuantConfig(**bad)

@@ -1,0 +1,140 @@
+"""Collect mode: per-layer CSVs, summaries, metadata, determinism and atomic writes."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sps
+
+from pytorch_quantizer.quantization.inference import statistic_manager as sm
+from pytorch_quantizer.quantization.inference.layers import activation_layers
+from pytorch_quantizer.quantization.inference.statistic_manager import (
+    StatisticsCollector,
+    StatisticsError,
+    load_statistics,
+    per_sample_stats,
+)
+
+
+def collect(model, batches, folder, meta=None):
+    with torch.no_grad(), StatisticsCollector(model) as collector:
+        for x in batches:
+            model(x)
+    return collector.save(folder, meta or {"arch": "tiny", "fingerprint": "abc"})
+
+
+def batches(n=3, size=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+def test_layer_names_follow_seed(tiny_model):
+    names = [layer.name for layer in activation_layers(tiny_model)]
+    assert names == ["conv0_activation", "conv1_activation", "linear0_activation"]
+
+
+def test_per_sample_stats_match_scipy():
+    x = torch.randn(3, 5, 7, 7) * 2 + 0.5
+    got = per_sample_stats(x).numpy()
+    for i in range(3):
+        s = x[i].flatten().double().numpy()
+        want = [s.min(), s.max(), s.mean(), s.std(), sps.kurtosis(s, fisher=False), np.abs(s).mean(),
+                np.abs(s - s.mean()).mean()]
+        np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-5)
+
+
+def test_constant_sample_has_defined_stats():
+    got = per_sample_stats(torch.full((2, 10), 3.0))
+    assert torch.isfinite(got).all()
+    assert got[0, 3] == 0 and got[0, 4] == 0  # std, kurtosis
+
+
+def test_batch_of_one(tiny_model, tmp_path):
+    folder = collect(tiny_model, [torch.randn(1, 3, 16, 16)], tmp_path / "s")
+    st = load_statistics(folder)
+    assert st.meta["images"] == 1
+    assert st.tensor_stats("conv0_activation").max >= st.tensor_stats("conv0_activation").min
+
+
+def test_collect_writes_layout(tiny_model, tmp_path):
+    folder = collect(tiny_model, batches(), tmp_path / "s")
+    files = sorted(p.name for p in folder.iterdir())
+    for name in ("conv0_activation", "conv1_activation", "linear0_activation"):
+        assert f"{name}.csv" in files and f"{name}_summary.csv" in files
+        per_sample = pd.read_csv(folder / f"{name}.csv")
+        assert list(per_sample.columns) == ["min", "max", "mean", "std", "kurtosis", "mean_abs", "b"]
+        assert len(per_sample) == 12
+        summary = pd.read_csv(folder / f"{name}_summary.csv", index_col="reduce")
+        assert list(summary.index) == ["min", "mean", "max"]
+        assert "range" in summary.columns
+        # the summary is the reduction of the per-sample table, computed here independently
+        np.testing.assert_allclose(summary.loc["mean", "b"], per_sample["b"].mean(), rtol=1e-7)
+        np.testing.assert_allclose(summary.loc["max", "range"], (per_sample["max"] - per_sample["min"]).max(),
+                                   rtol=1e-7)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["arch"] == "tiny" and meta["fingerprint"] == "abc" and meta["images"] == 12
+    assert [layer["numel"] for layer in meta["layers"]] == [8 * 16 * 16, 16 * 8 * 8, 10]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_second_identical_run_gives_identical_files(tiny_model, tmp_path):
+    a = collect(tiny_model, batches(), tmp_path / "a")
+    b = collect(tiny_model, batches(), tmp_path / "b")
+    for path in a.iterdir():
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+
+
+def test_failed_save_leaves_previous_statistics(tiny_model, tmp_path, monkeypatch):
+    folder = collect(tiny_model, batches(seed=1), tmp_path / "s")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    calls = {"n": 0}
+    real = sm._write_csv
+
+    def failing(frame, path, index):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # interrupted half-way through writing
+        real(frame, path, index)
+
+    monkeypatch.setattr(sm, "_write_csv", failing)
+    with pytest.raises(KeyboardInterrupt):
+        collect(tiny_model, batches(seed=2), tmp_path / "s")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_nan_activation_names_the_layer(tiny_model, tmp_path):
+    with torch.no_grad():
+        tiny_model.features[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="conv1_activation"):
+        collect(tiny_model, batches(), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_no_batches_is_an_error(tiny_model, tmp_path):
+    with pytest.raises(StatisticsError, match="no statistics"):
+        collect(tiny_model, [], tmp_path / "s")
+
+
+def test_load_errors(tmp_path, tiny_model):
+    with pytest.raises(StatisticsError, match="-sm collect"):
+        load_statistics(tmp_path / "missing")
+    folder = collect(tiny_model, batches(), tmp_path / "s")
+    st = load_statistics(folder)
+    st.check_model({"arch": "tiny", "fingerprint": "abc"})
+    with pytest.raises(StatisticsError, match="fingerprint"):
+        st.check_model({"arch": "tiny", "fingerprint": "other"})
+    (folder / "conv0_activation_summary.csv").write_text("garbage\n1,2\n")
+    with pytest.raises(StatisticsError):
+        load_statistics(folder)
+
+
+def test_refuses_to_replace_unrelated_folder(tmp_path, tiny_model):
+    target = tmp_path / "s"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(StatisticsError, match="not a statistics folder"):
+        collect(tiny_model, batches(), target)
+    assert (target / "precious.txt").read_text() == "keep me"
