@@ -97,7 +97,7 @@ def test_weights_quantized_to_8_bits(tiny_model, stats):
         assert conv.weight.unique().numel() <= 256
         assert not torch.equal(conv.weight, original)
         lo, hi = original.min().item(), original.max().item()
-        assert torch.equal(conv.weight, gemmlowp_quantize(original, hi - lo, lo, 8, preserve_zero=False))
+        assert torch.equal(conv.weight, gemmlowp_quantize(original, hi - lo, lo, 8, preserve_zero=True))
     assert torch.equal(conv.weight, original)
     with ActivationQuantizer(tiny_model, QuantConfig(bits=4, weight_per_channel=True), stats):
         for c in range(conv.weight.shape[0]):

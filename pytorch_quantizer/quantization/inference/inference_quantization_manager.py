@@ -40,7 +40,8 @@ class QuantConfig:
     first_layer_bits: int | None = 8  # the first conv's activation
     classifier_bits: int | None = 8  # the last layer's output, min of mins .. max of maxes, never clipped
     keep_8bit: frozenset[str] = field(default_factory=frozenset)  # layer names kept at 8 bits
-    preserve_zero: bool = False
+    preserve_zero: bool = False  # activations (the seed's -pz)
+    weight_preserve_zero: bool = True  # weights keep exact zeros, as GEMMLOWP/TFLite weight grids do
     stochastic: bool = False
     pow2_scale: bool = False
     sigma_estimator: str = "range"
@@ -198,7 +199,9 @@ class ActivationQuantizer:
                     if param is None or bits is None:
                         continue
                     self._originals.append((param, param.detach().clone()))
-                    quantized = quantize_parameter(param.detach(), bits, per_channel, cfg.preserve_zero, cfg.pow2_scale)
+                    quantized = quantize_parameter(
+                        param.detach(), bits, per_channel, cfg.weight_preserve_zero, cfg.pow2_scale
+                    )
                     param.copy_(quantized)
 
     # -- activations ---------------------------------------------------------------------------------------

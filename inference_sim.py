@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""ACIQ inference simulation: collect activation statistics, then evaluate a torchvision CNN with quantized
+activations clipped analytically (flag-compatible with the seed's ``inference-sim``).
+
+    python inference_sim.py -a resnet18 -b 512 --qtype int8 -sm collect
+    python inference_sim.py -a resnet18 -b 512 --qtype int4 -sm use -th laplace
+    python inference_sim.py -a resnet18 -b 512 --qtype int4 -sm use -th no
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from pytorch_quantizer.clipping import MAX_BITS, METHODS, MIN_BITS, SIGMA_ESTIMATORS
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line on stderr (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def qtype(text: str) -> int:
+    """``intN`` with N in 1..16 → N."""
+    match = re.fullmatch(r"int(\d+)", text.strip())
+    if not match or not MIN_BITS <= int(match.group(1)) <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"invalid qtype {text!r}: expected int{MIN_BITS}..int{MAX_BITS}, e.g. int4")
+    return int(match.group(1))
+
+
+def qweight(text: str) -> int | None:
+    """Like ``qtype``, plus ``f32`` / ``none`` for float weights."""
+    if text.strip().lower() in ("f32", "fp32", "float", "none"):
+        return None
+    return qtype(text)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def device_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"device ids must be integers such as '0 1' or 0,1; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pytorch_quantizer.models import available_archs
+
+    archs = available_archs()
+    p = OneLineParser(
+        prog="inference_sim.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", type=Path, default=Path("~/datasets/ILSVRC2012"),
+                   help="ImageNet root; images are read from DATA/val/<wnid>/ (default: %(default)s)")
+    p.add_argument("-a", "--arch", default="resnet18", metavar="ARCH",
+                   help="model architecture: " + " | ".join(archs) + " (default: %(default)s)")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a path to a state_dict file, "
+                        "or 'none' for random initialisation (tests and timing only) (default: %(default)s)")
+    p.add_argument("-j", "--workers", type=non_negative, default=2, help="data loading workers (default: 2)")
+    p.add_argument("-b", "--batch-size", type=positive, default=256, help="mini-batch size (default: 256)")
+    p.add_argument("-p", "--print-freq", type=non_negative, default=10, help="progress update every N batches")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsets, random weights, stochastic rounding")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
+    p.add_argument("--device_ids", type=device_ids, default=(), help="GPU ids, e.g. '0 1' (several: DataParallel)")
+    p.add_argument("--qtype", type=qtype, default=8, metavar="intN", help="activation type (default: int8)")
+    p.add_argument("-qw", "--qweight", type=qweight, default=8, metavar="intN",
+                   help="weight and bias type, or f32 for float weights (default: int8)")
+    p.add_argument("-th", "--threshold", choices=METHODS, default="no",
+                   help="clipping: no, laplace, gaus, or mix (the prior predicting the smaller MSE)")
+    p.add_argument("-sm", "--stats_mode", choices=("collect", "use", "no"), default="no",
+                   help="collect statistics, use saved ones, or take ranges from each live tensor (default: no)")
+    p.add_argument("-sf", "--stats_folder", type=Path, default=None,
+                   help="statistics folder (default: ~/asiq_data/statistics/ARCH)")
+    p.add_argument("-pz", "--preserve_zero", action="store_true", help="make 0.0 exactly representable")
+    p.add_argument("-s", "--stochastic", action="store_true", help="stochastic rounding of activations")
+    p.add_argument("-hs", "--hw_scale", action="store_true", help="round scales up to powers of two")
+    p.add_argument("-pcw", "--per_channel_weights", action="store_true", help="one weight grid per output channel")
+    p.add_argument("--sigma", choices=SIGMA_ESTIMATORS, default="range",
+                   help="Gaussian sigma estimate: from the range (the seed's) or the sample std (default: range)")
+    p.add_argument("--no_fold_bn", action="store_true", help="keep BatchNorm layers instead of folding them")
+    p.add_argument("-ep", "--eval_precision", action="store_true", help="FP32, then int8..int4 in one run")
+    p.add_argument("-ct", "--custom_test", action="store_true",
+                   help="keep the k layers with the largest estimated MSE at 8 bits, k = 0..L")
+    p.add_argument("-dd", "--dump_dir", type=Path, default=None, help="dump one batch's activations here")
+    p.add_argument("-cs", "--cal_set_size", type=positive, default=None,
+                   help="collect statistics on a deterministic subset of N images")
+    p.add_argument("--subset", type=positive, default=None, help="evaluate on a deterministic subset of N images")
+    p.add_argument("--results", type=Path, default=Path("results/results.csv"),
+                   help="CSV that every run appends a row to (default: %(default)s)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep decoded images in memory between passes (default: when several passes run)")
+    return p
+
+
+def pick_device(requested: str | None, ids: tuple[int, ...]) -> str:
+    if requested is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif requested in ("cpu", "cuda") or requested.startswith("cuda:"):
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested} was asked for, but no CUDA GPU is available; use --device cpu")
+        device = requested
+    else:
+        raise ValueError(f"unknown device {requested!r}: expected cuda or cpu")
+    if device == "cuda" and ids:
+        device = f"cuda:{ids[0]}"
+    return device
+
+
+def config_from_args(args: argparse.Namespace):
+    from pytorch_quantizer.experiment import RunConfig
+
+    if args.custom_test and args.stats_mode != "use":
+        raise ValueError("-ct orders layers by their statistics: run it with -sm use")
+    if args.stats_mode == "collect" and (args.eval_precision or args.custom_test or args.dump_dir):
+        raise ValueError("-sm collect only collects statistics; run -ep, -ct or -dd with -sm use or -sm no")
+    return RunConfig(
+        data=args.data.expanduser(), arch=args.arch, weights=args.weights, workers=args.workers,
+        batch_size=args.batch_size, print_freq=args.print_freq, seed=args.seed,
+        device=pick_device(args.device, args.device_ids), device_ids=args.device_ids, bits=args.qtype,
+        weight_bits=args.qweight, threshold=args.threshold, stats_mode=args.stats_mode,
+        stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
+        hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, sigma_estimator=args.sigma,
+        fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
+        dump_dir=args.dump_dir, cal_set_size=args.cal_set_size, subset=args.subset, results=args.results,
+        cache=args.cache,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        cfg = config_from_args(args)
+        from pytorch_quantizer.experiment import run
+
+        run(cfg)
+    except (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (statistics are saved only by a completed collect pass)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
