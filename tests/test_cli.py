@@ -37,6 +37,7 @@ def stats_dir(data_dir, tmp_path_factory) -> Path:
 
 
 def run_cli(data_dir: Path, out: Path, *flags: str) -> int:
+    """Run the driver in-process; a later -a/--weights in ``flags`` overrides the default small model."""
     argv = ["--data", str(data_dir), *ARCH, "-b", "4", "-j", "0", "-sf", str(out / "stats"),
             "--results", str(out / "results.csv"), *flags]
     return inference_sim.main(argv)
@@ -91,10 +92,14 @@ def test_no_stats_mode_eval_precision(data_dir, tmp_path):
     assert (table["images"] == 4).all()
 
 
-def test_custom_test_orders_layers_from_statistics(data_dir, stats_dir):
-    assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-ct", "--subset", "4") == 0
-    table = pd.read_csv(stats_dir / "custom_test" / "mobilenet_v3_small_int4_laplace.csv", keep_default_na=False)
-    plan = pd.read_csv(stats_dir / "plans" / "mobilenet_v3_small_int4_laplace.csv", index_col="name")
+def test_custom_test_orders_layers_from_statistics(data_dir, tmp_path):
+    # resnet18: 19 passes instead of mobilenet_v3_small's 53
+    resnet = ["-a", "resnet18", "--weights", "none", "--subset", "2"]
+    assert run_cli(data_dir, tmp_path, *resnet, "-sm", "collect", "-cs", "2") == 0
+    assert run_cli(data_dir, tmp_path, *resnet, "-sm", "use", "--qtype", "int4", "-th", "laplace") == 0
+    assert run_cli(data_dir, tmp_path, *resnet, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-ct") == 0
+    table = pd.read_csv(tmp_path / "custom_test" / "resnet18_int4_laplace.csv", keep_default_na=False)
+    plan = pd.read_csv(tmp_path / "plans" / "resnet18_int4_laplace.csv", index_col="name")
     regular = plan[plan["role"].isna()].index
     assert list(table["k"]) == list(range(len(regular) + 1))
     assert sorted(table["added_layer"][1:]) == sorted(regular)

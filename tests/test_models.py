@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ from pytorch_quantizer.models import (
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TFLITE_MOBILENET = SHARED / "weights" / "mobilenet_v2_tflite_quant.pth"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny forwards are fastest single-threaded, and on a busy machine intra-op threads can stall for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
