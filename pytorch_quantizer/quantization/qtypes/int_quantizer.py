@@ -61,6 +61,9 @@ def _grid(
         zero_point = torch.round(offset / scale32.double()).float()
         offset32 = torch.where(inside, zero_point * scale32, offset32)
     inv_scale32 = (1.0 / scale32.double()).float()
+    # -0.0 -> +0.0, so that y = q * scale + offset never depends on the sign of a zero q: ATen's clamp and
+    # rounding keep -0.0 on some devices and versions and not on others, and the backends must agree.
+    offset32 = offset32 + 0.0
     return scale32, inv_scale32, offset32
 
 

@@ -1,0 +1,207 @@
+"""How fast is GEMMLOWP fake quantization, and what does simulating it cost a real network?
+
+Benchmark 1 (kernels): each backend on one large float32 tensor, in GB/s counting 8 bytes per element (one
+read, one write), against ``Tensor.copy_`` measured in the same run: an in-place kernel cannot beat a copy
+by much, so copy_ is the bar.  Benchmark 2 (model): torchvision ``--arch`` (random weights) on a random
+batch; forward time with W8A4 quantization hooks (statistics "use" mode) and with statistics-collection
+hooks, each over the plain FP32 forward.  Runs are interleaved (each round runs every case once) so that a
+noisy machine hurts all entries alike; kernels report the best and the median of ``--repeats``, the model
+the median over rounds of each round's time ratio.
+
+The last line printed is machine-readable:
+``copy_ratio=R w8a4_overhead=X collect_overhead=Y`` where R is the compiled kernel's in-place GB/s over
+copy_'s on ``--device`` (the CPU kernel on cpu), and X, Y are times over the FP32 forward.
+
+    python benchmarks/bench_quant.py [--device cpu|cuda] [--arch resnet18] [--batch-size 32] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from pytorch_quantizer import gemmlowp_quantize, gemmlowp_quantize_per_channel  # noqa: E402
+from pytorch_quantizer.quantization.qtypes import backends  # noqa: E402
+
+DELTA, OFFSET, BITS = 6.0, -3.0, 8
+BYTES_PER_ELEMENT = 8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1):
+    """Seconds per run of each case: ``repeats`` rounds, each running every case once in turn."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            _time_once(fn, device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(_time_once(fn, device))
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
+    """Print GB/s per backend; return the device kernel's in-place GB/s over copy_ (NaN without a kernel)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(numel, generator=g) * 8 - 4).to(device)
+    dst = torch.empty_like(x)
+    kernel = "cuda" if device.type == "cuda" else "cpu"
+    have_kernel = backends.kernel_module(kernel) is not None
+    channels = 256
+    shape4d = (numel // (channels * 64 * 64), channels, 64, 64) if numel % (channels * 64 * 64) == 0 else None
+    delta_c = torch.linspace(2.0, 8.0, channels, dtype=torch.float64)
+
+    cases: dict[str, Callable[[], object]] = {"copy_": lambda: dst.copy_(x)}
+    names = ["torch"] + ([kernel] if have_kernel else [])
+    for name in names:
+        cases[f"{name} out of place"] = lambda name=name: gemmlowp_quantize(x, DELTA, OFFSET, BITS, backend=name)
+        cases[f"{name} in place"] = lambda name=name: gemmlowp_quantize(
+            x, DELTA, OFFSET, BITS, backend=name, inplace=True
+        )
+        if shape4d is not None:
+            x4 = x.view(shape4d)
+            cases[f"{name} per-channel in place"] = lambda name=name, x4=x4: gemmlowp_quantize_per_channel(
+                x4, delta_c, -delta_c / 2, BITS, dim=1, backend=name, inplace=True
+            )
+    if not have_kernel:
+        print(f"  ({kernel} kernel not available: {backends.kernel_load_error(kernel)})")
+
+    times = interleaved(cases, device, repeats)
+    gbs = {}
+    print(f"  {'case':32s} {'best GB/s':>10s} {'median GB/s':>12s} {'median ms':>10s}")
+    for name, ts in times.items():
+        best, median = min(ts), statistics.median(ts)
+        gbs[name] = numel * BYTES_PER_ELEMENT / best / 1e9
+        print(f"  {name:32s} {gbs[name]:10.1f} {numel * BYTES_PER_ELEMENT / median / 1e9:12.1f} {median * 1e3:10.2f}")
+    if not have_kernel:
+        return float("nan")
+    ratio = gbs[f"{kernel} in place"] / gbs["copy_"]
+    print(f"  {kernel} kernel in place / copy_ = {ratio:.3f} (best of {repeats})")
+    return ratio
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def bench_model(device: torch.device, arch: str, batch_size: int, repeats: int) -> tuple[float, float]:
+    """Print forward times; return (W8A4 / FP32, collect / FP32) median time ratios."""
+    import torchvision
+
+    from pytorch_quantizer.quantization.inference.inference_quantization_manager import (
+        ActivationQuantizer,
+        QuantConfig,
+    )
+    from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval().to(device)
+    images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(images)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with StatisticsCollector(model) as collector:
+            forward()
+        collector.save(Path(tmp) / "stats", {"arch": arch, "weights": None})
+        stats = load_statistics(Path(tmp) / "stats")
+
+    configs = {
+        "W8A4": QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8),
+        "W8A4 torch backend": QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8, backend="torch"),
+    }
+    # Each case: what to attach around the forward (None: plain FP32).  attach()/detach() (weight
+    # quantization, hook registration) stay outside the timed forward.
+    cases: dict[str, Callable[[], object | None]] = {"FP32": lambda: None}
+    for name, cfg in configs.items():
+        quantizer = ActivationQuantizer(model, cfg, stats)
+        cases[name] = lambda q=quantizer: q
+    cases["collect statistics"] = lambda: StatisticsCollector(model)
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, make in cases.items():
+            hooks = make()
+            if hooks is not None:
+                hooks.attach()
+            try:
+                seconds = _time_once(forward, device)
+            finally:
+                if hooks is not None:
+                    hooks.detach()
+            if round_ > 0:
+                times[name].append(seconds)
+
+    # Ratios are taken within each round (cases run back to back under the same machine load), then the
+    # median over rounds: steadier than a ratio of medians on a shared machine.
+    def ratio(name: str) -> float:
+        return statistics.median(t / f for t, f in zip(times[name], times["FP32"], strict=True))
+
+    print(f"  {arch}, batch {batch_size}, {device.type}: {repeats} interleaved rounds")
+    print(f"  {'case':24s} {'median ms':>10s} {'min ms':>9s} {'x FP32 (median of rounds)':>26s}")
+    for name, ts in times.items():
+        print(f"  {name:24s} {statistics.median(ts) * 1e3:10.1f} {min(ts) * 1e3:9.1f} {ratio(name):26.3f}")
+    return ratio("W8A4"), ratio("collect statistics")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--arch", default="resnet18", help="torchvision model name (random weights)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, all cores)")
+    parser.add_argument("--numel", type=int, default=64 * 2**20, help="elements of the kernel benchmark tensor")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each kernel case")
+    parser.add_argument("--model-repeats", type=int, default=5, help="timed forwards of each model case")
+    parser.add_argument("--part", choices=("all", "kernels", "model"), default="all")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is available")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}; backends available: {', '.join(backends.available_backends())}")
+
+    ratio = overhead = collect = float("nan")
+    if args.part in ("all", "kernels"):
+        print(f"Benchmark 1: GEMMLOWP {BITS}-bit fake quantization of {args.numel / 2**20:.0f}M float32 elements")
+        ratio = bench_kernels(device, args.numel, args.repeats)
+    if args.part in ("all", "model"):
+        print("Benchmark 2: simulation overhead, W8A4 (statistics use mode) and statistics collection")
+        overhead, collect = bench_model(device, args.arch, args.batch_size, args.model_repeats)
+    print(f"copy_ratio={ratio:.3f} w8a4_overhead={overhead:.3f} collect_overhead={collect:.3f}")
+
+
+if __name__ == "__main__":
+    main()

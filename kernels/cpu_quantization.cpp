@@ -1,0 +1,261 @@
+// GEMMLOWP fake quantization on the CPU: one fused, in-place pass over a float32 tensor.
+//
+// It must give the same bits as the PyTorch reference (reference_quantize_ in int_quantizer.py):
+//   v = (x - offset) * inv_scale  [+ noise];  v = clamp(v, 0, qmax);  q = rint(v);  y = q * scale + offset
+// one IEEE float32 operation per step.  So: built with -ffp-contract=off (no FMA), no -ffast-math, and the
+// loops are written so that GCC vectorises them with the baseline x86-64 instruction set (SSE2), keeping
+// the binary portable.  The pass is memory-bound, so SSE2 is enough to reach copy bandwidth.
+//
+// Details that keep the bits equal to ATen's CPU kernels:
+//  * clamp is written as `v < 0 ? 0 : v` / `v > qmax ? qmax : v`: a NaN fails both comparisons and stays the
+//    same NaN, and -0.0 stays -0.0 (as ATen's clamp does);
+//  * round-half-even without SSE4.1: for 0 <= v <= 65535, (v + 1.5 * 2^23) - 1.5 * 2^23 is rint(v) in the
+//    default rounding mode, because the sum lands where the float spacing is exactly 1.  The sign of v is
+//    copied back so that -0.0 rounds to -0.0 like nearbyint (it only shows when offset is -0.0).
+// -fno-trapping-math (setup.py) only lets GCC vectorise the per-channel pass-through select.
+// Threads come from at::parallel_for (OpenMP in PyTorch's CPU builds), so torch.set_num_threads applies.
+
+#include <ATen/ATen.h>
+#include <torch/python.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr float kRintMagic = 12582912.0f;  // 1.5 * 2^23
+constexpr int64_t kGrain = 1 << 15;         // elements per task: below this, threads cost more than they save
+
+// Quantize one element: the definition, step by step (inlined into the vectorised loops below).
+inline float fake_quant(float x, float noise, bool has_noise, float scale, float inv_scale, float offset,
+                        float qmax) {
+  float v = (x - offset) * inv_scale;
+  if (has_noise) v = v + noise;
+  v = v < 0.0f ? 0.0f : v;
+  v = v > qmax ? qmax : v;
+  float q = (v + kRintMagic) - kRintMagic;
+  q = std::copysign(q, v);
+  return q * scale + offset;
+}
+
+// Contiguous run with one set of parameters (the whole tensor, or one channel's run of `inner` elements).
+template <bool kNoise>
+void quantize_run(float* __restrict x, const float* __restrict noise, int64_t n, float scale, float inv_scale,
+                  float offset, float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = fake_quant(x[i], kNoise ? noise[i] : 0.0f, kNoise, scale, inv_scale, offset, qmax);
+  }
+}
+
+// Run along the channel dimension itself (inner == 1): parameters change every element.  Channels with
+// scale == 0 keep their value.
+template <bool kNoise>
+void quantize_channels(float* __restrict x, const float* __restrict noise, int64_t channels,
+                       const float* __restrict scale, const float* __restrict inv_scale,
+                       const float* __restrict offset, float qmax) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const float xc = x[c], s = scale[c];
+    const float y = fake_quant(xc, kNoise ? noise[c] : 0.0f, kNoise, s, inv_scale[c], offset[c], qmax);
+    x[c] = s == 0.0f ? xc : y;
+  }
+}
+
+// Argument errors: a plain std::runtime_error (RuntimeError in Python) with a message built here, raised from
+// one non-inlined place.  Not TORCH_CHECK: its c10::Error carries a C++ backtrace, and on the GPU machine
+// (torch 2.11, extension built by GCC 13) raising c10::Error from these checks segfaulted at some call sites.
+[[noreturn]] __attribute__((noinline)) void fail(const std::string& msg) { throw std::runtime_error(msg); }
+
+// "[2, 3]"
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
+void check_tensor(const at::Tensor& t, const char* what) {
+  if (!t.device().is_cpu()) {
+    fail(std::string("_gemmlowp_cpu: ") + what + " is on " + t.device().str() +
+         "; the CPU kernel takes CPU tensors only (use the 'cuda' backend for CUDA tensors)");
+  }
+  if (t.scalar_type() != at::kFloat) {
+    fail(std::string("_gemmlowp_cpu: ") + what + " must be float32, got " + c10::toString(t.scalar_type()) +
+         " (gemmlowp_quantize converts other dtypes before calling the kernel)");
+  }
+}
+
+void check_noise(const at::Tensor& x, const std::optional<at::Tensor>& noise) {
+  if (!noise.has_value()) return;
+  check_tensor(*noise, "noise");
+  if (noise->sizes() != x.sizes()) {
+    fail("_gemmlowp_cpu: noise must have the shape of x " + shape_str(x.sizes()) + ", got " +
+         shape_str(noise->sizes()));
+  }
+}
+
+void check_param(const at::Tensor& p, const char* what, int64_t channels, int64_t dim) {
+  check_tensor(p, what);
+  if (p.dim() != 1 || p.numel() != channels) {
+    fail(std::string("_gemmlowp_cpu: per-channel ") + what + " needs " + std::to_string(channels) +
+         " values (x.size(" + std::to_string(dim) + ")), got shape " + shape_str(p.sizes()));
+  }
+}
+
+// Writing through data_ptr bypasses ATen, so bump x's version counter as an in-place ATen op would: autograd
+// then refuses stale saved tensors, and an inference tensor outside InferenceMode is refused (same error).
+void mark_modified(const at::Tensor& x) {
+  if (x.is_inference() && !c10::InferenceMode::is_enabled()) {
+    fail("Inplace update to inference tensor outside InferenceMode is not allowed (as for ATen's in-place ops); "
+         "quantize a clone, or run under torch.inference_mode()");
+  }
+  x.unsafeGetTensorImpl()->bump_version();
+}
+
+// A view of `t` whose logical order is its memory order, when `t` is dense (contiguous, channels_last, a
+// transpose...): the kernel then works in place on it.  Returns the permutation through `perm`.
+bool dense_order(const at::Tensor& t, std::vector<int64_t>& perm) {
+  const int64_t nd = t.dim();
+  perm.resize(nd);
+  for (int64_t d = 0; d < nd; ++d) perm[d] = d;
+  if (!t.is_non_overlapping_and_dense()) return false;
+  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) {
+    const bool a1 = t.size(a) == 1, b1 = t.size(b) == 1;
+    if (a1 != b1) return a1;  // size-1 dimensions (any stride) first: they do not move anything
+    return t.stride(a) > t.stride(b);
+  });
+  return t.permute(perm).is_contiguous();
+}
+
+// Where the kernel can work directly on x's memory, or else a contiguous copy (copied back afterwards).
+struct Work {
+  at::Tensor x, noise;
+  bool copied = false;
+  int64_t dim = 0;
+};
+
+Work prepare(const at::Tensor& x, const std::optional<at::Tensor>& noise, int64_t dim) {
+  Work w;
+  std::vector<int64_t> perm;
+  if (x.is_contiguous()) {
+    w.x = x;
+    w.dim = dim;
+    if (noise.has_value()) w.noise = noise->contiguous();
+  } else if (dense_order(x, perm)) {
+    w.x = x.permute(perm);
+    w.dim = std::find(perm.begin(), perm.end(), dim) - perm.begin();
+    // The same permutation lines the noise up element for element (no copy when it has x's strides).
+    if (noise.has_value()) w.noise = noise->permute(perm).contiguous();
+  } else {
+    w.x = x.contiguous();
+    w.copied = true;
+    w.dim = dim;
+    if (noise.has_value()) w.noise = noise->contiguous();
+  }
+  return w;
+}
+
+template <bool kNoise>
+void per_tensor(float* x, const float* noise, int64_t n, float scale, float inv_scale, float offset, float qmax) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    quantize_run<kNoise>(x + begin, kNoise ? noise + begin : nullptr, end - begin, scale, inv_scale, offset,
+                         qmax);
+  });
+}
+
+template <bool kNoise>
+void per_channel(float* x, const float* noise, int64_t outer, int64_t channels, int64_t inner, const float* scale,
+                 const float* inv_scale, const float* offset, float qmax) {
+  if (inner == 1) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1));
+    at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        const int64_t base = o * channels;
+        quantize_channels<kNoise>(x + base, kNoise ? noise + base : nullptr, channels, scale, inv_scale, offset,
+                                  qmax);
+      }
+    });
+    return;
+  }
+  // One task item per (outer, channel) row of `inner` contiguous elements.
+  const int64_t rows = outer * channels;
+  const int64_t grain = std::max<int64_t>(1, kGrain / inner);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = r % channels;
+      if (scale[c] == 0.0f) continue;  // pass-through channel
+      const int64_t base = r * inner;
+      quantize_run<kNoise>(x + base, kNoise ? noise + base : nullptr, inner, scale[c], inv_scale[c], offset[c],
+                           qmax);
+    }
+  });
+}
+
+at::Tensor quantize_(at::Tensor x, const std::optional<at::Tensor>& noise, double scale, double inv_scale,
+                     double offset, double qmax) {
+  check_tensor(x, "x");
+  check_noise(x, noise);
+  mark_modified(x);
+  if (x.numel() == 0) return x;
+  Work w = prepare(x, noise, 0);
+  float* data = w.x.data_ptr<float>();
+  const auto s = static_cast<float>(scale), inv = static_cast<float>(inv_scale);
+  const auto off = static_cast<float>(offset), qm = static_cast<float>(qmax);
+  if (w.noise.defined()) {
+    per_tensor<true>(data, w.noise.data_ptr<float>(), w.x.numel(), s, inv, off, qm);
+  } else {
+    per_tensor<false>(data, nullptr, w.x.numel(), s, inv, off, qm);
+  }
+  if (w.copied) x.copy_(w.x);
+  return x;
+}
+
+at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& noise, const at::Tensor& scale,
+                                 const at::Tensor& inv_scale, const at::Tensor& offset, int64_t dim, double qmax) {
+  check_tensor(x, "x");
+  check_noise(x, noise);
+  if (x.dim() == 0) fail("_gemmlowp_cpu: per-channel quantization needs at least one dimension");
+  if (dim < -x.dim() || dim >= x.dim()) fail("_gemmlowp_cpu: dim " + std::to_string(dim) + " is out of range");
+  if (dim < 0) dim += x.dim();
+  const int64_t channels = x.size(dim);
+  check_param(scale, "scale", channels, dim);
+  check_param(inv_scale, "inv_scale", channels, dim);
+  check_param(offset, "offset", channels, dim);
+  mark_modified(x);
+  if (x.numel() == 0) return x;
+  Work w = prepare(x, noise, dim);
+  const at::Tensor s = scale.contiguous(), inv = inv_scale.contiguous(), off = offset.contiguous();
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < w.dim; ++d) outer *= w.x.size(d);
+  for (int64_t d = w.dim + 1; d < w.x.dim(); ++d) inner *= w.x.size(d);
+  float* data = w.x.data_ptr<float>();
+  const auto qm = static_cast<float>(qmax);
+  if (w.noise.defined()) {
+    per_channel<true>(data, w.noise.data_ptr<float>(), outer, channels, inner, s.data_ptr<float>(),
+                      inv.data_ptr<float>(), off.data_ptr<float>(), qm);
+  } else {
+    per_channel<false>(data, nullptr, outer, channels, inner, s.data_ptr<float>(), inv.data_ptr<float>(),
+                       off.data_ptr<float>(), qm);
+  }
+  if (w.copied) x.copy_(w.x);
+  return x;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "GEMMLOWP fake quantization, fused and in place, for float32 CPU tensors";
+  m.def("quantize_", &quantize_, "In-place per-tensor GEMMLOWP fake quantization (float32, CPU)", py::arg("x"),
+        py::arg("noise"), py::arg("scale"), py::arg("inv_scale"), py::arg("offset"), py::arg("qmax"));
+  m.def("quantize_per_channel_", &quantize_per_channel_,
+        "In-place per-channel GEMMLOWP fake quantization along `dim`; channels with scale 0 pass through",
+        py::arg("x"), py::arg("noise"), py::arg("scale"), py::arg("inv_scale"), py::arg("offset"), py::arg("dim"),
+        py::arg("qmax"));
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One-shot check of the fused GEMMLOWP kernels on a GPU machine (no network, no pip): build the CPU and
+# CUDA extensions with that machine's own torch, run the parity tests, then the benchmarks.
+# Run from the repository root:  bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
+# Each step has its own time limit so that the whole script stays under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+status=0
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nproc
+"$PYTHON" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')"
+nvcc --version | tail -1
+"$("$PYTHON" -c 'from torch.utils.cpp_extension import get_cxx_compiler as c; print(c())')" --version | head -1
+
+# Two separate builds side by side (own build folders), so that a CUDA failure or time-out still leaves the
+# CPU kernel built: setuptools copies the .so files into the tree only when its build_ext run finishes.
+build() {  # build <what> <seconds> <env...>
+  local what=$1 limit=$2; shift 2
+  local start log="${TMPDIR:-/tmp}/aciq_build_$what.log"
+  start=$(date +%s)
+  if env "$@" MAX_JOBS="${MAX_JOBS:-8}" timeout "$limit" "$PYTHON" setup.py build_ext --inplace \
+      --build-lib "build/lib_$what" --build-temp "build/temp_$what" > "$log" 2>&1; then
+    echo "$what build OK in $(( $(date +%s) - start )) s" >> "$log"
+  else
+    echo "BUILD OF $what FAILED after $(( $(date +%s) - start )) s" >> "$log"
+    return 1
+  fi
+}
+step "build the CPU and CUDA extensions in place"
+rm -f pytorch_quantizer/quantization/qtypes/_gemmlowp_*.so
+build cpu 180 ACIQ_BUILD_CUDA=0 & cpu_pid=$!
+build cuda 240 ACIQ_BUILD_CPU=0 ACIQ_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" & cuda_pid=$!
+wait $cpu_pid || status=1
+wait $cuda_pid || status=1
+for what in cpu cuda; do echo "--- $what build log (tail)"; tail -n 12 "${TMPDIR:-/tmp}/aciq_build_$what.log"; done
+ls -l pytorch_quantizer/quantization/qtypes/_gemmlowp_*.so || status=1
+
+step "diagnostics: signed zero in ATen's CUDA clamp/round, kernel refusals in a child process"
+timeout 60 "$PYTHON" - <<'PY' || status=1
+import subprocess, sys, torch
+if torch.cuda.is_available():
+    z = torch.tensor([-0.0, -1e-45], device="cuda")
+    print("ATen CUDA: clamp_(0, 255) of -0.0 ->", z.clone().clamp_(0.0, 255.0).tolist(),
+          " round_(-0.0) ->", z[:1].clone().round_().tolist(), " -1e-45 * 1e-4 ->", (z[1:] * 1e-4).tolist())
+code = ("import torch; from pytorch_quantizer.quantization.qtypes import backends as b\n"
+        "for n, d in (('cpu', 'cpu'), ('cuda', 'cuda')):\n"
+        "    m = b.kernel_module(n)\n"
+        "    if m is None or (d == 'cuda' and not torch.cuda.is_available()): continue\n"
+        "    try: m.quantize_(torch.zeros(10, device=d), torch.zeros(9, device=d), 1.0, 1.0, 0.0, 255.0)\n"
+        "    except RuntimeError as e: print(n, 'refuses:', str(e).splitlines()[0])\n")
+r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+print(r.stdout, r.stderr[-2000:], "child exit code", r.returncode)
+PY
+
+step "parity tests (tests/test_kernels.py)"
+# Several workers when pytest-xdist is there, so that a crashing test is reported and the rest still run.
+xdist=""
+if "$PYTHON" -c "import xdist" 2>/dev/null; then xdist="-n 4"; fi
+timeout 150 "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider $xdist tests/test_kernels.py || status=1
+
+step "benchmark: GPU kernels + ResNet-50 batch 256"
+timeout 120 "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --repeats 10 \
+  || status=1
+
+step "benchmark: CPU kernels on this machine's cores"
+timeout 60 "$PYTHON" benchmarks/bench_quant.py --device cpu --part kernels --repeats 5 || status=1
+
+step "done: status $status"
+exit $status
