@@ -145,3 +145,34 @@ def test_no_stats_mode_names_layer_with_nan(tiny_model):
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         QuantConfig(**bad)
+
+
+class WithAttention(torch.nn.Module):
+    """nn.MultiheadAttention uses out_proj's weights without calling it: that Linear's hook never fires."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(tokens, tokens, tokens)[0].mean(1))
+
+
+def test_layers_never_called_are_left_out(tmp_path):
+    torch.manual_seed(0)
+    model = WithAttention().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), StatisticsCollector(model) as collector:
+        model(x)
+    stats = load_statistics(collector.save(tmp_path / "s", {"arch": "attn"}))
+    assert stats.layer_names == ["conv0_activation", "linear1_activation"]
+    q = ActivationQuantizer(model, QuantConfig(bits=4, threshold="laplace"), stats)
+    assert plan_table(q.plan).loc["linear0_activation", "role"] == "unobserved"
+    with torch.no_grad():
+        before = model(x)
+        with q:
+            assert not torch.equal(model(x), before)
+        assert torch.equal(model(x), before)

@@ -68,7 +68,7 @@ class LayerPlan:
 
     name: str
     module_name: str
-    role: str  # "first", "classifier", "kept" or "" (a regular layer)
+    role: str  # "first", "classifier", "kept", "unobserved" (never called) or "" (a regular layer)
     bits: int | None  # None: left in float
     method: str  # the clipping actually applied ("no", "laplace", "gaus"; "minmax" for the classifier)
     alpha: float
@@ -98,7 +98,8 @@ def plan_layers(layers: list[ActivationLayer], statistics: Statistics, config: Q
     statistics.check_layers(layers)
     plans = []
     for layer, (role, bits) in zip(layers, layer_roles(layers, config), strict=True):
-        if bits is None:
+        if bits is None or not statistics.has(layer.name):  # kept in float, or never called by the forward
+            role = role if bits is None else "unobserved"
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))
             continue
         if role == "classifier":
@@ -168,7 +169,10 @@ class ActivationQuantizer:
         if self._hooks.attached:
             return self
         self._quantize_parameters()
+        planned = {p.name: p.bits for p in self.plan} if self.plan is not None else None
         for layer, (role, bits) in zip(self.layers, self.roles, strict=True):
+            if planned is not None:
+                bits = planned[layer.name]
             if bits is not None:
                 self._hooks.add(layer, self._hook(layer, role, bits))
         return self

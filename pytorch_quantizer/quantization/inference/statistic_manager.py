@@ -51,16 +51,18 @@ def per_sample_stats(x: torch.Tensor) -> torch.Tensor:
     if not flat.is_floating_point():
         raise TypeError(f"activation statistics need a floating-point tensor, got {flat.dtype}")
     flat = flat.float()
+    n = flat.shape[1]
     lo, hi = torch.aminmax(flat, dim=1)
+    mean_abs = torch.linalg.vector_norm(flat, 1, dim=1) / n
     mean = flat.mean(dim=1, keepdim=True)
-    centred = flat - mean
-    b = centred.abs().mean(dim=1)
-    squared = centred.square_()
-    var = squared.mean(dim=1)
-    fourth = squared.square_().mean(dim=1)
-    kurtosis = torch.where(var > 0, fourth / var.square().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    mean_abs = flat.abs().mean(dim=1)
-    columns = (lo, hi, mean.squeeze(1), var.sqrt(), kurtosis, mean_abs, b)
+    centred = flat - mean  # the only full-size temporary
+    b = torch.linalg.vector_norm(centred, 1, dim=1) / n
+    std = torch.linalg.vector_norm(centred, 2, dim=1) / math.sqrt(n)
+    # kurtosis from standardised values: x^4 of raw activations overflows float32 beyond |x| ~ 1e9
+    live = std > 0
+    z = centred.div_(torch.where(live, std, 1.0).unsqueeze(1))
+    kurtosis = torch.where(live, torch.linalg.vector_norm(z, 4, dim=1).pow(4) / n, 0.0)
+    columns = (lo, hi, mean.squeeze(1), std, kurtosis, mean_abs, b)
     return torch.stack(columns, dim=1).double().cpu()
 
 
@@ -111,16 +113,21 @@ class StatisticsCollector:
 
     @property
     def samples(self) -> int:
-        first = self._batches[self.layers[0].name]
-        return sum(len(b) for b in first)
+        """Samples seen by the first layer that ran (layers the forward never calls record nothing)."""
+        return next((sum(len(b) for b in batches) for batches in self._batches.values() if batches), 0)
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        """Per-layer sample tables collected so far."""
+        """Per-layer sample tables collected so far, for the layers whose forward actually ran.
+
+        Some models hold Linear modules whose weights are used without calling them (``nn.MultiheadAttention``'s
+        ``out_proj``); those have no output to observe or quantize and are left out.
+        """
         if self.samples == 0:
             raise StatisticsError("no statistics were collected: the model never ran with the hooks attached")
         return {
             name: pd.DataFrame(torch.cat(batches).numpy(), columns=list(STAT_COLUMNS))
             for name, batches in self._batches.items()
+            if batches
         }
 
     def save(self, folder: str | os.PathLike, meta: dict[str, Any]) -> Path:
@@ -129,6 +136,7 @@ class StatisticsCollector:
         layers = [
             {"name": layer.name, "module": layer.module_name, "kind": layer.kind, "numel": self.numel[layer.name]}
             for layer in self.layers
+            if layer.name in frames
         ]
         full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": layers}
         return write_statistics(folder, frames, full_meta)
@@ -221,12 +229,17 @@ class Statistics:
                 )
 
     def check_layers(self, layers: list[ActivationLayer]) -> None:
-        names = [layer.name for layer in layers]
-        if names != self.layer_names:
-            raise StatisticsError(
-                f"statistics in {self.folder} describe {len(self.layer_names)} layers, the model has {len(names)}; "
-                "collect them again with -sm collect"
-            )
+        """Every layer with statistics must be the same module of this model (layers never called have none)."""
+        modules = {layer.name: layer.module_name for layer in layers}
+        for recorded in self.meta["layers"]:
+            if modules.get(recorded["name"]) != recorded["module"]:
+                raise StatisticsError(
+                    f"statistics in {self.folder} have {recorded['name']} at module {recorded['module']!r}, this "
+                    f"model has it at {modules.get(recorded['name'])!r}; collect them again with -sm collect"
+                )
+
+    def has(self, name: str) -> bool:
+        return name in self.summaries
 
 
 def load_statistics(folder: str | os.PathLike) -> Statistics:
