@@ -42,7 +42,7 @@ class StatisticsError(ValueError):
 
 
 def per_sample_stats(x: torch.Tensor) -> torch.Tensor:
-    """``[batch, 7]`` float64 statistics of each sample of an activation, columns as ``STAT_COLUMNS``.
+    """``[batch, 7]`` float64 statistics of each sample of an activation (on its device), columns ``STAT_COLUMNS``.
 
     Moments are computed in float32 over each sample (as the activations are) and returned as float64.
     Kurtosis is Pearson's (3 for a Gaussian, 6 for a Laplace); a constant sample has std 0 and kurtosis 0.
@@ -63,7 +63,7 @@ def per_sample_stats(x: torch.Tensor) -> torch.Tensor:
     z = centred.div_(torch.where(live, std, 1.0).unsqueeze(1))
     kurtosis = torch.where(live, torch.linalg.vector_norm(z, 4, dim=1).pow(4) / n, 0.0)
     columns = (lo, hi, mean.squeeze(1), std, kurtosis, mean_abs, b)
-    return torch.stack(columns, dim=1).double().cpu()
+    return torch.stack(columns, dim=1).double()
 
 
 def summarize(samples: pd.DataFrame) -> pd.DataFrame:
@@ -104,9 +104,8 @@ class StatisticsCollector:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            stats = per_sample_stats(output)
-            check_finite(name, stats[:, 0].min().item(), stats[:, 1].max().item())
-            self._batches[name].append(stats)
+            # kept on the activation's device: no host synchronisation per layer; checked when read
+            self._batches[name].append(per_sample_stats(output))
             self.numel[name] = output[0].numel()
 
         return hook
@@ -124,11 +123,13 @@ class StatisticsCollector:
         """
         if self.samples == 0:
             raise StatisticsError("no statistics were collected: the model never ran with the hooks attached")
-        return {
-            name: pd.DataFrame(torch.cat(batches).numpy(), columns=list(STAT_COLUMNS))
-            for name, batches in self._batches.items()
-            if batches
-        }
+        frames = {}
+        for name, batches in self._batches.items():
+            if batches:
+                table = torch.cat(batches).cpu()
+                check_finite(name, table[:, 0].min().item(), table[:, 1].max().item())
+                frames[name] = pd.DataFrame(table.numpy(), columns=list(STAT_COLUMNS))
+        return frames
 
     def save(self, folder: str | os.PathLike, meta: dict[str, Any]) -> Path:
         """Write the statistics folder atomically (see the module docstring); ``meta`` describes the model."""
