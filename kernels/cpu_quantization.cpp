@@ -23,11 +23,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
+#include <optional>
 #include <string>
-#include <vector>
+
+#include "common.h"
 
 namespace {
+
+using namespace aciq_kernels;
 
 constexpr float kRintMagic = 12582912.0f;  // 1.5 * 2^23
 constexpr int64_t kGrain = 1 << 15;         // elements per task: below this, threads cost more than they save
@@ -66,100 +69,25 @@ void quantize_channels(float* __restrict x, const float* __restrict noise, int64
   }
 }
 
-// Argument errors: a plain std::runtime_error (RuntimeError in Python) with a message built here, raised from
-// one non-inlined place.  Not TORCH_CHECK: its c10::Error carries a C++ backtrace, and on the GPU machine
-// (torch 2.11, extension built by GCC 13) raising c10::Error from these checks segfaulted at some call sites.
-[[noreturn]] __attribute__((noinline)) void fail(const std::string& msg) { throw std::runtime_error(msg); }
-
-// "[2, 3]"
-std::string shape_str(at::IntArrayRef sizes) {
-  std::string out = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i > 0) out += ", ";
-    out += std::to_string(sizes[i]);
-  }
-  return out + "]";
-}
+constexpr const char* kPrefix = "_gemmlowp_cpu";  // names the extension in argument errors
 
 void check_tensor(const at::Tensor& t, const char* what) {
   if (!t.device().is_cpu()) {
-    fail(std::string("_gemmlowp_cpu: ") + what + " is on " + t.device().str() +
+    fail(std::string(kPrefix) + ": " + what + " is on " + t.device().str() +
          "; the CPU kernel takes CPU tensors only (use the 'cuda' backend for CUDA tensors)");
   }
-  if (t.scalar_type() != at::kFloat) {
-    fail(std::string("_gemmlowp_cpu: ") + what + " must be float32, got " + c10::toString(t.scalar_type()) +
-         " (gemmlowp_quantize converts other dtypes before calling the kernel)");
-  }
+  check_float32(kPrefix, t, what);
 }
 
 void check_noise(const at::Tensor& x, const std::optional<at::Tensor>& noise) {
   if (!noise.has_value()) return;
   check_tensor(*noise, "noise");
-  if (noise->sizes() != x.sizes()) {
-    fail("_gemmlowp_cpu: noise must have the shape of x " + shape_str(x.sizes()) + ", got " +
-         shape_str(noise->sizes()));
-  }
+  check_noise_shape(kPrefix, x, *noise);
 }
 
 void check_param(const at::Tensor& p, const char* what, int64_t channels, int64_t dim) {
   check_tensor(p, what);
-  if (p.dim() != 1 || p.numel() != channels) {
-    fail(std::string("_gemmlowp_cpu: per-channel ") + what + " needs " + std::to_string(channels) +
-         " values (x.size(" + std::to_string(dim) + ")), got shape " + shape_str(p.sizes()));
-  }
-}
-
-// Writing through data_ptr bypasses ATen, so bump x's version counter as an in-place ATen op would: autograd
-// then refuses stale saved tensors, and an inference tensor outside InferenceMode is refused (same error).
-void mark_modified(const at::Tensor& x) {
-  if (x.is_inference() && !c10::InferenceMode::is_enabled()) {
-    fail("Inplace update to inference tensor outside InferenceMode is not allowed (as for ATen's in-place ops); "
-         "quantize a clone, or run under torch.inference_mode()");
-  }
-  x.unsafeGetTensorImpl()->bump_version();
-}
-
-// A view of `t` whose logical order is its memory order, when `t` is dense (contiguous, channels_last, a
-// transpose...): the kernel then works in place on it.  Returns the permutation through `perm`.
-bool dense_order(const at::Tensor& t, std::vector<int64_t>& perm) {
-  const int64_t nd = t.dim();
-  perm.resize(nd);
-  for (int64_t d = 0; d < nd; ++d) perm[d] = d;
-  if (!t.is_non_overlapping_and_dense()) return false;
-  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) {
-    const bool a1 = t.size(a) == 1, b1 = t.size(b) == 1;
-    if (a1 != b1) return a1;  // size-1 dimensions (any stride) first: they do not move anything
-    return t.stride(a) > t.stride(b);
-  });
-  return t.permute(perm).is_contiguous();
-}
-
-// Where the kernel can work directly on x's memory, or else a contiguous copy (copied back afterwards).
-struct Work {
-  at::Tensor x, noise;
-  bool copied = false;
-  int64_t dim = 0;
-};
-
-Work prepare(const at::Tensor& x, const std::optional<at::Tensor>& noise, int64_t dim) {
-  Work w;
-  std::vector<int64_t> perm;
-  if (x.is_contiguous()) {
-    w.x = x;
-    w.dim = dim;
-    if (noise.has_value()) w.noise = noise->contiguous();
-  } else if (dense_order(x, perm)) {
-    w.x = x.permute(perm);
-    w.dim = std::find(perm.begin(), perm.end(), dim) - perm.begin();
-    // The same permutation lines the noise up element for element (no copy when it has x's strides).
-    if (noise.has_value()) w.noise = noise->permute(perm).contiguous();
-  } else {
-    w.x = x.contiguous();
-    w.copied = true;
-    w.dim = dim;
-    if (noise.has_value()) w.noise = noise->contiguous();
-  }
-  return w;
+  check_param_shape(kPrefix, p, what, channels, dim);
 }
 
 template <bool kNoise>
@@ -221,9 +149,7 @@ at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& 
                                  const at::Tensor& inv_scale, const at::Tensor& offset, int64_t dim, double qmax) {
   check_tensor(x, "x");
   check_noise(x, noise);
-  if (x.dim() == 0) fail("_gemmlowp_cpu: per-channel quantization needs at least one dimension");
-  if (dim < -x.dim() || dim >= x.dim()) fail("_gemmlowp_cpu: dim " + std::to_string(dim) + " is out of range");
-  if (dim < 0) dim += x.dim();
+  dim = channel_dim(kPrefix, x, dim);
   const int64_t channels = x.size(dim);
   check_param(scale, "scale", channels, dim);
   check_param(inv_scale, "inv_scale", channels, dim);

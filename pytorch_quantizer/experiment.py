@@ -281,29 +281,26 @@ def _record(model: nn.Module, layers, images: torch.Tensor) -> dict[str, np.ndar
     return seen
 
 
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: Path, index: bool = False) -> Path:
-    """Write a CSV under a temporary name, then rename it: a reader never sees a half-written file."""
+def _atomic_write(path: Path, write, suffix: str = "") -> Path:
+    """Write through ``write(tmp_path)`` under a temporary name, then rename: no reader sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        frame.to_csv(tmp, index=index)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    _atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path, index: bool = False) -> Path:
+    return _atomic_write(path, lambda tmp: frame.to_csv(tmp, index=index))
 
 
 def append_result(path: Path, row: dict) -> None:
@@ -360,18 +357,13 @@ def run(cfg: RunConfig) -> list[dict]:
 
     if cfg.eval_precision:
         table = _precision_sweep(exp, loader, stats, record)
-        out = cfg.results.parent / "precision" / f"{cfg.arch}_{cfg.threshold}_clipping.csv"
-        write_csv_atomic(table, out)
-        print(table.to_string(index=False), flush=True)
-        log.info("precision table written to %s", out)
+        _publish(table, cfg.results.parent / "precision" / f"{cfg.arch}_{cfg.threshold}_clipping.csv", "precision")
         return rows
 
     if cfg.custom_test:
         table = _custom_test(exp, loader, stats, record)
-        out = cfg.results.parent / "custom_test" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}.csv"
-        write_csv_atomic(table, out)
-        print(table.to_string(index=False), flush=True)
-        log.info("layer-selection table written to %s", out)
+        name = f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}.csv"
+        _publish(table, cfg.results.parent / "custom_test" / name, "layer-selection")
         return rows
 
     acc, seconds, quantizer = exp.quantized_pass(loader, cfg.quant_config(), stats, _qtype(cfg.bits))
@@ -382,6 +374,12 @@ def run(cfg: RunConfig) -> list[dict]:
     record(acc, seconds, cfg.bits, cfg.stats_mode)
     print(final_line(acc), flush=True)
     return rows
+
+
+def _publish(table: pd.DataFrame, path: Path, what: str) -> None:
+    write_csv_atomic(table, path)
+    print(table.to_string(index=False), flush=True)
+    log.info("%s table written to %s", what, path)
 
 
 def _precision_sweep(exp: Experiment, loader: DataLoader, stats: Statistics | None, record) -> pd.DataFrame:
