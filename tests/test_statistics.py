@@ -51,6 +51,103 @@ def test_constant_sample_has_defined_stats():
     assert got[0, 3] == 0 and got[0, 4] == 0  # std, kurtosis
 
 
+def _stats_kernel():
+    from pytorch_quantizer.quantization.qtypes.backends import kernel_module
+
+    module = kernel_module("cpu")
+    if module is None or not hasattr(module, "per_sample_stats"):
+        pytest.skip("the CPU kernel (per_sample_stats) is not built")
+    return module.per_sample_stats
+
+
+def _torch_stats(x, monkeypatch):
+    """The PyTorch path of per_sample_stats (the one CUDA tensors and missing builds take)."""
+    with monkeypatch.context() as m:
+        m.setattr(sm, "_stats_kernel", lambda flat: None)
+        return per_sample_stats(x)
+
+
+def _float64_stats(x):
+    d = x.reshape(x.shape[0], -1).double()
+    mean = d.mean(1, keepdim=True)
+    c = d - mean
+    std = c.pow(2).mean(1).sqrt()
+    kurt = torch.where(std > 0, (c / torch.where(std > 0, std, 1.0)[:, None]).pow(4).mean(1), 0.0)
+    return torch.stack([d.amin(1), d.amax(1), mean[:, 0], std, kurt, d.abs().mean(1), c.abs().mean(1)], 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 7), (5, 1000), (2, 3, 17, 19), (1, 40000), (3, 5000)])
+def test_stats_kernel_matches_torch_path(shape, monkeypatch):
+    kernel = _stats_kernel()
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g) * 2.5 + 0.75
+    got = per_sample_stats(x)
+    assert torch.equal(got, kernel(x.reshape(shape[0], -1)))  # the dispatch takes the kernel
+    assert got.dtype == torch.float64 and got.shape == (shape[0], len(sm.STAT_COLUMNS))
+    torch.testing.assert_close(got, _torch_stats(x, monkeypatch), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, _float64_stats(x), rtol=1e-6, atol=1e-7)
+
+
+def test_stats_kernel_long_samples_match_float64():
+    _stats_kernel()
+    x = torch.randn(2, 300_001, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    torch.testing.assert_close(per_sample_stats(x), _float64_stats(x), rtol=1e-6, atol=1e-7)
+
+
+def test_stats_kernel_constant_samples(monkeypatch):
+    _stats_kernel()
+    x = torch.tensor([0.1, -3.0, 0.0, 7.5])[:, None].expand(4, 5000).contiguous()
+    got = per_sample_stats(x)
+    v = x[:, 0].double()
+    zero = torch.zeros_like(v)
+    assert torch.equal(got[:, [0, 1, 2, 3, 4, 6]], torch.stack([v, v, v, zero, zero, zero], 1))  # exact
+    torch.testing.assert_close(got[:, 5], v.abs(), rtol=1e-6, atol=0.0)  # a float32 sum of |x|
+
+
+def test_stats_kernel_huge_values_give_finite_kurtosis(monkeypatch):
+    _stats_kernel()
+    x = torch.randn(3, 20_000, generator=torch.Generator().manual_seed(2)) * 1e10
+    x[2] += 5e10
+    got = per_sample_stats(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _float64_stats(x), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(got, _torch_stats(x, monkeypatch), rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("m", [1, 999, 70_000])
+def test_stats_kernel_nan_reaches_min_max(m):
+    _stats_kernel()
+    x = torch.randn(3, m)
+    x[1, m // 2] = float("nan")
+    got = per_sample_stats(x)
+    assert torch.isnan(got[1, :2]).all()
+    assert torch.isfinite(got[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1_000_000), (3, 250_000), (16, 40_000), (128, 3000)])
+def test_stats_kernel_deterministic_across_threads(shape):
+    _stats_kernel()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 4 - 1
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(per_sample_stats(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_stats_kernel_rejects_bad_input():
+    kernel = _stats_kernel()
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(torch.randn(4, 6).t())
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel(torch.randn(4, 6, dtype=torch.float64))
+    assert per_sample_stats(torch.randn(4, 6).t()).shape == (6, 7)  # the dispatch makes it contiguous
+
+
 def test_batch_of_one(tiny_model, tmp_path):
     folder = collect(tiny_model, [torch.randn(1, 3, 16, 16)], tmp_path / "s")
     st = load_statistics(folder)

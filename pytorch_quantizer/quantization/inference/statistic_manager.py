@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ...clipping import TensorStats
+from ..qtypes.backends import kernel_module
 from .layers import ActivationLayer, HookSet, activation_layers, check_finite
 
 STAT_COLUMNS = ("min", "max", "mean", "std", "kurtosis", "mean_abs", "b")
@@ -41,15 +42,29 @@ class StatisticsError(ValueError):
     """Statistics that are missing, malformed or belong to another model."""
 
 
+def _stats_kernel(flat: torch.Tensor):
+    """The compiled CPU ``per_sample_stats`` when it applies to ``flat`` (float32, CPU, non-empty), else None."""
+    if flat.dtype != torch.float32 or flat.device.type != "cpu" or flat.numel() == 0:
+        return None
+    module = kernel_module("cpu")
+    return getattr(module, "per_sample_stats", None) if module is not None else None
+
+
 def per_sample_stats(x: torch.Tensor) -> torch.Tensor:
     """``[batch, 7]`` float64 statistics of each sample of an activation (on its device), columns ``STAT_COLUMNS``.
 
     Moments are computed in float32 over each sample (as the activations are) and returned as float64.
     Kurtosis is Pearson's (3 for a Gaussian, 6 for a Laplace); a constant sample has std 0 and kurtosis 0.
+    float32 CPU tensors go to the fused kernel (kernels/cpu_quantization.cpp: two reads per sample, float
+    partial sums accumulated in float64, bit-identical for any thread count) when it is built; other tensors
+    (CUDA, other dtypes) and missing builds use the PyTorch code below.
     """
     flat = x.detach().reshape(x.shape[0], -1)
     if not flat.is_floating_point():
         raise TypeError(f"activation statistics need a floating-point tensor, got {flat.dtype}")
+    kernel = _stats_kernel(flat)
+    if kernel is not None:
+        return kernel(flat.contiguous())
     flat = flat.float()
     n = flat.shape[1]
     lo, hi = torch.aminmax(flat, dim=1)
