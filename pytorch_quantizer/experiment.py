@@ -220,7 +220,7 @@ class Experiment:
         """Layers quantized at ``bits`` ordered by estimated quantization MSE, largest first (for ``-ct``).
 
         The MSE is the analytical one for the chosen clipping, relative to the layer's variance so that layers of
-        different scales compare; it needs statistics (from ``-sm use``, or the calibration pass otherwise).
+        different scales compare; it needs saved statistics (``-sm use``).
         """
         if stats is None:
             raise ValueError("-ct orders layers by their statistics: collect them first and run with -sm use")
