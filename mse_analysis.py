@@ -58,8 +58,7 @@ from pytorch_quantizer.clipping import (
     TensorStats,
     aciq_range,
     check_bits,
-    clipping_noise_gaus,
-    clipping_noise_laplace,
+    clipping_noise,
     mse,
     optimal_alpha,
     quantization_noise,
@@ -131,10 +130,6 @@ def error_split(x: torch.Tensor, delta: float, offset: float, bits: int, preserv
     return ErrorSplit(
         part(outside), part(inner), cell * float(inner.sum()) / n, part(end), cell * float(end.sum()) / n
     )
-
-
-def clipping_noise(prior: str, alpha: float, scale: float) -> float:
-    return clipping_noise_laplace(alpha, scale) if prior == "laplace" else clipping_noise_gaus(alpha, scale)
 
 
 def steps_model_noise(alpha: float, bits: int) -> float:

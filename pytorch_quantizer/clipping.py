@@ -60,9 +60,14 @@ def mse_gaus(alpha: float, sigma: float, bits: int) -> float:
     return clipping_noise_gaus(alpha, sigma) + quantization_noise(alpha, bits)
 
 
+def clipping_noise(prior: str, alpha: float, scale: float) -> float:
+    """``clipping_noise_laplace`` or ``clipping_noise_gaus`` by name; ``scale`` is b or sigma."""
+    return (clipping_noise_laplace if check_prior(prior) == "laplace" else clipping_noise_gaus)(alpha, scale)
+
+
 def mse(prior: str, alpha: float, scale: float, bits: int) -> float:
     """``mse_laplace`` or ``mse_gaus`` by name; ``scale`` is b or sigma."""
-    return (mse_laplace if check_prior(prior) == "laplace" else mse_gaus)(alpha, scale, bits)
+    return clipping_noise(prior, alpha, scale) + quantization_noise(alpha, bits)
 
 
 @cache

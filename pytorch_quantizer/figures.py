@@ -18,13 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import optimize
 
-from .clipping import (
-    clipping_noise_gaus,
-    clipping_noise_laplace,
-    mse,
-    optimal_alpha,
-    quantization_noise,
-)
+from .clipping import clipping_noise, mse, optimal_alpha, quantization_noise
 
 BITS = tuple(range(2, 9))
 SCALES = tuple(float(s) for s in np.linspace(0.25, 4.0, 16))
@@ -111,14 +105,13 @@ def optimal_alpha_figure(
 
 def mse_curves_figure(prior: str, bits: Sequence[int] = (2, 4, 8)) -> Figure:
     """MSE against alpha for unit scale: clipping noise, quantization noise and their sum, optimum marked."""
-    clip = clipping_noise_laplace if prior == "laplace" else clipping_noise_gaus
     fig = Figure(figsize=(4.2 * len(bits), 4.0), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(bits), squeeze=False)[0]
     for ax, m in zip(axes, bits, strict=True):
         best = optimal_alpha(prior, m)
         alphas = np.linspace(0.02, 2.0 * best, 400)
-        clipping = np.array([clip(a, 1.0) for a in alphas])
+        clipping = np.array([clipping_noise(prior, a, 1.0) for a in alphas])
         rounding = np.array([quantization_noise(a, m) for a in alphas])
         ax.semilogy(alphas, clipping, "--", color="tab:red", label="clipping noise")
         ax.semilogy(alphas, rounding, ":", color="tab:blue", label="quantization noise")
