@@ -41,7 +41,6 @@ On real activations (``--dumps``) the gap is dominated by how poorly a Laplace o
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from pytorch_quantizer.clipping import (
     optimal_alpha,
     quantization_noise,
 )
+from pytorch_quantizer.dumps import load_fp32
 from pytorch_quantizer.quantization.inference.statistic_manager import STAT_COLUMNS, per_sample_stats
 from pytorch_quantizer.quantization.qtypes.int_quantizer import gemmlowp_qparams, gemmlowp_quantize
 
@@ -235,25 +235,6 @@ def dump_stats(fp32: np.ndarray) -> TensorStats:
     batch = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
     mean = dict(zip(STAT_COLUMNS, per_sample_stats(batch).mean(dim=0).tolist(), strict=True))
     return TensorStats(mean["min"], mean["max"], mean["mean"], mean["b"], mean["std"], numel=batch.shape[1])
-
-
-def load_dumps(folder: Path) -> dict[str, np.ndarray]:
-    """``{layer: fp32 activation}`` for every ``<layer>.npz`` in ``folder``, sorted by name."""
-    files = sorted(folder.glob("*.npz"), key=lambda p: _natural_key(p.stem))
-    if not files:
-        raise FileNotFoundError(f"no <layer>.npz dump files in {folder}")
-    dumps = {}
-    for path in files:
-        with np.load(path) as data:
-            if "fp32" not in data:
-                raise KeyError(f"{path} has no 'fp32' array (keys: {', '.join(data.files)})")
-            dumps[path.stem] = data["fp32"]
-    return dumps
-
-
-def _natural_key(name: str) -> list:
-    """conv2 before conv10: digit runs compare as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def dump_cases(
@@ -446,11 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweeps.append(sweep)
     if args.dumps is not None:
         try:
-            dumps = load_dumps(args.dumps)
+            dumps = load_fp32(args.dumps)
             cases = []
             for name, fp32 in dumps.items():
                 cases += dump_cases(name, fp32, args.sigma_estimator, args.max_elements, args.seed, args.preserve_zero)
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         summary, sweep = run(cases, args.bits, args.dump_sweep)

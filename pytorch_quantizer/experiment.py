@@ -4,8 +4,6 @@ dump activations.  Everything a run decides is data (``RunConfig`` in, CSV rows 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,8 +17,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import __version__
+from .atomic import write_csv_atomic
 from .clipping import choose_clipping
 from .data import CachedDataset, imagenet_val_dataset, make_loader
+from .dumps import write_dump
 from .models import build_model, fold_batchnorm, weights_fingerprint
 from .quantization.inference.inference_quantization_manager import (
     ActivationQuantizer,
@@ -235,7 +235,7 @@ class Experiment:
         return sorted(regular, key=lambda n: (-scores[n], n))
 
     def dump(self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None) -> Path:
-        """Save each layer's FP32 and quantized output for the first batch to ``<dump_dir>/<layer>.npz``."""
+        """Save each layer's FP32 and quantized output for the first batch to ``dump_dir`` (see ``dumps``)."""
         images, _ = next(iter(loader))
         images = images.to(self.device)
         fp32 = _record(self.model, self.layers, images)
@@ -245,7 +245,7 @@ class Experiment:
         folder = self.cfg.dump_dir
         folder.mkdir(parents=True, exist_ok=True)
         for name in fp32:
-            _atomic_npz(folder / f"{name}.npz", fp32=fp32[name], quantized=quantized[name])
+            write_dump(folder, name, fp32[name], quantized[name])
         return folder
 
 
@@ -279,28 +279,6 @@ def _record(model: nn.Module, layers, images: torch.Tensor) -> dict[str, np.ndar
         for handle in handles:
             handle.remove()
     return seen
-
-
-def _atomic_write(path: Path, write, suffix: str = "") -> Path:
-    """Write through ``write(tmp_path)`` under a temporary name, then rename: no reader sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    _atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: Path, index: bool = False) -> Path:
-    return _atomic_write(path, lambda tmp: frame.to_csv(tmp, index=index))
 
 
 def append_result(path: Path, row: dict) -> None:

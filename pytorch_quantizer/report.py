@@ -29,6 +29,7 @@ from bokeh.resources import INLINE
 from scipy import stats as scipy_stats
 
 from .clipping import METHODS, SIGMA_ESTIMATORS, aciq_range, check_bits, choose_clipping
+from .dumps import dump_path, dumped_layers, read_fp32
 from .quantization.inference.statistic_manager import Statistics, StatisticsError, load_statistics
 
 COLOURS = {"no": "#7f7f7f", "laplace": "#d62728", "gaus": "#1f77b4", "mix": "#2ca02c"}
@@ -199,14 +200,6 @@ def histogram_figure(name: str, values: np.ndarray, row: pd.Series, bits: int):
     return fig
 
 
-def load_dump(dumps: Path, name: str) -> np.ndarray | None:
-    path = dumps / f"{name}.npz"
-    if not path.is_file():
-        return None
-    with np.load(path) as data:
-        return data["fp32"] if "fp32" in data else None
-
-
 def _header(statistics: Statistics, bits: int, sigma_estimator: str, dumps: Path | None, missing: Sequence[str]) -> Div:
     meta = statistics.meta
     facts = [
@@ -256,11 +249,10 @@ def build_report(
     missing: list[str] = []
     if dumps is not None:
         dumps = Path(dumps)
-        if not dumps.is_dir():
-            raise FileNotFoundError(f"dump folder {dumps} does not exist")
+        dumped = set(dumped_layers(dumps))
         histograms = []
         for _, row in frame.iterrows():
-            values = load_dump(dumps, row["layer"])
+            values = read_fp32(dump_path(dumps, row["layer"])) if row["layer"] in dumped else None
             if values is None or values.size == 0:
                 missing.append(row["layer"])
                 continue
