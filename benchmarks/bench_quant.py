@@ -148,6 +148,7 @@ def bench_model(device: torch.device, arch: str, batch_size: int, repeats: int) 
         quantizer = ActivationQuantizer(model, cfg, stats)
         cases[name] = lambda q=quantizer: q
     cases["collect statistics"] = lambda: StatisticsCollector(model)
+    cases["collect, torch reductions"] = lambda: StatisticsCollector(model, fused=False)
 
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(repeats + 1):  # round 0 warms up

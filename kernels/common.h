@@ -68,6 +68,17 @@ inline int64_t channel_dim(const char* prefix, const at::Tensor& x, int64_t dim)
   return dim < 0 ? dim + x.dim() : dim;
 }
 
+// per_sample_stats reads rows of a contiguous [N, M] tensor, M >= 1 (N may be 0).
+inline void check_stats_input(const char* prefix, const at::Tensor& x) {
+  if (x.dim() != 2 || !x.is_contiguous()) {
+    fail(std::string(prefix) + ": per_sample_stats takes a contiguous [N, M] tensor, got " + shape_str(x.sizes()) +
+         (x.is_contiguous() ? "" : " (not contiguous)"));
+  }
+  if (x.size(1) == 0 && x.size(0) > 0) {
+    fail(std::string(prefix) + ": per_sample_stats needs at least one element per sample");
+  }
+}
+
 // Writing through data_ptr bypasses ATen, so bump x's version counter as an in-place ATen op would: autograd
 // then refuses stale saved tensors, and an inference tensor outside InferenceMode is refused (same error).
 inline void mark_modified(const at::Tensor& x) {

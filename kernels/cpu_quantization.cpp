@@ -28,10 +28,12 @@
 #include <vector>
 
 #include "common.h"
+#include "stats_math.h"
 
 namespace {
 
 using namespace aciq_kernels;
+using namespace aciq_stats;
 
 constexpr float kRintMagic = 12582912.0f;  // 1.5 * 2^23
 constexpr int64_t kGrain = 1 << 15;         // elements per task: below this, threads cost more than they save
@@ -176,28 +178,17 @@ at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Per-sample activation statistics (statistic_manager.per_sample_stats): min, max, mean, std (population),
-// kurtosis (Pearson), mean |x|, mean |x - mean| of each row of a contiguous float32 [N, M] tensor, in two
-// reads of each row and no temporary.
-//  pass 1: min, max, sum x, sum |x|;          pass 2 (c = x - mean): sum |c|, sum z^2, sum z^4, z = c / s
-// with s = max(max - mean, mean - min), so |z| <= 1 and z^4 cannot overflow float32 whatever the scale.
-// Sums are float32 over kLanes interleaved lanes within blocks of kBlock elements (vectorisable without
-// reassociation), each block is added to a double, blocks into fixed chunks of kChunk elements, chunks into
-// the row in index order.  The chunk grid depends only on M, never on the thread count: a row is either
+// Per-sample activation statistics (statistic_manager.per_sample_stats) of each row of a contiguous float32
+// [N, M] tensor, in two reads of each row and no temporary; what the passes sum and how a row is finished:
+// stats_math.h.  Sums are float32 over kLanes interleaved lanes within blocks of kBlock elements (vectorisable
+// without reassociation), each block is added to a double, blocks into fixed chunks of kChunk elements, chunks
+// into the row in index order.  The chunk grid depends only on M, never on the thread count: a row is either
 // processed by one task (N >= threads) or its chunks are spread over tasks (N < threads) and their partials
 // combined in the same order, so the result is bit-identical for any torch.set_num_threads.
-// A NaN anywhere in a row makes sum |x| NaN, and then min and max are set to NaN (the caller's finite check).
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 1024;
 constexpr int64_t kChunk = 16 * kBlock;
-
-struct Pass1 {
-  double lo, hi, sum, sum_abs;
-};
-struct Pass2 {
-  double sum_abs, sum_z2, sum_z4;
-};
 
 inline double lane_sum(const float* acc) {
   double s = 0.0;
@@ -206,7 +197,7 @@ inline double lane_sum(const float* acc) {
 }
 
 Pass1 chunk_pass1(const float* __restrict x, int64_t n) {
-  Pass1 r{INFINITY, -INFINITY, 0.0, 0.0};
+  Pass1 r{};
   float lo[kLanes], hi[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) {
     lo[j] = INFINITY;
@@ -245,7 +236,7 @@ Pass1 chunk_pass1(const float* __restrict x, int64_t n) {
 }
 
 Pass2 chunk_pass2(const float* __restrict x, int64_t n, float mean, float inv_scale) {
-  Pass2 r{0.0, 0.0, 0.0};
+  Pass2 r{};
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
     const float* p = x + b;
@@ -277,69 +268,11 @@ Pass2 chunk_pass2(const float* __restrict x, int64_t n, float mean, float inv_sc
   return r;
 }
 
-void combine1(Pass1& into, const Pass1& c) {
-  into.lo = std::min(into.lo, c.lo);
-  into.hi = std::max(into.hi, c.hi);
-  into.sum += c.sum;
-  into.sum_abs += c.sum_abs;
-}
-
-void combine2(Pass2& into, const Pass2& c) {
-  into.sum_abs += c.sum_abs;
-  into.sum_z2 += c.sum_z2;
-  into.sum_z4 += c.sum_z4;
-}
-
-// What pass 2 needs from pass 1, and the first columns of the row.
-struct Centre {
-  float mean, inv_scale;
-  double scale;
-};
-
-Centre finish1(const Pass1& p, int64_t m, double* out) {
-  const double n = static_cast<double>(m);
-  double lo = p.lo, hi = p.hi;
-  if (std::isnan(p.sum_abs)) lo = hi = NAN;
-  double mean = p.sum / n;
-  if (lo == hi) mean = lo;  // constant row: exact mean, so every c is 0
-  out[0] = lo;
-  out[1] = hi;
-  out[2] = mean;
-  out[5] = p.sum_abs / n;
-  const float mean_f = static_cast<float>(mean);
-  const double scale = std::max(static_cast<double>(hi) - mean_f, mean_f - static_cast<double>(lo));
-  Centre c{mean_f, 0.0f, 0.0};
-  if (scale > 0.0 && std::isfinite(scale)) {
-    c.scale = scale;
-    c.inv_scale = static_cast<float>(1.0 / scale);
-  }
-  return c;
-}
-
-void finish2(const Pass2& p, const Centre& c, int64_t m, double* out) {
-  const double n = static_cast<double>(m);
-  out[6] = p.sum_abs / n;
-  if (c.scale > 0.0 && p.sum_z2 > 0.0) {
-    const double var_z = p.sum_z2 / n;
-    out[3] = std::sqrt(var_z) * c.scale;
-    out[4] = (p.sum_z4 / n) / (var_z * var_z);
-  } else {
-    // constant row: 0 and 0; a NaN or infinite row: NaN (its min / max already fail the finite check)
-    const bool finite = std::isfinite(out[0]) && std::isfinite(out[1]);
-    out[3] = finite ? 0.0 : NAN;
-    out[4] = finite ? 0.0 : NAN;
-  }
-}
-
 at::Tensor per_sample_stats(const at::Tensor& x) {
   check_tensor(x, "x");
-  if (x.dim() != 2 || !x.is_contiguous()) {
-    fail(std::string(kPrefix) + ": per_sample_stats takes a contiguous [N, M] tensor, got " +
-         shape_str(x.sizes()) + (x.is_contiguous() ? "" : " (not contiguous)"));
-  }
+  check_stats_input(kPrefix, x);
   const int64_t rows = x.size(0), m = x.size(1);
-  if (m == 0 && rows > 0) fail(std::string(kPrefix) + ": per_sample_stats needs at least one element per sample");
-  at::Tensor out = at::empty({rows, 7}, x.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({rows, kColumns}, x.options().dtype(at::kDouble));
   if (rows == 0) return out;
   const float* data = x.data_ptr<float>();
   double* o = out.data_ptr<double>();
@@ -352,14 +285,14 @@ at::Tensor per_sample_stats(const at::Tensor& x) {
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const float* row = data + r * m;
-        Pass1 p1{INFINITY, -INFINITY, 0.0, 0.0};
-        for (int64_t k = 0; k < chunks; ++k) combine1(p1, chunk_pass1(row + k * kChunk, chunk_len(k)));
-        const Centre c = finish1(p1, m, o + r * 7);
-        Pass2 p2{0.0, 0.0, 0.0};
+        Pass1 p1{};
+        for (int64_t k = 0; k < chunks; ++k) combine(p1, chunk_pass1(row + k * kChunk, chunk_len(k)));
+        const Centre c = finish1(p1, m, o + r * kColumns);
+        Pass2 p2{};
         for (int64_t k = 0; k < chunks; ++k) {
-          combine2(p2, chunk_pass2(row + k * kChunk, chunk_len(k), c.mean, c.inv_scale));
+          combine(p2, chunk_pass2(row + k * kChunk, chunk_len(k), c.mean, c.inv_scale));
         }
-        finish2(p2, c, m, o + r * 7);
+        finish2(p2, c, m, o + r * kColumns);
       }
     });
     return out;
@@ -376,9 +309,9 @@ at::Tensor per_sample_stats(const at::Tensor& x) {
   });
   std::vector<Centre> centres(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    Pass1 p1{INFINITY, -INFINITY, 0.0, 0.0};
-    for (int64_t k = 0; k < chunks; ++k) combine1(p1, part1[r * chunks + k]);
-    centres[r] = finish1(p1, m, o + r * 7);
+    Pass1 p1{};
+    for (int64_t k = 0; k < chunks; ++k) combine(p1, part1[r * chunks + k]);
+    centres[r] = finish1(p1, m, o + r * kColumns);
   }
   std::vector<Pass2> part2(tasks);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -388,9 +321,9 @@ at::Tensor per_sample_stats(const at::Tensor& x) {
     }
   });
   for (int64_t r = 0; r < rows; ++r) {
-    Pass2 p2{0.0, 0.0, 0.0};
-    for (int64_t k = 0; k < chunks; ++k) combine2(p2, part2[r * chunks + k]);
-    finish2(p2, centres[r], m, o + r * 7);
+    Pass2 p2{};
+    for (int64_t k = 0; k < chunks; ++k) combine(p2, part2[r * chunks + k]);
+    finish2(p2, centres[r], m, o + r * kColumns);
   }
   return out;
 }

@@ -18,6 +18,8 @@ namespace {
 
 using namespace aciq_device;
 
+// Where this thread is (blockDim.x is the size the launch below gives: kThreads, or kRowThreads for the
+// per-row statistics kernels, which the *_thread functions assume).
 __device__ __forceinline__ Thread this_thread() {
   return Thread{static_cast<int64_t>(blockIdx.x), static_cast<int64_t>(gridDim.x), static_cast<int>(threadIdx.x)};
 }
@@ -44,6 +46,26 @@ __global__ void __launch_bounds__(kThreads)
                        index_t inner, const float* __restrict__ scale, const float* __restrict__ inv_scale,
                        const float* __restrict__ offset, float qmax) {
   per_channel_thread<kNoise, index_t>(this_thread(), x, noise, n, channels, inner, scale, inv_scale, offset, qmax);
+}
+
+template <class P>
+__global__ void __launch_bounds__(kThreads)
+    stats_lanes_kernel(const float* __restrict__ x, int64_t rows, int64_t m, int64_t lanes,
+                       const aciq_stats::Centre* __restrict__ centres, P* __restrict__ part) {
+  stats_lanes_thread<P>(this_thread(), x, rows, m, lanes, centres, part);
+}
+
+template <class P>
+__global__ void __launch_bounds__(kThreads)
+    stats_groups_kernel(const P* __restrict__ part, int64_t rows, int64_t lanes, P* __restrict__ grouped) {
+  stats_groups_thread<P>(this_thread(), part, rows, lanes, grouped);
+}
+
+template <class P>
+__global__ void __launch_bounds__(kRowThreads)
+    stats_rows_kernel(const P* __restrict__ grouped, int64_t rows, int64_t m, int64_t lanes,
+                      aciq_stats::Centre* __restrict__ centres, double* __restrict__ out) {
+  stats_rows_thread<P>(this_thread(), grouped, rows, m, lanes, centres, out);
 }
 
 int multiprocessors(int device) {
@@ -106,4 +128,37 @@ void gemmlowp_cuda_per_channel(float* x, const float* noise, int64_t n, int64_t 
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int64_t gemmlowp_cuda_stats_workspace_bytes(int64_t rows, int64_t m) { return stats_workspace_bytes(rows, m); }
+
+namespace {
+
+// One pass of the statistics: every (row, lane), then the groups of lanes, then each row (stats_*_thread).
+template <class P>
+void stats_pass(const float* x, int64_t rows, int64_t m, P* part, P* grouped, aciq_stats::Centre* centres,
+                double* out, int sms, cudaStream_t stream) {
+  const int64_t lanes = stats_lanes(m);
+  const auto lane_blocks = static_cast<unsigned>(strided_grid(rows * lanes, sms));
+  const auto group_blocks = static_cast<unsigned>(strided_grid(rows * stats_groups(lanes), sms));
+  const auto row_blocks = static_cast<unsigned>(row_grid(rows, sms));
+  stats_lanes_kernel<P><<<lane_blocks, kThreads, 0, stream>>>(x, rows, m, lanes, centres, part);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  stats_groups_kernel<P><<<group_blocks, kThreads, 0, stream>>>(part, rows, lanes, grouped);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  stats_rows_kernel<P><<<row_blocks, kRowThreads, 0, stream>>>(grouped, rows, m, lanes, centres, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// Per-sample statistics of a contiguous float32 [rows, m] CUDA buffer into out ([rows, 7] float64), with a
+// scratch buffer of gemmlowp_cuda_stats_workspace_bytes(rows, m) bytes (256-byte aligned).  rows, m >= 1.
+void gemmlowp_cuda_per_sample_stats(const float* x, int64_t rows, int64_t m, double* out, void* workspace,
+                                    int device) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const int sms = multiprocessors(device);
+  const StatsWorkspace ws = stats_workspace(workspace, rows, m);
+  stats_pass(x, rows, m, ws.part1, ws.grouped1, ws.centres, out, sms, stream);  // writes the centres
+  stats_pass(x, rows, m, ws.part2, ws.grouped2, ws.centres, out, sms, stream);  // reads them
 }

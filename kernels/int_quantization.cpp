@@ -21,6 +21,10 @@ void gemmlowp_cuda_per_channel(float* x, const float* noise, int64_t n, int64_t 
                                const float* scale, const float* inv_scale, const float* offset, float qmax,
                                int device);
 
+int64_t gemmlowp_cuda_stats_workspace_bytes(int64_t rows, int64_t m);
+void gemmlowp_cuda_per_sample_stats(const float* x, int64_t rows, int64_t m, double* out, void* workspace,
+                                    int device);
+
 namespace {
 
 using namespace aciq_kernels;
@@ -87,6 +91,21 @@ at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& 
   return x;
 }
 
+// Per-sample statistics of a contiguous float32 [N, M] CUDA tensor (statistic_manager.per_sample_stats): [N, 7]
+// float64 on the same device, two reads of x, deterministic (gemmlowp_device.cuh).
+at::Tensor per_sample_stats(const at::Tensor& x) {
+  check_tensor(x, x, "x");
+  check_stats_input(kPrefix, x);
+  const int64_t rows = x.size(0), m = x.size(1);
+  at::Tensor out = at::empty({rows, 7}, x.options().dtype(at::kDouble));
+  if (rows == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor workspace = at::empty({gemmlowp_cuda_stats_workspace_bytes(rows, m)}, x.options().dtype(at::kByte));
+  gemmlowp_cuda_per_sample_stats(x.data_ptr<float>(), rows, m, out.data_ptr<double>(), workspace.data_ptr(),
+                                 x.get_device());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -97,4 +116,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "In-place per-channel GEMMLOWP fake quantization along `dim`; channels with scale 0 pass through",
         py::arg("x"), py::arg("noise"), py::arg("scale"), py::arg("inv_scale"), py::arg("offset"), py::arg("dim"),
         py::arg("qmax"));
+  m.def("per_sample_stats", &per_sample_stats,
+        "Per-row min, max, mean, std, kurtosis, mean |x|, mean |x - mean| of a contiguous float32 [N, M] CUDA "
+        "tensor, as float64 [N, 7] on its device (two reads per row, deterministic)",
+        py::arg("x"));
 }

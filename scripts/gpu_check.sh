@@ -56,11 +56,12 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 print(r.stdout, r.stderr[-2000:], "child exit code", r.returncode)
 PY
 
-step "parity tests (tests/test_kernels.py)"
+step "parity tests (kernels, statistics, the CUDA kernels against their host emulation)"
 # Several workers when pytest-xdist is there, so that a crashing test is reported and the rest still run.
 xdist=""
 if "$PYTHON" -c "import xdist" 2>/dev/null; then xdist="-n 4"; fi
-timeout 150 "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider $xdist tests/test_kernels.py || status=1
+timeout 150 "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider $xdist tests/test_kernels.py tests/test_statistics.py \
+  tests/test_cuda_emulation.py || status=1
 
 step "benchmark: GPU kernels + ResNet-50 batch 256"
 timeout 120 "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --repeats 10 \

@@ -11,11 +11,6 @@ parity tests in test_kernels.py cover that where a GPU is present (scripts/gpu_c
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -27,58 +22,17 @@ from pytorch_quantizer.quantization.qtypes.int_quantizer import (
     uniform_noise,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "tests" / "cuda_emulation" / "emulator.cpp"
 THREADS, UNROLL = 256, 4
 TILE_FLOATS = THREADS * UNROLL * 4  # floats per tile of the 16-byte path
-FLOAT_P = ctypes.POINTER(ctypes.c_float)
-
-
-def _compiler() -> str | None:
-    from torch.utils.cpp_extension import get_cxx_compiler
-
-    return shutil.which(get_cxx_compiler()) or shutil.which("c++") or shutil.which("g++")
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> ctypes.CDLL:
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CUDA emulator")
-    lib = tmp_path_factory.mktemp("cuda_emulation") / "emulator.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
-           "-fno-strict-aliasing", "-Wall", "-Werror", "-o", str(lib), str(SOURCE)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    dll = ctypes.CDLL(str(lib))
-    i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    dll.emulate_per_tensor.argtypes = [FLOAT_P, FLOAT_P, i64, f32, f32, f32, f32, i32, i64]
-    dll.emulate_per_tensor.restype = i32
-    dll.emulate_per_channel.argtypes = [FLOAT_P, FLOAT_P, i64, i64, i64, FLOAT_P, FLOAT_P, FLOAT_P, f32, i32, i64, i32]
-    dll.emulate_per_channel.restype = i32
-    return dll
-
-
-def _ptr(t: torch.Tensor | None) -> FLOAT_P | None:
-    if t is None:
-        return None
-    assert t.dtype == torch.float32 and t.device.type == "cpu"
-    return ctypes.cast(t.data_ptr(), FLOAT_P)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
     return t.numpy().view(np.uint32)
 
 
-def _emulate_(emulator, x, qp, noise=None, sms=132, max_grid=0) -> int:
-    """Quantize the contiguous ``x`` in place; 1 when the 16-byte path ran."""
-    assert x.is_contiguous() and (noise is None or noise.is_contiguous())
-    return emulator.emulate_per_tensor(_ptr(x), _ptr(noise), x.numel(), qp.scale, qp.inv_scale, qp.offset, qp.qmax,
-                                       sms, max_grid)
-
-
-def _emulate(emulator, x, qp, noise=None, sms=132, max_grid=0) -> tuple[torch.Tensor, int]:
+def _emulate(cuda_emulator, x, qp, noise=None, sms=132, max_grid=0) -> tuple[torch.Tensor, int]:
     out = x.clone()
-    return out, _emulate_(emulator, out, qp, noise, sms, max_grid)
+    return out, cuda_emulator.quantize_(out, qp, noise, sms, max_grid)
 
 
 def _reference(x, qp, noise=None) -> torch.Tensor:
@@ -97,11 +51,11 @@ SIZES = [1, 3, 4, 5, 7, 1023, 1024, 1025, TILE_FLOATS - 1, TILE_FLOATS, TILE_FLO
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("with_noise", [False, True])
 @pytest.mark.parametrize("max_grid", [0, 3])
-def test_per_tensor_sizes(emulator, n, with_noise, max_grid):
+def test_per_tensor_sizes(cuda_emulator, n, with_noise, max_grid):
     x = _data(n, seed=n)
     qp = gemmlowp_qparams(7.0, -3.0, 4)
     noise = uniform_noise(x, torch.Generator().manual_seed(1)) if with_noise else None
-    got, vec4 = _emulate(emulator, x, qp, noise, max_grid=max_grid)
+    got, vec4 = _emulate(cuda_emulator, x, qp, noise, max_grid=max_grid)
     assert vec4 == (n >= 4)  # torch's CPU allocations are 16-byte aligned
     np.testing.assert_array_equal(_bits(got), _bits(_reference(x, qp, noise)))
 
@@ -109,15 +63,15 @@ def test_per_tensor_sizes(emulator, n, with_noise, max_grid):
 @pytest.mark.parametrize("bits", range(2, 17))
 @pytest.mark.parametrize("preserve_zero", [True, False])
 @pytest.mark.parametrize("pow2_scale", [False, True])
-def test_per_tensor_bits_and_grid_options(emulator, bits, preserve_zero, pow2_scale):
+def test_per_tensor_bits_and_grid_options(cuda_emulator, bits, preserve_zero, pow2_scale):
     x = _data(3 * TILE_FLOATS + 1, seed=bits, lo=-7.0, hi=4.0)
     qp = gemmlowp_qparams(9.0, -5.0, bits, preserve_zero, pow2_scale)
-    got, _ = _emulate(emulator, x, qp)
+    got, _ = _emulate(cuda_emulator, x, qp)
     np.testing.assert_array_equal(_bits(got), _bits(_reference(x, qp)))
 
 
 @pytest.mark.parametrize("shift", [(1, 0), (0, 1), (3, 2)])
-def test_per_tensor_unaligned_takes_the_scalar_path(emulator, shift):
+def test_per_tensor_unaligned_takes_the_scalar_path(cuda_emulator, shift):
     """A view starting mid-allocation (x, or only the noise) is not 16-byte aligned: the scalar kernel runs,
     its grid-stride loop several times over with one multiprocessor's worth of blocks."""
     n = 20_001
@@ -125,17 +79,17 @@ def test_per_tensor_unaligned_takes_the_scalar_path(emulator, shift):
     x, noise = base[shift[0]:shift[0] + n], noise_base[shift[1]:shift[1] + n]
     qp = gemmlowp_qparams(6.0, -2.5, 3)
     expected = _reference(x, qp, noise)
-    assert _emulate_(emulator, x, qp, noise, sms=1) == 0
+    assert cuda_emulator.quantize_(x, qp, noise, sms=1) == 0
     np.testing.assert_array_equal(_bits(x), _bits(expected))
 
 
-def test_per_tensor_special_values(emulator):
+def test_per_tensor_special_values(cuda_emulator):
     qp = gemmlowp_qparams(4.0, -2.0, 2)  # grid step 4/3
     step = qp.scale
     halfway = [qp.offset + (k + 0.5) * step for k in range(3)]
     specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30, 1e-45, *halfway]
     x = torch.tensor(specials * 100, dtype=torch.float32)
-    got, _ = _emulate(emulator, x, qp)
+    got, _ = _emulate(cuda_emulator, x, qp)
     np.testing.assert_array_equal(_bits(got), _bits(_reference(x, qp)))
     assert torch.isnan(got[0]) and not torch.isnan(got[1:9]).any()
 
@@ -151,17 +105,64 @@ def _per_channel_case(outer: int, channels: int, inner: int, seed: int):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 1), (3, 5, 33), (1, 64, 1000), (5, 3, 4099)])
 @pytest.mark.parametrize("with_noise", [False, True])
 @pytest.mark.parametrize(("max_grid", "force64"), [(0, 0), (2, 0), (0, 1)])
-def test_per_channel(emulator, shape, with_noise, max_grid, force64):
+def test_per_channel(cuda_emulator, shape, with_noise, max_grid, force64):
     outer, channels, inner = shape
     x, qp = _per_channel_case(outer, channels, inner, seed=channels)
     noise = uniform_noise(x, torch.Generator().manual_seed(3)) if with_noise else None
     params = [qp.scale.float().contiguous(), qp.inv_scale.float().contiguous(), qp.offset.float().contiguous()]
     got = x.clone()
-    width = emulator.emulate_per_channel(_ptr(got), _ptr(noise), got.numel(), channels, inner, *map(_ptr, params),
-                                         qp.qmax, 132, max_grid, force64)
+    width = cuda_emulator.quantize_per_channel_(got, noise, channels, inner, *params, qp.qmax, max_grid=max_grid,
+                                                force64=force64)
     assert width == (64 if force64 else 32)
     shaped = [p.view(1, -1, 1) for p in params]
     expected = reference_quantize_(x.clone(), type(qp)(*shaped, qp.qmax), noise)
     expected = torch.where(shaped[0] == 0, x, expected)
     np.testing.assert_array_equal(_bits(got), _bits(expected))
     assert torch.equal(got[:, ::3], x[:, ::3])
+
+
+# ---- per-sample statistics ----------------------------------------------------------------------------------
+# Agreement with float64 and with the PyTorch path is tested for every kernel, this emulation included, in
+# test_statistics.py; here: what only the emulation can show, and the GPU against it.
+
+STATS_SHAPES = [(1, 1), (3, 63), (2, 64), (5, 1000), (4, 64 * 1024 + 17), (2, 300_001), (70, 129)]
+
+
+@pytest.mark.parametrize("shape", STATS_SHAPES)
+def test_stats_capped_grids_give_the_same_bits(cuda_emulator, shape):
+    """Grid-stride loops (a grid capped at 1 or 2 blocks, one multiprocessor) change no bit."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 3 + 0.5
+    full = cuda_emulator.per_sample_stats(x)
+    for sms, max_grid in ((1, 0), (132, 1), (132, 2)):
+        assert torch.equal(cuda_emulator.per_sample_stats(x, sms=sms, max_grid=max_grid), full)
+
+
+def _cuda_module():
+    from pytorch_quantizer.quantization.qtypes.backends import kernel_module
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    module = kernel_module("cuda")
+    if module is None:
+        pytest.skip("the CUDA kernel is not built")
+    return module
+
+
+@pytest.mark.parametrize("shape", STATS_SHAPES)
+def test_gpu_stats_are_the_emulated_bits(cuda_emulator, shape):
+    module = _cuda_module()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 3 + 0.5
+    x[0, 0] = 1e9
+    assert torch.equal(module.per_sample_stats(x.cuda()).cpu(), cuda_emulator.per_sample_stats(x))
+
+
+@pytest.mark.parametrize("n", [5, TILE_FLOATS + 3, 200_003])
+def test_gpu_quantization_is_the_emulated_bits(cuda_emulator, n):
+    module = _cuda_module()
+    x = _data(n, seed=n)
+    noise = uniform_noise(x, torch.Generator().manual_seed(1))
+    qp = gemmlowp_qparams(7.0, -3.0, 4)
+    got = x.cuda()
+    module.quantize_(got, noise.cuda(), qp.scale, qp.inv_scale, qp.offset, qp.qmax)
+    expected, _ = _emulate(cuda_emulator, x, qp, noise)
+    np.testing.assert_array_equal(_bits(got.cpu()), _bits(expected))

@@ -51,20 +51,34 @@ def test_constant_sample_has_defined_stats():
     assert got[0, 3] == 0 and got[0, 4] == 0  # std, kurtosis
 
 
-def _stats_kernel():
+STATS_KERNELS = ["cpu", "cuda", "cuda-emulated"]
+
+
+def _compiled_stats(name: str):
     from pytorch_quantizer.quantization.qtypes.backends import kernel_module
 
-    module = kernel_module("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    module = kernel_module(name)
     if module is None or not hasattr(module, "per_sample_stats"):
-        pytest.skip("the CPU kernel (per_sample_stats) is not built")
+        pytest.skip(f"the {name} kernel (per_sample_stats) is not built")
     return module.per_sample_stats
 
 
-def _torch_stats(x, monkeypatch):
-    """The PyTorch path of per_sample_stats (the one CUDA tensors and missing builds take)."""
-    with monkeypatch.context() as m:
-        m.setattr(sm, "_stats_kernel", lambda flat: None)
-        return per_sample_stats(x)
+@pytest.fixture(params=STATS_KERNELS)
+def stats_kernel(request):
+    """A fused per_sample_stats taking and returning CPU tensors ([N, ...] -> [N, 7]): the CPU kernel, the CUDA
+    kernel (on a GPU), or the CUDA kernel's own code run on the host (tests/cuda_emulation)."""
+    if request.param == "cuda-emulated":
+        return request.getfixturevalue("cuda_emulator").per_sample_stats
+    kernel = _compiled_stats(request.param)
+    device = "cuda" if request.param == "cuda" else "cpu"
+    return lambda x: kernel(x.reshape(x.shape[0], -1).contiguous().to(device)).cpu()
+
+
+def _torch_stats(x):
+    """The PyTorch path of per_sample_stats (the one other dtypes and missing builds take)."""
+    return per_sample_stats(x, fused=False)
 
 
 def _float64_stats(x):
@@ -76,57 +90,81 @@ def _float64_stats(x):
     return torch.stack([d.amin(1), d.amax(1), mean[:, 0], std, kurt, d.abs().mean(1), c.abs().mean(1)], 1)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_dispatch_takes_the_kernel_of_the_device(device):
+    kernel = _compiled_stats(device)
+    x = torch.randn(3, 4, 5, 6, device=device)
+    got = per_sample_stats(x)
+    assert got.device == x.device and got.dtype == torch.float64
+    assert torch.equal(got, kernel(x.reshape(3, -1)))
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 7), (5, 1000), (2, 3, 17, 19), (1, 40000), (3, 5000)])
-def test_stats_kernel_matches_torch_path(shape, monkeypatch):
-    kernel = _stats_kernel()
+def test_stats_kernel_matches_torch_path(stats_kernel, shape):
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, generator=g) * 2.5 + 0.75
-    got = per_sample_stats(x)
-    assert torch.equal(got, kernel(x.reshape(shape[0], -1)))  # the dispatch takes the kernel
+    got = stats_kernel(x)
     assert got.dtype == torch.float64 and got.shape == (shape[0], len(sm.STAT_COLUMNS))
-    torch.testing.assert_close(got, _torch_stats(x, monkeypatch), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, _torch_stats(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, _float64_stats(x), rtol=1e-6, atol=1e-7)
 
 
-def test_stats_kernel_long_samples_match_float64():
-    _stats_kernel()
+def test_stats_kernel_long_samples_match_float64(stats_kernel):
     x = torch.randn(2, 300_001, generator=torch.Generator().manual_seed(1)) * 3 + 1
-    torch.testing.assert_close(per_sample_stats(x), _float64_stats(x), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats_kernel(x), _float64_stats(x), rtol=1e-6, atol=1e-7)
 
 
-def test_stats_kernel_constant_samples(monkeypatch):
-    _stats_kernel()
+def test_stats_kernel_constant_samples(stats_kernel):
     x = torch.tensor([0.1, -3.0, 0.0, 7.5])[:, None].expand(4, 5000).contiguous()
-    got = per_sample_stats(x)
+    got = stats_kernel(x)
     v = x[:, 0].double()
     zero = torch.zeros_like(v)
     assert torch.equal(got[:, [0, 1, 2, 3, 4, 6]], torch.stack([v, v, v, zero, zero, zero], 1))  # exact
     torch.testing.assert_close(got[:, 5], v.abs(), rtol=1e-6, atol=0.0)  # a float32 sum of |x|
 
 
-def test_stats_kernel_huge_values_give_finite_kurtosis(monkeypatch):
-    _stats_kernel()
+def test_stats_kernel_huge_values_give_finite_kurtosis(stats_kernel):
     x = torch.randn(3, 20_000, generator=torch.Generator().manual_seed(2)) * 1e10
     x[2] += 5e10
-    got = per_sample_stats(x)
+    got = stats_kernel(x)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, _float64_stats(x), rtol=1e-6, atol=0.0)
-    torch.testing.assert_close(got, _torch_stats(x, monkeypatch), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(got, _torch_stats(x), rtol=1e-4, atol=0.0)
 
 
 @pytest.mark.parametrize("m", [1, 999, 70_000])
-def test_stats_kernel_nan_reaches_min_max(m):
-    _stats_kernel()
+def test_stats_kernel_nan_reaches_min_max(stats_kernel, m):
     x = torch.randn(3, m)
     x[1, m // 2] = float("nan")
-    got = per_sample_stats(x)
+    got = stats_kernel(x)
     assert torch.isnan(got[1, :2]).all()
     assert torch.isfinite(got[[0, 2]]).all()
 
 
+def test_stats_kernel_infinite_values(stats_kernel):
+    x = torch.randn(3, 5000)
+    x[0, 7] = float("inf")
+    x[1, 9] = -float("inf")
+    got = stats_kernel(x)
+    assert got[0, 1] == float("inf") and got[1, 0] == -float("inf")
+    assert torch.isnan(got[:2, 3:5]).all()  # std and kurtosis of an infinite sample are undefined
+    assert torch.isfinite(got[2]).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 1), (4, 999), (3, 250_000)])
+def test_stats_kernel_sample_does_not_depend_on_its_batch(stats_kernel, shape):
+    """Same bits for a sample alone, in a batch, or at another position: the split of a row into pieces
+    depends on its length only."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    whole = stats_kernel(x)
+    assert torch.equal(stats_kernel(x[1:2]), whole[1:2])
+    assert torch.equal(stats_kernel(x.flip(0)), whole.flip(0))
+    assert torch.equal(stats_kernel(x), whole)  # and on a second run
+
+
 @pytest.mark.parametrize("shape", [(1, 1_000_000), (3, 250_000), (16, 40_000), (128, 3000)])
-def test_stats_kernel_deterministic_across_threads(shape):
-    _stats_kernel()
+def test_cpu_stats_kernel_deterministic_across_threads(shape):
+    _compiled_stats("cpu")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 4 - 1
     threads = torch.get_num_threads()
     try:
@@ -139,13 +177,17 @@ def test_stats_kernel_deterministic_across_threads(shape):
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
-def test_stats_kernel_rejects_bad_input():
-    kernel = _stats_kernel()
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_stats_kernel_rejects_bad_input(device):
+    kernel = _compiled_stats(device)
     with pytest.raises(RuntimeError, match="contiguous"):
-        kernel(torch.randn(4, 6).t())
+        kernel(torch.randn(4, 6, device=device).t())
     with pytest.raises(RuntimeError, match="float32"):
-        kernel(torch.randn(4, 6, dtype=torch.float64))
-    assert per_sample_stats(torch.randn(4, 6).t()).shape == (6, 7)  # the dispatch makes it contiguous
+        kernel(torch.randn(4, 6, dtype=torch.float64, device=device))
+    with pytest.raises(RuntimeError, match="at least one element"):
+        kernel(torch.randn(4, 0, device=device))
+    assert kernel(torch.randn(0, 6, device=device)).shape == (0, 7)
+    assert per_sample_stats(torch.randn(4, 6, device=device).t()).shape == (6, 7)  # the dispatch makes it contiguous
 
 
 def test_batch_of_one(tiny_model, tmp_path):
@@ -235,3 +277,16 @@ def test_refuses_to_replace_unrelated_folder(tmp_path, tiny_model):
     with pytest.raises(StatisticsError, match="not a statistics folder"):
         collect(tiny_model, batches(), target)
     assert (target / "precious.txt").read_text() == "keep me"
+
+
+def test_unfused_collector_agrees_with_fused(tiny_model, tmp_path):
+    data = batches(2)
+    tables = []
+    for fused in (True, False):
+        with torch.no_grad(), StatisticsCollector(tiny_model, fused=fused) as collector:
+            for x in data:
+                tiny_model(x)
+        tables.append(collector.frames())
+    assert tables[0].keys() == tables[1].keys()
+    for name, frame in tables[0].items():
+        pd.testing.assert_frame_equal(frame, tables[1][name], rtol=1e-5, atol=1e-6)

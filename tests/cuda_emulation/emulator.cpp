@@ -7,6 +7,7 @@
 // called through ctypes.  `max_grid` > 0 caps the grid, so that the grid-stride loops run more than once.
 
 #include <cstdint>
+#include <vector>
 
 #include "../../kernels/gemmlowp_device.cuh"
 
@@ -15,9 +16,9 @@ using namespace aciq_device;
 namespace {
 
 template <class Body>
-void run_grid(int64_t grid, Body body) {
+void run_grid(int64_t grid, Body body, int threads = kThreads) {
   for (int64_t block = 0; block < grid; ++block) {
-    for (int thread = 0; thread < kThreads; ++thread) body(Thread{block, grid, thread});
+    for (int thread = 0; thread < threads; ++thread) body(Thread{block, grid, thread});
   }
 }
 
@@ -85,6 +86,28 @@ int emulate_per_channel(float* x, const float* noise, int64_t n, int64_t channel
     per_channel<false, int64_t>(x, nullptr, n, channels, inner, scale, inv_scale, offset, qmax, grid);
   }
   return 64;
+}
+
+// The six kernels of gemmlowp_cuda_per_sample_stats, in stream order, on a workspace of the size it gets.
+// Returns the lanes per row.
+int64_t emulate_per_sample_stats(const float* x, int64_t rows, int64_t m, double* out, int sms, int64_t max_grid) {
+  using aciq_stats::Pass1;
+  using aciq_stats::Pass2;
+  const int64_t lanes = stats_lanes(m);
+  std::vector<unsigned char> buffer(static_cast<size_t>(stats_workspace_bytes(rows, m)));
+  const StatsWorkspace ws = stats_workspace(buffer.data(), rows, m);
+  const int64_t lane_blocks = capped(strided_grid(rows * lanes, sms), max_grid);
+  const int64_t group_blocks = capped(strided_grid(rows * stats_groups(lanes), sms), max_grid);
+  const int64_t row_blocks = capped(row_grid(rows, sms), max_grid);
+  run_grid(lane_blocks, [&](Thread t) { stats_lanes_thread<Pass1>(t, x, rows, m, lanes, nullptr, ws.part1); });
+  run_grid(group_blocks, [&](Thread t) { stats_groups_thread<Pass1>(t, ws.part1, rows, lanes, ws.grouped1); });
+  run_grid(row_blocks, [&](Thread t) { stats_rows_thread<Pass1>(t, ws.grouped1, rows, m, lanes, ws.centres, out); },
+           kRowThreads);
+  run_grid(lane_blocks, [&](Thread t) { stats_lanes_thread<Pass2>(t, x, rows, m, lanes, ws.centres, ws.part2); });
+  run_grid(group_blocks, [&](Thread t) { stats_groups_thread<Pass2>(t, ws.part2, rows, lanes, ws.grouped2); });
+  run_grid(row_blocks, [&](Thread t) { stats_rows_thread<Pass2>(t, ws.grouped2, rows, m, lanes, ws.centres, out); },
+           kRowThreads);
+  return lanes;
 }
 
 }  // extern "C"

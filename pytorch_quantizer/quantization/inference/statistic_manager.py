@@ -43,26 +43,28 @@ class StatisticsError(ValueError):
 
 
 def _stats_kernel(flat: torch.Tensor):
-    """The compiled CPU ``per_sample_stats`` when it applies to ``flat`` (float32, CPU, non-empty), else None."""
-    if flat.dtype != torch.float32 or flat.device.type != "cpu" or flat.numel() == 0:
+    """The compiled ``per_sample_stats`` for ``flat``'s device (CPU or CUDA) when it is built and applies
+    (float32, non-empty), else None."""
+    if flat.dtype != torch.float32 or flat.device.type not in ("cpu", "cuda") or flat.numel() == 0:
         return None
-    module = kernel_module("cpu")
+    module = kernel_module(flat.device.type)
     return getattr(module, "per_sample_stats", None) if module is not None else None
 
 
-def per_sample_stats(x: torch.Tensor) -> torch.Tensor:
+def per_sample_stats(x: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """``[batch, 7]`` float64 statistics of each sample of an activation (on its device), columns ``STAT_COLUMNS``.
 
     Moments are computed in float32 over each sample (as the activations are) and returned as float64.
     Kurtosis is Pearson's (3 for a Gaussian, 6 for a Laplace); a constant sample has std 0 and kurtosis 0.
-    float32 CPU tensors go to the fused kernel (kernels/cpu_quantization.cpp: two reads per sample, float
-    partial sums accumulated in float64, bit-identical for any thread count) when it is built; other tensors
-    (CUDA, other dtypes) and missing builds use the PyTorch code below.
+    float32 tensors go to the fused kernel of their device when it is built (kernels/stats_math.h: two reads
+    per sample, float partial sums accumulated in float64; deterministic, the CPU one for any thread count);
+    other tensors, missing builds and ``fused=False`` use the PyTorch reductions below.  The CPU and CUDA
+    kernels sum in different orders, so their results differ in the last bits.
     """
     flat = x.detach().reshape(x.shape[0], -1)
     if not flat.is_floating_point():
         raise TypeError(f"activation statistics need a floating-point tensor, got {flat.dtype}")
-    kernel = _stats_kernel(flat)
+    kernel = _stats_kernel(flat) if fused else None
     if kernel is not None:
         return kernel(flat.contiguous())
     flat = flat.float()
@@ -93,10 +95,12 @@ class StatisticsCollector:
     """Records per-sample statistics of every Conv2d/Linear output of a model while it runs.
 
     ``with StatisticsCollector(model) as collector: model(x)`` attaches forward hooks and removes them on exit;
-    the model itself is never modified.
+    the model itself is never modified.  ``fused=False`` computes the statistics with PyTorch reductions
+    instead of the compiled kernels (for comparison).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fused: bool = True) -> None:
+        self.fused = fused
         self.layers: list[ActivationLayer] = activation_layers(model)
         self._batches: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
         self.numel: dict[str, int] = {}
@@ -120,7 +124,7 @@ class StatisticsCollector:
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             # kept on the activation's device: no host synchronisation per layer; checked when read
-            self._batches[name].append(per_sample_stats(output))
+            self._batches[name].append(per_sample_stats(output, self.fused))
             self.numel[name] = output[0].numel()
 
         return hook
