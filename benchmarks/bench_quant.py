@@ -1,12 +1,12 @@
 """How fast is GEMMLOWP fake quantization, and what does simulating it cost a real network?
 
 Benchmark 1 (kernels): each backend on one large float32 tensor, in GB/s counting 8 bytes per element (one
-read, one write), against ``Tensor.copy_`` measured in the same run: an in-place kernel cannot beat a copy
-by much, so copy_ is the bar.  Benchmark 2 (model): torchvision ``--arch`` (random weights) on a random
-batch; forward time with W8A4 quantization hooks (statistics "use" mode) and with statistics-collection
-hooks, each over the plain FP32 forward.  Runs are interleaved (each round runs every case once) so that a
-noisy machine hurts all entries alike; kernels report the best and the median of ``--repeats``, the model
-the median over rounds of each round's time ratio.
+read, one write; for the per-sample statistics, two reads), against ``Tensor.copy_`` measured in the same run:
+an in-place kernel cannot beat a copy by much, so copy_ is the bar. Benchmark 2 (model): torchvision
+``--arch`` (random weights) on a random batch; forward time with W8A4 quantization hooks (statistics "use"
+mode) and with statistics-collection hooks, each over the plain FP32 forward. Runs are interleaved (each round
+runs every case once) so that a noisy machine hurts all entries alike; kernels report the best and the median
+of ``--repeats``, the model the median over rounds of each round's time ratio.
 
 The last line printed is machine-readable:
 ``copy_ratio=R w8a4_overhead=X collect_overhead=Y`` where R is the compiled kernel's in-place GB/s over
@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pytorch_quantizer import gemmlowp_quantize, gemmlowp_quantize_per_channel  # noqa: E402
+from pytorch_quantizer.quantization.inference.statistic_manager import per_sample_stats  # noqa: E402
 from pytorch_quantizer.quantization.qtypes import backends  # noqa: E402
 
 DELTA, OFFSET, BITS = 6.0, -3.0, 8
@@ -90,6 +91,11 @@ def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
             cases[f"{name} per-channel in place"] = lambda name=name, x4=x4: gemmlowp_quantize_per_channel(
                 x4, delta_c, -delta_c / 2, BITS, dim=1, backend=name, inplace=True
             )
+    # per-sample statistics of the same data as 64 samples: two reads of 4 bytes, so also 8 bytes per element
+    rows = x.view(64, -1) if numel % 64 == 0 else x.view(1, -1)
+    cases["statistics, torch reductions"] = lambda: per_sample_stats(rows, fused=False)
+    if have_kernel:
+        cases[f"statistics, {kernel} kernel"] = lambda: per_sample_stats(rows)
     if not have_kernel:
         print(f"  ({kernel} kernel not available: {backends.kernel_load_error(kernel)})")
 
