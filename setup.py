@@ -76,7 +76,7 @@ def _extensions() -> tuple[list, dict]:
             cpp_extension.CppExtension(
                 f"{KERNEL_PACKAGE}._gemmlowp_cpu",
                 ["kernels/cpu_quantization.cpp"],
-                depends=["kernels/common.h", "kernels/stats_math.h"],
+                depends=["kernels/bindings.h", "kernels/common.h", "kernels/stats_math.h"],
                 extra_compile_args={"cxx": common + openmp},
                 extra_link_args=openmp,
             )
@@ -89,7 +89,9 @@ def _extensions() -> tuple[list, dict]:
             cpp_extension.CUDAExtension(
                 f"{KERNEL_PACKAGE}._gemmlowp_cuda",
                 ["kernels/int_quantization.cpp", "kernels/gemmlowp.cu"],
-                depends=["kernels/common.h", "kernels/gemmlowp_device.cuh", "kernels/stats_math.h"],
+                depends=[
+                    "kernels/bindings.h", "kernels/common.h", "kernels/gemmlowp_device.cuh", "kernels/stats_math.h"
+                ],
                 extra_compile_args={"cxx": common, "nvcc": ["-O3", "--fmad=false"]},
             )
         )

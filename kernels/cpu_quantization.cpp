@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings.h"
 #include "common.h"
 #include "stats_math.h"
 
@@ -331,15 +332,6 @@ at::Tensor per_sample_stats(const at::Tensor& x) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "GEMMLOWP fake quantization, fused and in place, for float32 CPU tensors";
-  m.def("quantize_", &quantize_, "In-place per-tensor GEMMLOWP fake quantization (float32, CPU)", py::arg("x"),
-        py::arg("noise"), py::arg("scale"), py::arg("inv_scale"), py::arg("offset"), py::arg("qmax"));
-  m.def("quantize_per_channel_", &quantize_per_channel_,
-        "In-place per-channel GEMMLOWP fake quantization along `dim`; channels with scale 0 pass through",
-        py::arg("x"), py::arg("noise"), py::arg("scale"), py::arg("inv_scale"), py::arg("offset"), py::arg("dim"),
-        py::arg("qmax"));
-  m.def("per_sample_stats", &per_sample_stats,
-        "Per-row min, max, mean, std, kurtosis, mean |x|, mean |x - mean| of a contiguous float32 [N, M] CPU "
-        "tensor, as float64 [N, 7] (two reads per row, deterministic for any thread count)",
-        py::arg("x"));
+  aciq_kernels::bind_kernels(m, "CPU", &quantize_, &quantize_per_channel_, &per_sample_stats,
+                             " (two reads per row, deterministic for any thread count)");
 }
