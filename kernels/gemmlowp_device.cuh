@@ -1,8 +1,9 @@
-// What each CUDA thread of the GEMMLOWP kernels (and of the per-sample statistics kernel) does, written once for two compilers: nvcc builds it into the
-// kernels (gemmlowp.cu passes blockIdx / gridDim / threadIdx as a Thread), and a plain C++ compiler builds it
-// into the host emulator (tests/cuda_emulation.cpp), which runs every (block, thread) of the same launch in
-// turn.  So the indexing, the tiling and the arithmetic of the CUDA kernels are tested bit for bit on
-// machines without a GPU; only the launch itself and the memory system are not.
+// What each CUDA thread of the GEMMLOWP kernels and of the per-sample statistics kernel does, written once for
+// two compilers: nvcc builds it into the kernels (gemmlowp.cu passes blockIdx / gridDim / threadIdx as a
+// Thread), and a plain C++ compiler builds it into the host emulator (tests/cuda_emulation/emulator.cpp), which
+// runs every (block, thread) of the same launch in turn.  So the indexing, the tiling and the arithmetic of the
+// CUDA kernels are tested bit for bit on machines without a GPU; only the launch itself and the memory system
+// are not.
 //
 // Bits: every step uses an explicitly rounded intrinsic (__fsub_rn, __fmul_rn, __fadd_rn), which nvcc never
 // fuses into an FMA (gemmlowp.cu is also built with --fmad=false; the emulator with -ffp-contract=off).

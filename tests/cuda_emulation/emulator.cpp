@@ -62,7 +62,8 @@ int emulate_per_tensor(float* x, const float* noise, int64_t n, float scale, flo
   if (noise != nullptr) {
     run_grid(grid, [&](Thread t) { per_tensor_scalar_thread<true>(t, x, noise, n, scale, inv_scale, offset, qmax); });
   } else {
-    run_grid(grid, [&](Thread t) { per_tensor_scalar_thread<false>(t, x, nullptr, n, scale, inv_scale, offset, qmax); });
+    run_grid(grid,
+             [&](Thread t) { per_tensor_scalar_thread<false>(t, x, nullptr, n, scale, inv_scale, offset, qmax); });
   }
   return 0;
 }
