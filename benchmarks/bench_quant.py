@@ -3,7 +3,8 @@
 Benchmark 1 (kernels): each backend on one large float32 tensor, in GB/s counting 8 bytes per element (one
 read, one write; for the per-sample statistics, two reads), against ``Tensor.copy_`` measured in the same run:
 an in-place kernel cannot beat a copy by much, so copy_ is the bar. Benchmark 2 (model): torchvision
-``--arch`` (random weights) on a random batch; forward time with W8A4 quantization hooks (statistics "use"
+``--arch`` (random weights, BatchNorm folded into the convolutions as ``inference_sim.py`` does unless
+``--no-fold-bn``) on a random batch; forward time with W8A4 quantization hooks (statistics "use"
 mode) and with statistics-collection hooks, each over the plain FP32 forward. Runs are interleaved (each round
 runs every case once) so that a noisy machine hurts all entries alike; kernels report the best and the median
 of ``--repeats``, the model the median over rounds of each round's time ratio.  A 2 % overhead drowns in a
@@ -119,10 +120,13 @@ def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def bench_model(device: torch.device, arch: str, batch_size: int, repeats: int) -> tuple[float, float]:
+def bench_model(
+    device: torch.device, arch: str, batch_size: int, repeats: int, fold_bn: bool = True
+) -> tuple[float, float]:
     """Print forward times; return (W8A4 / FP32, collect / FP32) median time ratios."""
     import torchvision
 
+    from pytorch_quantizer.models import fold_batchnorm
     from pytorch_quantizer.quantization.inference.inference_quantization_manager import (
         ActivationQuantizer,
         QuantConfig,
@@ -130,8 +134,12 @@ def bench_model(device: torch.device, arch: str, batch_size: int, repeats: int) 
     from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(weights=None).eval().to(device)
-    images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    if fold_bn:  # as the experiment does: on the CPU (float32 exactly, no TF32), then moved to the device
+        model, pairs = fold_batchnorm(model, images[:2])
+        print(f"  {len(pairs)} BatchNorm layers folded")
+    model, images = model.to(device), images.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each kernel case")
     parser.add_argument("--model-repeats", type=int, default=9, help="timed forwards of each model case")
     parser.add_argument("--part", choices=("all", "kernels", "model"), default="all")
+    parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (folded by default)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -245,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         ratio = bench_kernels(device, args.numel, args.repeats)
     if args.part in ("all", "model"):
         print("Benchmark 2: simulation overhead, W8A4 (statistics use mode) and statistics collection")
-        overhead, collect = bench_model(device, args.arch, args.batch_size, args.model_repeats)
+        overhead, collect = bench_model(
+            device, args.arch, args.batch_size, args.model_repeats, fold_bn=not args.no_fold_bn
+        )
     print(f"copy_ratio={ratio:.3f} w8a4_overhead={overhead:.3f} collect_overhead={collect:.3f}")
 
 

@@ -1,0 +1,46 @@
+"""The benchmark script runs end to end at toy sizes and prints its machine-readable last line (no timings checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytorch_quantizer.quantization.qtypes import backends
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_quant.py"
+LAST_LINE = re.compile(r"copy_ratio=(\S+) w8a4_overhead=(\S+) collect_overhead=(\S+)")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_quant", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quant"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_quant"]
+
+
+@pytest.mark.parametrize("fold", [[], ["--no-fold-bn"]])
+def test_benchmark_runs_and_reports(bench, capsys, fold: list[str]) -> None:
+    if backends.kernel_module("cpu") is None:
+        pytest.skip(f"CPU kernel not built: {backends.kernel_load_error('cpu')}")
+    bench.main(["--numel", "4100", "--repeats", "1", "--model-repeats", "1", "--batch-size", "1", *fold])
+    out = capsys.readouterr().out
+    for case in ("copy_", "cpu in place", "statistics, cpu kernel", "W8A4", "collect statistics"):
+        assert case in out
+    assert ("BatchNorm layers folded" in out) == (not fold)
+    assert len(re.findall(r"ms inside the hooks per forward", out)) == 2
+    ratios = [float(v) for v in LAST_LINE.fullmatch(out.strip().splitlines()[-1]).groups()]
+    assert all(r > 0 for r in ratios)  # measured, not nan: every part ran
+
+
+def test_benchmark_refuses_cuda_without_gpu(bench, monkeypatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
