@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -405,3 +407,17 @@ def test_other_devices_and_unknown_names(fresh_selection):
     assert isinstance(backends.select_backend(torch.device("meta")), backends.TorchBackend)
     with pytest.raises(ValueError, match="unknown backend"):
         backends.select_backend(torch.device("cpu"), "triton")
+
+
+def _nvcc_present() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and (shutil.which("nvcc") is not None or CUDA_HOME is not None)
+
+
+@pytest.mark.skipif(os.environ.get("CI", "").lower() != "true", reason="only CI insists on every build")
+def test_ci_built_every_kernel_it_can():
+    """In CI a kernel that should have been built must load: a build break fails here, not as skipped tests."""
+    assert backends.kernel_module("cpu") is not None, backends.kernel_load_error("cpu")
+    if _nvcc_present():
+        assert backends.kernel_module("cuda") is not None, backends.kernel_load_error("cuda")
