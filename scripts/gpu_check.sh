@@ -67,6 +67,10 @@ step "benchmark: GPU kernels + ResNet-50 batch 256"
 timeout 120 "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --repeats 10 \
   || status=1
 
+step "benchmark: ResNet-50 batch 256 with BatchNorm kept, like the first GPU measurement"
+timeout 90 "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --part model \
+  --no-fold-bn --model-repeats 5 || status=1
+
 step "benchmark: CPU kernels on this machine's cores"
 timeout 60 "$PYTHON" benchmarks/bench_quant.py --device cpu --part kernels --repeats 5 || status=1
 
