@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,8 @@ LAST_LINE = re.compile(r"copy_ratio=(\S+) w8a4_overhead=(\S+) collect_overhead=(
 def bench():
     spec = importlib.util.spec_from_file_location("bench_quant", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quant"] = module
     spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_quant"]
+    return module
 
 
 @pytest.mark.parametrize("fold", [[], ["--no-fold-bn"]])
