@@ -191,15 +191,14 @@ def bench_model(
         print(f"  {name:24s} {statistics.median(ts) * 1e3:10.1f} {min(ts) * 1e3:9.1f} {ratio(name):26.3f}")
     fp32 = statistics.median(times["FP32"])
     for name in ("W8A4", "collect statistics"):
-        inside = statistics.median(_time_in_hooks(cases[name](), model, forward, device) for _ in range(3))
+        inside = statistics.median(_time_in_hooks(cases[name](), forward, device) for _ in range(3))
         print(f"  {name}: {inside * 1e3:.1f} ms inside the hooks per forward = {inside / fp32:.1%} of FP32's time")
     return ratio("W8A4"), ratio("collect statistics")
 
 
-def _time_in_hooks(hooks, model: torch.nn.Module, forward: Callable[[], None], device: torch.device) -> float:
-    """Seconds one forward spends in ``hooks``' forward hooks, summed over layers."""
-    from pytorch_quantizer.quantization.inference.layers import activation_layers
-
+def _time_in_hooks(hooks, forward: Callable[[], None], device: torch.device) -> float:
+    """Seconds one forward spends in the forward hooks of ``hooks`` (a quantizer or collector), summed over its
+    layers."""
     marks: list[tuple[object, object]] = []
 
     def now() -> object:
@@ -212,7 +211,7 @@ def _time_in_hooks(hooks, model: torch.nn.Module, forward: Callable[[], None], d
     hooks.attach()
     handles = []
     try:
-        for layer in activation_layers(model):  # first of the module's hooks, then last
+        for layer in hooks.layers:  # first of the module's hooks, then last
             handles.append(layer.module.register_forward_hook(lambda *_: marks.append((now(), None)), prepend=True))
             handles.append(layer.module.register_forward_hook(lambda *_: marks.append((marks.pop()[0], now()))))
         forward()
