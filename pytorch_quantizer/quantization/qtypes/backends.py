@@ -4,7 +4,9 @@ Three implementations give the same bits: the pure-PyTorch reference ("torch"), 
 kernels that read and write each element once ("cpu": kernels/cpu_quantization.cpp, "cuda":
 kernels/gemmlowp.cu), built by ``pip install -e .`` or ``cd kernels && ./build_all.sh``.  ``select_backend``
 picks by the tensor's device unless a name is forced; a kernel that is not built is never an error, the
-reference is used instead, and the choice is logged once (logger "pytorch_quantizer").
+reference is used instead, and the choice is logged once (logger "pytorch_quantizer").  Inside
+``torch.compile`` the reference is always traced (an extension call would split the graph), so that Inductor
+fuses the quantization into the neighbouring element-wise ops; see ``inference.compiled``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class CudaKernelBackend(_KernelBackend):
     name = "cuda"
 
 
+_TRACED = TorchBackend()
 _KERNEL_CLASSES = {"cpu": CpuKernelBackend, "cuda": CudaKernelBackend}
 _modules: dict[str, ModuleType | None] = {}
 _load_errors: dict[str, str] = {}
@@ -170,9 +173,12 @@ def select_backend(device: torch.device, requested: str | None = None) -> Backen
     """The backend for tensors on ``device``; ``requested`` forces one by name ("torch", "cpu", "cuda").
 
     Automatic: CUDA tensors -> the CUDA kernel, CPU tensors -> the CPU kernel, anything else or a kernel
-    that is not built -> PyTorch.  Cached per (device type, request), so the choice is logged once."""
+    that is not built -> PyTorch.  Cached per (device type, request), so the choice is logged once.  While
+    ``torch.compile`` traces, always the reference: the kernels give the same bits, the trace fuses them."""
     if requested not in (None, *BACKENDS):
         raise ValueError(f"unknown backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+    if torch.compiler.is_compiling():
+        return _TRACED
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     key = (device_type, requested)
     backend = _chosen.get(key)
