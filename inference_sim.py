@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=positive, default=None, help="evaluate on a deterministic subset of N images")
     p.add_argument("--results", type=Path, default=Path("results/results.csv"),
                    help="CSV that every run appends a row to (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the forward under torch.compile, quantization fused (-sm use, no -s; see README)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep decoded images in memory between passes (default: when several passes run)")
     return p
@@ -136,6 +138,9 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("-ct orders layers by their statistics: run it with -sm use")
     if args.stats_mode == "collect" and (args.eval_precision or args.custom_test or args.dump_dir):
         raise ValueError("-sm collect only collects statistics; run -ep, -ct or -dd with -sm use or -sm no")
+    if args.compile and (args.stats_mode != "use" or args.stochastic or len(args.device_ids) > 1):
+        raise ValueError("--compile runs -sm use with round-to-nearest on one device (collection, live statistics, "
+                         "-s and several GPUs would split the compiled graph at every layer)")
     return RunConfig(
         data=args.data.expanduser(), arch=args.arch, weights=args.weights, workers=args.workers,
         batch_size=args.batch_size, print_freq=args.print_freq, seed=args.seed,
@@ -145,7 +150,7 @@ def config_from_args(args: argparse.Namespace):
         hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, sigma_estimator=args.sigma,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size, subset=args.subset, results=args.results,
-        cache=args.cache,
+        cache=args.cache, compile=args.compile,
     )
 
 

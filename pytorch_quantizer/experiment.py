@@ -22,6 +22,7 @@ from .clipping import choose_clipping
 from .data import CachedDataset, imagenet_val_dataset, make_loader
 from .dumps import write_dump
 from .models import build_model, fold_batchnorm, weights_fingerprint
+from .quantization.inference.compiled import compile_model
 from .quantization.inference.inference_quantization_manager import (
     ActivationQuantizer,
     QuantConfig,
@@ -36,7 +37,7 @@ log = logging.getLogger("pytorch_quantizer")
 PRECISION_SWEEP = (8, 7, 6, 5, 4)
 RESULT_COLUMNS = (
     "arch", "weights", "qtype", "qweight", "threshold", "stats_mode", "stats_folder", "images", "top1", "top5",
-    "seconds", "version", "bn_folded", "preserve_zero", "stochastic", "hw_scale", "kept_8bit", "seed",
+    "seconds", "version", "bn_folded", "preserve_zero", "stochastic", "hw_scale", "kept_8bit", "seed", "compiled",
 )
 
 
@@ -71,6 +72,7 @@ class RunConfig:
     subset: int | None = None
     results: Path = Path("results/results.csv")
     cache: bool | None = None  # None: cache decoded images when several passes run over a small set
+    compile: bool = False  # each pass under torch.compile (inference.compiled; use mode, round-to-nearest)
 
     @property
     def statistics_path(self) -> Path:
@@ -165,13 +167,19 @@ class Experiment:
 
     # -- passes --------------------------------------------------------------------------------------------
     def run_pass(self, loader: DataLoader, desc: str, check_outputs: bool = True) -> tuple[Accuracy, float]:
-        """Top-1/top-5 over ``loader``; non-finite outputs stop the run (collect mode names the layer itself)."""
+        """Top-1/top-5 over ``loader``; non-finite outputs stop the run (collect mode names the layer itself).
+
+        With ``compile`` the model is compiled afresh for the hooks attached now; the time includes compiling."""
         acc = Accuracy()
         start = time.perf_counter()
+        runner = self.runner
+        if self.cfg.compile:
+            torch.compiler.reset()  # drop the graphs traced with the previous pass's hooks
+            runner = compile_model(self.runner)
         bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
         with torch.inference_mode():
             for i, (images, target) in enumerate(bar):
-                logits = self.runner(images.to(self.device, non_blocking=True))
+                logits = runner(images.to(self.device, non_blocking=True))
                 if check_outputs and not torch.isfinite(logits).all():
                     raise FloatingPointError(
                         f"{desc}: the model produced non-finite outputs; run with -sm no to find the layer"
@@ -311,7 +319,7 @@ def run(cfg: RunConfig) -> list[dict]:
             "images": acc.images, "top1": round(acc.prec1, 3), "top5": round(acc.prec5, 3),
             "seconds": round(seconds, 2), "version": __version__, "bn_folded": cfg.fold_bn,
             "preserve_zero": cfg.preserve_zero, "stochastic": cfg.stochastic, "hw_scale": cfg.hw_scale,
-            "kept_8bit": " ".join(kept), "seed": cfg.seed,
+            "kept_8bit": " ".join(kept), "seed": cfg.seed, "compiled": cfg.compile,
         }
         append_result(cfg.results, row)
         rows.append(row)

@@ -68,6 +68,14 @@ def test_use_every_threshold(data_dir, stats_dir, threshold, capsys):
     assert set(plan["bits"].dropna()) <= {4, 8}
 
 
+def test_compiled_use_mode(data_dir, stats_dir, capsys):
+    """Runs end to end under torch.compile (the bits of the compiled quantization: tests/test_compiled.py)."""
+    assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "laplace", "--compile") == 0
+    assert " * Prec@1 " in capsys.readouterr().out
+    row = last_result(stats_dir)
+    assert (row["qtype"], row["images"], row["compiled"]) == ("int4", 8, True)
+
+
 def test_same_command_twice_gives_same_numbers(data_dir, tmp_path):
     for _ in range(2):
         assert run_cli(data_dir, tmp_path, "-sm", "collect", "--seed", "3") == 0
@@ -144,6 +152,9 @@ def test_failed_collect_keeps_previous_statistics(data_dir, stats_dir, tmp_path)
         (["--qtype", "abc"], "invalid qtype"),
         (["--weights", "/nonexistent/w.pth"], "w.pth"),
         (["-th", "median"], "invalid choice"),
+        (["--compile"], "--compile runs -sm use"),
+        (["--compile", "-sm", "collect"], "--compile runs -sm use"),
+        (["--compile", "-sm", "use", "-s"], "--compile runs -sm use"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(data_dir, tmp_path, flags, message, capsys):
