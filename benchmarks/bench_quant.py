@@ -10,17 +10,23 @@ runs every case once) so that a noisy machine hurts all entries alike; kernels r
 of ``--repeats``, the model the median over rounds of each round's time ratio.  A 2 % overhead drowns in a
 shared machine's noise, so the model benchmark also times the hooks themselves (from a hook placed before the
 quantizer's to one placed after it, on every layer) and prints that time as a share of the FP32 forward.
+With ``--compile`` it also times FP32 and W8A4 under ``torch.compile``, where Inductor fuses the quantization
+into the element-wise ops after each layer (``pytorch_quantizer.quantization.inference.compiled``).
 
 The last line printed is machine-readable:
 ``copy_ratio=R w8a4_overhead=X collect_overhead=Y`` where R is the compiled kernel's in-place GB/s over
-copy_'s on ``--device`` (the CPU kernel on cpu), and X, Y are times over the FP32 forward.
+copy_'s on ``--device`` (the CPU kernel on cpu), and X, Y are times over the FP32 forward; ``--compile`` appends
+`` compiled_w8a4_overhead=Z``, compiled W8A4 time over compiled FP32 time.
 
     python benchmarks/bench_quant.py [--device cpu|cuda] [--arch resnet18] [--batch-size 32] [--threads N]
+                                     [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import logging
 import statistics
 import sys
@@ -34,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pytorch_quantizer import gemmlowp_quantize, gemmlowp_quantize_per_channel  # noqa: E402
+from pytorch_quantizer.quantization.inference.inference_quantization_manager import QuantConfig  # noqa: E402
 from pytorch_quantizer.quantization.inference.statistic_manager import per_sample_stats  # noqa: E402
 from pytorch_quantizer.quantization.qtypes import backends  # noqa: E402
 
@@ -120,17 +127,18 @@ def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
 # ------------------------------------------------------------------------------------------------ model
 
 
+W8A4 = QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8)
+
+
 def bench_model(
-    device: torch.device, arch: str, batch_size: int, repeats: int, fold_bn: bool = True
-) -> tuple[float, float]:
-    """Print forward times; return (W8A4 / FP32, collect / FP32) median time ratios."""
+    device: torch.device, arch: str, batch_size: int, repeats: int, fold_bn: bool = True, compile_too: bool = False
+) -> tuple[float, float, float]:
+    """Print forward times; return the W8A4 / FP32 and collect / FP32 median time ratios, and with ``compile_too``
+    compiled W8A4 / compiled FP32 (else NaN)."""
     import torchvision
 
     from pytorch_quantizer.models import fold_batchnorm
-    from pytorch_quantizer.quantization.inference.inference_quantization_manager import (
-        ActivationQuantizer,
-        QuantConfig,
-    )
+    from pytorch_quantizer.quantization.inference.inference_quantization_manager import ActivationQuantizer
     from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
 
     torch.manual_seed(0)
@@ -154,8 +162,8 @@ def bench_model(
         stats = load_statistics(Path(tmp) / "stats")
 
     configs = {
-        "W8A4": QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8),
-        "W8A4 torch backend": QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8, backend="torch"),
+        "W8A4": W8A4,
+        "W8A4 torch backend": dataclasses.replace(W8A4, backend="torch"),
     }
     # Each case: what to attach around the forward (None: plain FP32).  attach()/detach() (weight
     # quantization, hook registration) stay outside the timed forward.
@@ -180,20 +188,48 @@ def bench_model(
             if round_ > 0:
                 times[name].append(seconds)
 
-    # Ratios are taken within each round (cases run back to back under the same machine load), then the
-    # median over rounds: steadier than a ratio of medians on a shared machine.
-    def ratio(name: str) -> float:
-        return statistics.median(t / f for t, f in zip(times[name], times["FP32"], strict=True))
-
     print(f"  {arch}, batch {batch_size}, {device.type}: {repeats} interleaved rounds")
-    print(f"  {'case':24s} {'median ms':>10s} {'min ms':>9s} {'x FP32 (median of rounds)':>26s}")
-    for name, ts in times.items():
-        print(f"  {name:24s} {statistics.median(ts) * 1e3:10.1f} {min(ts) * 1e3:9.1f} {ratio(name):26.3f}")
+    _print_model_times(times)
     fp32 = statistics.median(times["FP32"])
     for name in ("W8A4", "collect statistics"):
         inside = statistics.median(_time_in_hooks(cases[name](), forward, device) for _ in range(3))
         print(f"  {name}: {inside * 1e3:.1f} ms inside the hooks per forward = {inside / fp32:.1%} of FP32's time")
-    return ratio("W8A4"), ratio("collect statistics")
+    compiled = bench_compiled(model, images, stats, device, repeats) if compile_too else float("nan")
+    return _ratio(times, "W8A4"), _ratio(times, "collect statistics"), compiled
+
+
+def _ratio(times: dict[str, list[float]], name: str, base: str = "FP32") -> float:
+    """Median over rounds of each round's time ratio: cases run back to back under the same machine load, so
+    this is steadier on a shared machine than a ratio of medians."""
+    return statistics.median(t / f for t, f in zip(times[name], times[base], strict=True))
+
+
+def _print_model_times(times: dict[str, list[float]]) -> None:
+    print(f"  {'case':24s} {'median ms':>10s} {'min ms':>9s} {'x FP32 (median of rounds)':>26s}")
+    for name, ts in times.items():
+        print(f"  {name:24s} {statistics.median(ts) * 1e3:10.1f} {min(ts) * 1e3:9.1f} {_ratio(times, name):26.3f}")
+
+
+def bench_compiled(model: torch.nn.Module, images: torch.Tensor, stats, device: torch.device, repeats: int) -> float:
+    """Eager FP32 against FP32 and W8A4 under torch.compile (quantization fused by Inductor); returns compiled W8A4
+    over compiled FP32.  Two copies of the model, each compiled once: the quantizer stays attached to its copy."""
+    from pytorch_quantizer.quantization.inference.compiled import compile_model
+    from pytorch_quantizer.quantization.inference.inference_quantization_manager import ActivationQuantizer
+
+    quantized = copy.deepcopy(model)
+    ActivationQuantizer(quantized, W8A4, stats).attach()
+    torch.compiler.reset()
+    runners = {"FP32": model, "FP32 compiled": compile_model(model), "W8A4 compiled": compile_model(quantized)}
+    cases = {name: (lambda m=m: m(images)) for name, m in runners.items()}
+    with torch.inference_mode():
+        for name in ("FP32 compiled", "W8A4 compiled"):
+            print(f"  {name}: first forward (compiling) {_time_once(cases[name], device):.1f} s")
+        times = interleaved(cases, device, repeats)
+    print(f"  torch.compile (Inductor, {device.type}): {repeats} interleaved rounds")
+    _print_model_times(times)
+    ratio = _ratio(times, "W8A4 compiled", "FP32 compiled")
+    print(f"  W8A4 compiled / FP32 compiled = {ratio:.3f}")
+    return ratio
 
 
 def _time_in_hooks(hooks, forward: Callable[[], None], device: torch.device) -> float:
@@ -236,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-repeats", type=int, default=9, help="timed forwards of each model case")
     parser.add_argument("--part", choices=("all", "kernels", "model"), default="all")
     parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (folded by default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time FP32 and W8A4 under torch.compile (adds compiled_w8a4_overhead)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -247,16 +285,20 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {where}; backends available: {', '.join(backends.available_backends())}")
 
-    ratio = overhead = collect = float("nan")
+    ratio = overhead = collect = compiled = float("nan")
     if args.part in ("all", "kernels"):
         print(f"Benchmark 1: GEMMLOWP {BITS}-bit fake quantization of {args.numel / 2**20:.0f}M float32 elements")
         ratio = bench_kernels(device, args.numel, args.repeats)
     if args.part in ("all", "model"):
         print("Benchmark 2: simulation overhead, W8A4 (statistics use mode) and statistics collection")
-        overhead, collect = bench_model(
-            device, args.arch, args.batch_size, args.model_repeats, fold_bn=not args.no_fold_bn
+        overhead, collect, compiled = bench_model(
+            device, args.arch, args.batch_size, args.model_repeats, fold_bn=not args.no_fold_bn,
+            compile_too=args.compile,
         )
-    print(f"copy_ratio={ratio:.3f} w8a4_overhead={overhead:.3f} collect_overhead={collect:.3f}")
+    last = f"copy_ratio={ratio:.3f} w8a4_overhead={overhead:.3f} collect_overhead={collect:.3f}"
+    if args.compile:
+        last += f" compiled_w8a4_overhead={compiled:.3f}"
+    print(last)
 
 
 if __name__ == "__main__":

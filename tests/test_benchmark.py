@@ -11,7 +11,7 @@ import pytest
 from pytorch_quantizer.quantization.qtypes import backends
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_quant.py"
-LAST_LINE = re.compile(r"copy_ratio=(\S+) w8a4_overhead=(\S+) collect_overhead=(\S+)")
+LAST_LINE = re.compile(r"copy_ratio=(\S+) w8a4_overhead=(\S+) collect_overhead=(\S+)(?: compiled_w8a4_overhead=(\S+))?")
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +22,23 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("fold", [[], ["--no-fold-bn"]])
-def test_benchmark_runs_and_reports(bench, capsys, fold: list[str]) -> None:
+@pytest.mark.parametrize("flags", [[], ["--no-fold-bn"], ["--compile", "--part", "model"]])
+def test_benchmark_runs_and_reports(bench, capsys, flags: list[str]) -> None:
     if backends.kernel_module("cpu") is None:
         pytest.skip(f"CPU kernel not built: {backends.kernel_load_error('cpu')}")
-    bench.main(["--numel", "4100", "--repeats", "1", "--model-repeats", "1", "--batch-size", "1", *fold])
+    bench.main(["--numel", "4100", "--repeats", "1", "--model-repeats", "1", "--batch-size", "1", *flags])
     out = capsys.readouterr().out
-    for case in ("copy_", "cpu in place", "statistics, cpu kernel", "W8A4", "collect statistics"):
+    compiled = "--compile" in flags
+    cases = ["W8A4", "collect statistics"] + (["W8A4 compiled"] if compiled else ["copy_", "cpu in place",
+                                                                                   "statistics, cpu kernel"])
+    for case in cases:
         assert case in out
-    assert ("BatchNorm layers folded" in out) == (not fold)
+    assert ("BatchNorm layers folded" in out) == ("--no-fold-bn" not in flags)
     assert len(re.findall(r"ms inside the hooks per forward", out)) == 2
-    ratios = [float(v) for v in LAST_LINE.fullmatch(out.strip().splitlines()[-1]).groups()]
-    assert all(r > 0 for r in ratios)  # measured, not nan: every part ran
+    copy_ratio, *ratios = LAST_LINE.fullmatch(out.strip().splitlines()[-1]).groups()
+    assert (copy_ratio == "nan") == compiled  # the kernel part ran unless only the model part was asked for
+    assert all(float(r) > 0 for r in ratios[: 2 + compiled])  # measured, not nan: every part ran
+    assert (ratios[2] is not None) == compiled
 
 
 def test_benchmark_refuses_cuda_without_gpu(bench, monkeypatch) -> None:
