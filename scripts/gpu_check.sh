@@ -2,11 +2,18 @@
 # One-shot check of the fused GEMMLOWP kernels on a GPU machine (no network, no pip): build the CPU and
 # CUDA extensions with that machine's own torch, run the parity tests, then the benchmarks.
 # Run from the repository root:  bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
-# Each step has its own time limit so that the whole script stays under 8 minutes.
+# Each step has its own time limit, cut short where the script's whole budget (GPU_CHECK_SECONDS, default 480:
+# 8 minutes) would run out; the most important steps come first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1  # a step killed by its time limit still shows what it printed
 status=0
+budget_end=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
+left() {  # left <seconds>: that limit, or what is left of the budget when that is less (at least 1 s)
+  local rest=$(( budget_end - $(date +%s) ))
+  if (( rest < $1 )); then echo $(( rest > 1 ? rest : 1 )); else echo "$1"; fi
+}
 step() { echo; echo "=== $1 ($(date +%T))"; }
 
 step "machine"
@@ -32,15 +39,15 @@ build() {  # build <what> <seconds> <env...>
 }
 step "build the CPU and CUDA extensions in place"
 rm -f pytorch_quantizer/quantization/qtypes/_gemmlowp_*.so
-build cpu 180 ACIQ_BUILD_CUDA=0 & cpu_pid=$!
-build cuda 240 ACIQ_BUILD_CPU=0 ACIQ_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" & cuda_pid=$!
+build cpu "$(left 180)" ACIQ_BUILD_CUDA=0 & cpu_pid=$!
+build cuda "$(left 240)" ACIQ_BUILD_CPU=0 ACIQ_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" & cuda_pid=$!
 wait $cpu_pid || status=1
 wait $cuda_pid || status=1
 for what in cpu cuda; do echo "--- $what build log (tail)"; tail -n 12 "${TMPDIR:-/tmp}/aciq_build_$what.log"; done
 ls -l pytorch_quantizer/quantization/qtypes/_gemmlowp_*.so || status=1
 
 step "diagnostics: signed zero in ATen's CUDA clamp/round, kernel refusals in a child process"
-timeout 60 "$PYTHON" - <<'PY' || status=1
+timeout "$(left 60)" "$PYTHON" - <<'PY' || status=1
 import subprocess, sys, torch
 if torch.cuda.is_available():
     z = torch.tensor([-0.0, -1e-45], device="cuda")
@@ -56,23 +63,27 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 print(r.stdout, r.stderr[-2000:], "child exit code", r.returncode)
 PY
 
-step "parity tests (kernels, statistics, the CUDA kernels against their host emulation)"
+step "parity tests (kernels, statistics, the CUDA kernels against their host emulation, torch.compile)"
 # Several workers when pytest-xdist is there, so that a crashing test is reported and the rest still run.
 xdist=""
 if "$PYTHON" -c "import xdist" 2>/dev/null; then xdist="-n 4"; fi
-timeout 150 "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider $xdist tests/test_kernels.py tests/test_statistics.py \
-  tests/test_cuda_emulation.py || status=1
+timeout "$(left 150)" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider $xdist tests/test_kernels.py tests/test_statistics.py \
+  tests/test_cuda_emulation.py tests/test_compiled.py || status=1
 
 step "benchmark: GPU kernels + ResNet-50 batch 256"
-timeout 120 "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --repeats 10 \
+timeout "$(left 120)" "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --repeats 10 \
   || status=1
 
+step "benchmark: ResNet-50 batch 256 under torch.compile (quantization fused by Inductor)"
+timeout "$(left 240)" "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --part model \
+  --compile --model-repeats 5 || status=1
+
 step "benchmark: ResNet-50 batch 256 with BatchNorm kept, like the first GPU measurement"
-timeout 90 "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --part model \
+timeout "$(left 90)" "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --part model \
   --no-fold-bn --model-repeats 5 || status=1
 
 step "benchmark: CPU kernels on this machine's cores"
-timeout 60 "$PYTHON" benchmarks/bench_quant.py --device cpu --part kernels --repeats 5 || status=1
+timeout "$(left 60)" "$PYTHON" benchmarks/bench_quant.py --device cpu --part kernels --repeats 5 || status=1
 
 step "done: status $status"
 exit $status
