@@ -9,9 +9,9 @@ residual add): the quantization then costs arithmetic, not memory traffic.
 Bits: ``INDUCTOR_OPTIONS`` stop Inductor contracting multiply-add pairs into FMAs (Triton does by default) and
 flushing denormals, so that a compiled quantization of a given tensor gives the eager bits (tests/test_compiled.py).
 The convolutions are another matter: Inductor may run them with other algorithms or layouts, which moves FP32
-results by an ulp, and at 4 bits an ulp can cross a rounding boundary.  So a compiled run's accuracy can differ
-from the eager run's by a few images; use eager runs for the figures you compare.
-"""
+results by an ulp, and at a few bits an ulp can cross a rounding boundary; the one-level changes then spread
+through the network.  So a compiled run's accuracy differs from the eager run's (mobilenet_v2 W8A6 on the
+1000-image sample: 70.9 % against 72.1 % top-1); compare settings within one mode."""
 
 from __future__ import annotations
 
