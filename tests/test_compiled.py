@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytorch_quantizer.quantization.inference.compiled import INDUCTOR_OPTIONS, compile_model
+from pytorch_quantizer.quantization.inference.compiled import INDUCTOR_OPTIONS, compile_model, inductor_options
 from pytorch_quantizer.quantization.inference.inference_quantization_manager import ActivationQuantizer, QuantConfig
 from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
 from pytorch_quantizer.quantization.qtypes.int_quantizer import gemmlowp_qparams, quantize_with_qparams
@@ -44,13 +44,17 @@ def inputs(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(device), w.to(device)
 
 
+def test_this_torch_knows_every_inductor_option():
+    assert inductor_options() == INDUCTOR_OPTIONS
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_quantization_gives_eager_bits(device):
     torch.compiler.reset()
     x, w = inputs(device)
     with torch.inference_mode():
         eager = layer_like(x, w)  # the compiled kernel for this device where it is built
-        compiled = torch.compile(layer_like, dynamic=False, options=INDUCTOR_OPTIONS)(x, w)
+        compiled = torch.compile(layer_like, dynamic=False, options=inductor_options())(x, w)
     for grid, e, c in zip(GRIDS, eager, compiled, strict=True):
         assert torch.equal(e.isnan(), c.isnan()), grid
         same = (e == c) | (e.isnan() & c.isnan())

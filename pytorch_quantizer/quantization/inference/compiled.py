@@ -15,10 +15,14 @@ through the network.  So a compiled run's accuracy differs from the eager run's 
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+_log = logging.getLogger("pytorch_quantizer")
 
 INDUCTOR_OPTIONS: dict[str, object] = {
     "emulate_precision_casts": True,  # among eager numerics: Triton kernels built without FMA contraction
@@ -26,6 +30,23 @@ INDUCTOR_OPTIONS: dict[str, object] = {
     "cpp.enable_floating_point_contract_flag": "off",  # the CPU code: no FMA contraction either (the default)
     "cpp.enable_unsafe_math_opt_flag": False,
 }
+
+
+def inductor_options() -> dict[str, object]:
+    """``INDUCTOR_OPTIONS`` that this torch's Inductor knows (``torch.compile`` refuses unknown ones; older
+    versions lack some).  A dropped option is logged: tests/test_compiled.py then tells whether the bits still
+    match on this machine."""
+    from torch._inductor import config
+
+    known = {}
+    for key, value in INDUCTOR_OPTIONS.items():
+        try:
+            functools.reduce(getattr, key.split("."), config)
+        except AttributeError:
+            _log.warning("torch %s's Inductor has no option %s; compiling without it", torch.__version__, key)
+            continue
+        known[key] = value
+    return known
 
 
 def compile_model(model: nn.Module) -> Callable[..., torch.Tensor]:
@@ -39,7 +60,7 @@ def compile_model(model: nn.Module) -> Callable[..., torch.Tensor]:
     ``torch._dynamo.config.recompile_limit`` variants).  Supported: statistics "use" mode with round-to-nearest
     (live statistics and stochastic rounding would split the graph at every layer).
     """
-    compiled = torch.compile(model, dynamic=False, options=INDUCTOR_OPTIONS)
+    compiled = torch.compile(model, dynamic=False, options=inductor_options())
 
     def run(*args: object, **kwargs: object) -> torch.Tensor:
         with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
