@@ -40,8 +40,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pytorch_quantizer import gemmlowp_quantize, gemmlowp_quantize_per_channel  # noqa: E402
-from pytorch_quantizer.quantization.inference.inference_quantization_manager import QuantConfig  # noqa: E402
-from pytorch_quantizer.quantization.inference.statistic_manager import per_sample_stats  # noqa: E402
+from pytorch_quantizer.quantization.inference.compiled import compile_model  # noqa: E402
+from pytorch_quantizer.quantization.inference.inference_quantization_manager import (  # noqa: E402
+    ActivationQuantizer,
+    QuantConfig,
+)
+from pytorch_quantizer.quantization.inference.statistic_manager import (  # noqa: E402
+    StatisticsCollector,
+    load_statistics,
+    per_sample_stats,
+)
 from pytorch_quantizer.quantization.qtypes import backends  # noqa: E402
 
 DELTA, OFFSET, BITS = 6.0, -3.0, 8
@@ -138,8 +146,6 @@ def bench_model(
     import torchvision
 
     from pytorch_quantizer.models import fold_batchnorm
-    from pytorch_quantizer.quantization.inference.inference_quantization_manager import ActivationQuantizer
-    from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None).eval()
@@ -213,9 +219,6 @@ def _print_model_times(times: dict[str, list[float]]) -> None:
 def bench_compiled(model: torch.nn.Module, images: torch.Tensor, stats, device: torch.device, repeats: int) -> float:
     """Eager FP32 against FP32 and W8A4 under torch.compile (quantization fused by Inductor); returns compiled W8A4
     over compiled FP32.  Two copies of the model, each compiled once: the quantizer stays attached to its copy."""
-    from pytorch_quantizer.quantization.inference.compiled import compile_model
-    from pytorch_quantizer.quantization.inference.inference_quantization_manager import ActivationQuantizer
-
     quantized = copy.deepcopy(model)
     ActivationQuantizer(quantized, W8A4, stats).attach()
     torch.compiler.reset()
