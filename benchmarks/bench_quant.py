@@ -7,9 +7,11 @@ an in-place kernel cannot beat a copy by much, so copy_ is the bar. Benchmark 2 
 ``--no-fold-bn``) on a random batch; forward time with W8A4 quantization hooks (statistics "use"
 mode) and with statistics-collection hooks, each over the plain FP32 forward. Runs are interleaved (each round
 runs every case once) so that a noisy machine hurts all entries alike; kernels report the best and the median
-of ``--repeats``, the model the median over rounds of each round's time ratio.  A 2 % overhead drowns in a
-shared machine's noise, so the model benchmark also times the hooks themselves (from a hook placed before the
-quantizer's to one placed after it, on every layer) and prints that time as a share of the FP32 forward.
+of ``--repeats`` (each of ``--calls`` back-to-back calls, so that on a GPU the host's per-call work overlaps
+the device's, as between a network's layers), the model the median over rounds of each round's time ratio.
+A 2 % overhead drowns in a shared machine's noise, so the model benchmark also times the hooks themselves
+(from a hook placed before the quantizer's to one placed after it, on every layer) and prints that time as a
+share of the FP32 forward.
 With ``--compile`` it also times FP32 and W8A4 under ``torch.compile``, where Inductor fuses the quantization
 into the element-wise ops after each layer (``pytorch_quantizer.quantization.inference.compiled``).
 
@@ -19,7 +21,7 @@ copy_'s on ``--device`` (the CPU kernel on cpu), and X, Y are times over the FP3
 `` compiled_w8a4_overhead=Z``, compiled W8A4 time over compiled FP32 time.
 
     python benchmarks/bench_quant.py [--device cpu|cuda] [--arch resnet18] [--batch-size 32] [--threads N]
-                                     [--compile]
+                                     [--calls N] [--compile]
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pytorch_quantizer import gemmlowp_quantize, gemmlowp_quantize_per_channel  # noqa: E402
+from pytorch_quantizer import (  # noqa: E402
+    gemmlowp_qparams,
+    gemmlowp_qparams_per_channel,
+    quantize_per_channel_with_qparams,
+    quantize_with_qparams,
+)
 from pytorch_quantizer.quantization.inference.compiled import compile_model  # noqa: E402
 from pytorch_quantizer.quantization.inference.inference_quantization_manager import (  # noqa: E402
     ActivationQuantizer,
@@ -84,8 +91,22 @@ def interleaved(cases: dict[str, Callable[[], object]], device: torch.device, re
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
-    """Print GB/s per backend; return the device kernel's in-place GB/s over copy_ (NaN without a kernel)."""
+def _repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def bench_kernels(device: torch.device, numel: int, repeats: int, calls: int = 1) -> float:
+    """Print GB/s per backend; return the device kernel's in-place GB/s over copy_ (NaN without a kernel).
+
+    Grid parameters are computed once, as the inference hooks do, so a case times the quantization itself.
+    Each timed run makes ``calls`` calls back to back (then waits for the device): on a GPU one call's
+    wall time is mostly the host's Python and the launch, which a network's layers overlap with the work
+    queued before them; the same holds for copy_ and clamp_.
+    """
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(numel, generator=g) * 8 - 4).to(device)
     dst = torch.empty_like(x)
@@ -94,20 +115,21 @@ def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
     channels = 256
     shape4d = (numel // (channels * 64 * 64), channels, 64, 64) if numel % (channels * 64 * 64) == 0 else None
     delta_c = torch.linspace(2.0, 8.0, channels, dtype=torch.float64)
+    qp = gemmlowp_qparams(DELTA, OFFSET, BITS)
+    qp_c = gemmlowp_qparams_per_channel(delta_c, -delta_c / 2, BITS)
+    qp_c = dataclasses.replace(qp_c, **{f: getattr(qp_c, f).to(device) for f in ("scale", "inv_scale", "offset")})
 
     # copy_ is the bar; an in-place ATen element-wise op (clamp_, one read and one write like the kernels) shows
     # how close to it an in-place pass gets on this device (copy_ may use the copy engines / memcpy).
     cases: dict[str, Callable[[], object]] = {"copy_": lambda: dst.copy_(x), "ATen clamp_": lambda: x.clamp_(-8, 8)}
     names = ["torch"] + ([kernel] if have_kernel else [])
     for name in names:
-        cases[f"{name} out of place"] = lambda name=name: gemmlowp_quantize(x, DELTA, OFFSET, BITS, backend=name)
-        cases[f"{name} in place"] = lambda name=name: gemmlowp_quantize(
-            x, DELTA, OFFSET, BITS, backend=name, inplace=True
-        )
+        cases[f"{name} out of place"] = lambda name=name: quantize_with_qparams(x, qp, backend=name)
+        cases[f"{name} in place"] = lambda name=name: quantize_with_qparams(x, qp, backend=name, inplace=True)
         if shape4d is not None:
             x4 = x.view(shape4d)
-            cases[f"{name} per-channel in place"] = lambda name=name, x4=x4: gemmlowp_quantize_per_channel(
-                x4, delta_c, -delta_c / 2, BITS, dim=1, backend=name, inplace=True
+            cases[f"{name} per-channel in place"] = lambda name=name, x4=x4: quantize_per_channel_with_qparams(
+                x4, qp_c, dim=1, backend=name, inplace=True
             )
     # per-sample statistics of the same data as 64 samples: two reads of 4 bytes, so also 8 bytes per element
     rows = x.view(64, -1) if numel % 64 == 0 else x.view(1, -1)
@@ -117,7 +139,8 @@ def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
     if not have_kernel:
         print(f"  ({kernel} kernel not available: {backends.kernel_load_error(kernel)})")
 
-    times = interleaved(cases, device, repeats)
+    times = interleaved({name: _repeated(fn, calls) for name, fn in cases.items()}, device, repeats)
+    times = {name: [t / calls for t in ts] for name, ts in times.items()}
     gbs = {}
     print(f"  {'case':32s} {'best GB/s':>10s} {'median GB/s':>12s} {'median ms':>10s}")
     for name, ts in times.items():
@@ -128,7 +151,7 @@ def bench_kernels(device: torch.device, numel: int, repeats: int) -> float:
         return float("nan")
     ratio = gbs[f"{kernel} in place"] / gbs["copy_"]
     print(f"  {kernel} kernel in place / copy_ = {ratio:.3f}, ATen clamp_ / copy_ = "
-          f"{gbs['ATen clamp_'] / gbs['copy_']:.3f} (best of {repeats})")
+          f"{gbs['ATen clamp_'] / gbs['copy_']:.3f} (best of {repeats}, {calls} back-to-back calls each)")
     return ratio
 
 
@@ -272,12 +295,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, all cores)")
     parser.add_argument("--numel", type=int, default=64 * 2**20, help="elements of the kernel benchmark tensor")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each kernel case")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="back-to-back calls per timed kernel run (default: 10 on cuda, 1 on cpu)")
     parser.add_argument("--model-repeats", type=int, default=9, help="timed forwards of each model case")
     parser.add_argument("--part", choices=("all", "kernels", "model"), default="all")
     parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (folded by default)")
     parser.add_argument("--compile", action="store_true",
                         help="also time FP32 and W8A4 under torch.compile (adds compiled_w8a4_overhead)")
     args = parser.parse_args(argv)
+    if args.calls is not None and args.calls < 1:
+        parser.error(f"--calls must be at least 1, got {args.calls}")
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.threads:
@@ -291,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio = overhead = collect = compiled = float("nan")
     if args.part in ("all", "kernels"):
         print(f"Benchmark 1: GEMMLOWP {BITS}-bit fake quantization of {args.numel / 2**20:.0f}M float32 elements")
-        ratio = bench_kernels(device, args.numel, args.repeats)
+        calls = args.calls or (10 if device.type == "cuda" else 1)
+        ratio = bench_kernels(device, args.numel, args.repeats, calls)
     if args.part in ("all", "model"):
         print("Benchmark 2: simulation overhead, W8A4 (statistics use mode) and statistics collection")
         overhead, collect, compiled = bench_model(

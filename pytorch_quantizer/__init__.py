@@ -11,8 +11,11 @@ from .clipping import (
 )
 from .quantization.qtypes.int_quantizer import (
     gemmlowp_qparams,
+    gemmlowp_qparams_per_channel,
     gemmlowp_quantize,
     gemmlowp_quantize_per_channel,
+    quantize_per_channel_with_qparams,
+    quantize_with_qparams,
 )
 
 __version__ = "0.1.0"
@@ -24,9 +27,12 @@ __all__ = [
     "choose_clipping",
     "gaus_sigma_from_range",
     "gemmlowp_qparams",
+    "gemmlowp_qparams_per_channel",
     "gemmlowp_quantize",
     "gemmlowp_quantize_per_channel",
     "mse_gaus",
     "mse_laplace",
     "optimal_alpha",
+    "quantize_per_channel_with_qparams",
+    "quantize_with_qparams",
 ]

@@ -75,6 +75,9 @@ step "benchmark: GPU kernels + ResNet-50 batch 256, eager and under torch.compil
 timeout "$(left 330)" "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --repeats 10 \
   --compile || status=1
 
+step "benchmark: GPU kernels one call at a time (the host's Python per call not hidden behind the GPU's work)"
+timeout "$(left 40)" "$PYTHON" benchmarks/bench_quant.py --device cuda --part kernels --repeats 5 --calls 1 || status=1
+
 step "benchmark: ResNet-50 batch 256 with BatchNorm kept, like the first GPU measurement"
 timeout "$(left 90)" "$PYTHON" benchmarks/bench_quant.py --device cuda --arch resnet50 --batch-size 256 --part model \
   --no-fold-bn --model-repeats 5 || status=1

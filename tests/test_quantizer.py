@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from pytorch_quantizer import gemmlowp_quantize, gemmlowp_quantize_per_channel
+from pytorch_quantizer import (
+    gemmlowp_qparams,
+    gemmlowp_qparams_per_channel,
+    gemmlowp_quantize,
+    gemmlowp_quantize_per_channel,
+    quantize_per_channel_with_qparams,
+    quantize_with_qparams,
+)
 
 
 def numpy_gemmlowp(x, delta, offset, bits, preserve_zero, noise=None, pow2=False):
@@ -139,3 +146,23 @@ def test_per_channel_matches_per_tensor_per_slice():
         np.testing.assert_array_equal(out[:, c].numpy(), want)
     with pytest.raises(ValueError, match="channel"):
         gemmlowp_quantize_per_channel(x, deltas[:3], offsets[:3], 3, dim=1)
+
+
+def test_precomputed_qparams_give_the_same_bits():
+    """The entry points the hooks and the benchmark use, with parameters computed once, match the one-call forms."""
+    x = torch.randn(3, 5, 7) * 3
+    np.testing.assert_array_equal(
+        quantize_with_qparams(x, gemmlowp_qparams(6.0, -2.5, 4)).numpy(), gemmlowp_quantize(x, 6.0, -2.5, 4).numpy()
+    )
+    deltas = torch.tensor([1.0, 2.0, 0.0, 3.0, 0.5], dtype=torch.float64)
+    offsets = torch.tensor([-0.5, -1.0, 0.0, 0.2, -3.0], dtype=torch.float64)
+    qp = gemmlowp_qparams_per_channel(deltas, offsets, 3)
+    want = gemmlowp_quantize_per_channel(x, deltas, offsets, 3, dim=-2)
+    np.testing.assert_array_equal(quantize_per_channel_with_qparams(x, qp, dim=-2).numpy(), want.numpy())
+    y = x.clone()
+    assert quantize_per_channel_with_qparams(y, qp, dim=1, inplace=True) is y
+    np.testing.assert_array_equal(y.numpy(), want.numpy())
+    with pytest.raises(ValueError, match="5 channel parameters for 3 channels along dim 0"):
+        quantize_per_channel_with_qparams(x, qp, dim=0)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        quantize_per_channel_with_qparams(torch.tensor(1.0), qp)

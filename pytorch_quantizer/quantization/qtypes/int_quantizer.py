@@ -134,6 +134,16 @@ def _run(x: torch.Tensor, inplace: bool, body) -> torch.Tensor:
     return work.to(x.dtype)
 
 
+def _channel_dim(x: torch.Tensor, qp: QParams, dim: int) -> int:
+    """``dim`` as a non-negative index, after checking that ``qp`` has one set of parameters per channel."""
+    if x.dim() == 0:
+        raise ValueError("per-channel quantization needs a tensor with at least one dimension")
+    dim = dim % x.dim()
+    if qp.scale.numel() != x.shape[dim]:
+        raise ValueError(f"{qp.scale.numel()} channel parameters for {x.shape[dim]} channels along dim {dim}")
+    return dim
+
+
 def gemmlowp_quantize(
     x: torch.Tensor,
     delta: float,
@@ -200,14 +210,31 @@ def gemmlowp_quantize_per_channel(
     _check_tensor(x)
     if x.dim() == 0:
         raise ValueError("per-channel quantization needs a tensor with at least one dimension")
-    dim = dim % x.dim()
     qp = gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale)
-    if qp.scale.numel() != x.shape[dim]:
-        raise ValueError(f"{qp.scale.numel()} channel parameters for {x.shape[dim]} channels along dim {dim}")
+    dim = _channel_dim(x, qp, dim)
+    if noise is None and stochastic and x.numel() > 0:
+        noise = uniform_noise(x, generator)
+    return quantize_per_channel_with_qparams(x, qp, dim, inplace=inplace, noise=noise, backend=backend)
+
+
+def quantize_per_channel_with_qparams(
+    x: torch.Tensor,
+    qp: QParams,
+    dim: int = 1,
+    *,
+    inplace: bool = False,
+    noise: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-channel quantization with precomputed grid parameters (``gemmlowp_qparams_per_channel``).
+
+    Parameters already on ``x``'s device are used as they are: no host-to-device copy per call, which on a GPU
+    would wait for the work queued before it.
+    """
+    _check_tensor(x)
+    dim = _channel_dim(x, qp, dim)
     if x.numel() == 0:
         return x if inplace else x.clone()
-    if noise is None and stochastic:
-        noise = uniform_noise(x, generator)
     impl = select_backend(x.device, backend)
     qp = QParams(*(t.to(x.device) for t in (qp.scale, qp.inv_scale, qp.offset)), qp.qmax)
     return _run(x, inplace, lambda t: impl.quantize_per_channel_(t, qp, dim, noise))
