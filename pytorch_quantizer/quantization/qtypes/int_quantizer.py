@@ -208,8 +208,6 @@ def gemmlowp_quantize_per_channel(
 ) -> torch.Tensor:
     """Per-channel variant: one (delta, offset) per index of ``x`` along ``dim``."""
     _check_tensor(x)
-    if x.dim() == 0:
-        raise ValueError("per-channel quantization needs a tensor with at least one dimension")
     qp = gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale)
     dim = _channel_dim(x, qp, dim)
     if noise is None and stochastic and x.numel() > 0:
