@@ -20,6 +20,7 @@ import torch
 from pytorch_quantizer.clipping import MAX_BITS, METHODS, MIN_BITS, SIGMA_ESTIMATORS
 
 EXIT_USAGE = 2
+AUTO = object()  # -qw not given: int8 weights when anything else is quantized (not a str: argparse converts those)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,19 +30,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def qtype(text: str) -> int:
-    """``intN`` with N in 1..16 → N."""
+FLOAT_NAMES = ("f32", "fp32", "float", "none")
+
+
+def qtype(text: str) -> int | None:
+    """``intN`` with N in 1..16 → N; ``fp32`` (or ``f32``) → None, no quantization (the seed's default)."""
+    if text.strip().lower() in FLOAT_NAMES:
+        return None
     match = re.fullmatch(r"int(\d+)", text.strip())
     if not match or not MIN_BITS <= int(match.group(1)) <= MAX_BITS:
-        raise argparse.ArgumentTypeError(f"invalid qtype {text!r}: expected int{MIN_BITS}..int{MAX_BITS}, e.g. int4")
+        raise argparse.ArgumentTypeError(
+            f"invalid type {text!r}: expected fp32 or int{MIN_BITS}..int{MAX_BITS}, e.g. int4"
+        )
     return int(match.group(1))
 
 
-def qweight(text: str) -> int | None:
-    """Like ``qtype``, plus ``f32`` / ``none`` for float weights."""
-    if text.strip().lower() in ("f32", "fp32", "float", "none"):
-        return None
-    return qtype(text)
+qweight = qtype  # the same names: intN, or f32 for float weights
 
 
 def positive(text: str) -> int:
@@ -76,18 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageNet root; images are read from DATA/val/<wnid>/ (default: %(default)s)")
     p.add_argument("-a", "--arch", default="resnet18", metavar="ARCH",
                    help="model architecture: " + " | ".join(archs) + " (default: %(default)s)")
-    p.add_argument("--weights", default="DEFAULT",
-                   help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a path to a state_dict file, "
-                        "or 'none' for random initialisation (tests and timing only) (default: %(default)s)")
+    p.add_argument("--weights", default=None,
+                   help="torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), a path to a state_dict file, "
+                        "or 'none' for random initialisation (tests and timing only) (default: the weights the seed "
+                        "evaluated, IMAGENET1K_V1 where the architecture has them, else DEFAULT)")
     p.add_argument("-j", "--workers", type=non_negative, default=2, help="data loading workers (default: 2)")
     p.add_argument("-b", "--batch-size", type=positive, default=256, help="mini-batch size (default: 256)")
     p.add_argument("-p", "--print-freq", type=non_negative, default=10, help="progress update every N batches")
     p.add_argument("--seed", type=int, default=0, help="seed for subsets, random weights, stochastic rounding")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
     p.add_argument("--device_ids", type=device_ids, default=(), help="GPU ids, e.g. '0 1' (several: DataParallel)")
-    p.add_argument("--qtype", type=qtype, default=8, metavar="intN", help="activation type (default: int8)")
-    p.add_argument("-qw", "--qweight", type=qweight, default=8, metavar="intN",
-                   help="weight and bias type, or f32 for float weights (default: int8)")
+    p.add_argument("--qtype", type=qtype, default=None, metavar="intN",
+                   help="activation type intN, or fp32; without it nothing is quantized, as in the seed")
+    p.add_argument("-qw", "--qweight", type=qweight, default=AUTO, metavar="intN",
+                   help="weight and bias type intN, or f32 for float weights (default: int8 when activations are "
+                        "quantized, f32 otherwise)")
     p.add_argument("-th", "--threshold", choices=METHODS, default="no",
                    help="clipping: no, laplace, gaus, or mix (the prior predicting the smaller MSE)")
     p.add_argument("-sm", "--stats_mode", choices=("collect", "use", "no"), default="no",
@@ -133,19 +140,29 @@ def pick_device(requested: str | None, ids: tuple[int, ...]) -> str:
 
 def config_from_args(args: argparse.Namespace):
     from pytorch_quantizer.experiment import RunConfig
+    from pytorch_quantizer.models import default_weights
 
     if args.custom_test and args.stats_mode != "use":
         raise ValueError("-ct orders layers by their statistics: run it with -sm use")
+    if args.custom_test and args.eval_precision:
+        raise ValueError("-ep and -ct are two different sweeps: run them one at a time")
+    if args.custom_test and args.qtype is None:
+        raise ValueError("-ct keeps layers at 8 bits among the others at --qtype: give it, e.g. --qtype int4")
+    sweeps = args.eval_precision or args.custom_test
+    weight_bits = args.qweight
+    if weight_bits is AUTO:
+        weight_bits = 8 if args.qtype is not None or sweeps else None
     if args.stats_mode == "collect" and (args.eval_precision or args.custom_test or args.dump_dir):
         raise ValueError("-sm collect only collects statistics; run -ep, -ct or -dd with -sm use or -sm no")
     if args.compile and (args.stats_mode != "use" or args.stochastic or len(args.device_ids) > 1):
         raise ValueError("--compile runs -sm use with round-to-nearest on one device (collection, live statistics, "
                          "-s and several GPUs would split the compiled graph at every layer)")
     return RunConfig(
-        data=args.data.expanduser(), arch=args.arch, weights=args.weights, workers=args.workers,
+        data=args.data.expanduser(), arch=args.arch, weights=args.weights or default_weights(args.arch),
+        workers=args.workers,
         batch_size=args.batch_size, print_freq=args.print_freq, seed=args.seed,
         device=pick_device(args.device, args.device_ids), device_ids=args.device_ids, bits=args.qtype,
-        weight_bits=args.qweight, threshold=args.threshold, stats_mode=args.stats_mode,
+        weight_bits=weight_bits, threshold=args.threshold, stats_mode=args.stats_mode,
         stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
         hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, sigma_estimator=args.sigma,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,

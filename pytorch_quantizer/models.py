@@ -97,6 +97,20 @@ def available_archs() -> list[str]:
     return archs
 
 
+SEED_WEIGHTS = "IMAGENET1K_V1"  # what the seed's ``pretrained=True`` loaded
+
+
+def default_weights(arch: str) -> str:
+    """The weights the seed evaluated: torchvision's original ``IMAGENET1K_V1`` where the architecture has them
+    (``pretrained=True`` loaded those), else ``DEFAULT``.  ``DEFAULT`` points to newer (V2) weights for resnet50 and
+    others, which are other models: a run that reproduces the seed's or its follow-up's numbers needs V1."""
+    if arch in LITE_ARCHS:
+        return "DEFAULT"
+    if arch not in list_models(module=torchvision.models):
+        build_model(arch, "none")  # raises the one-line unknown-architecture error
+    return SEED_WEIGHTS if SEED_WEIGHTS in get_model_weights(arch).__members__ else "DEFAULT"
+
+
 def build_model(arch: str, weights: str = "DEFAULT") -> tuple[nn.Module, Preprocess]:
     """Build ``arch`` in eval mode with its evaluation preprocessing.
 

@@ -68,6 +68,25 @@ def test_use_every_threshold(data_dir, stats_dir, threshold, capsys):
     assert set(plan["bits"].dropna()) <= {4, 8}
 
 
+def test_no_qtype_is_fp32_as_in_the_seed(data_dir, tmp_path):
+    """No --qtype quantizes nothing and needs no statistics (none exist here), like --qtype fp32 and -ep's FP32."""
+    assert run_cli(data_dir, tmp_path, "-sm", "use") == 0
+    assert run_cli(data_dir, tmp_path, "--qtype", "fp32") == 0
+    assert run_cli(data_dir, tmp_path, "-sm", "no", "-th", "laplace", "-ep") == 0
+    rows = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
+    fp32 = rows[rows["qtype"] == "fp32"]
+    assert len(fp32) == 3 and (fp32["qweight"] == "fp32").all()
+    assert fp32["top1"].nunique() == 1 and fp32["top5"].nunique() == 1
+    assert not (tmp_path / "stats").exists()
+
+
+def test_weights_alone(data_dir, tmp_path):
+    """--qtype fp32 with an explicit -qw quantizes the weights and leaves every activation in float."""
+    assert run_cli(data_dir, tmp_path, "--qtype", "fp32", "-qw", "int2") == 0
+    row = last_result(tmp_path)
+    assert (row["qtype"], row["qweight"]) == ("fp32", "int2")
+
+
 def test_compiled_use_mode(data_dir, stats_dir, capsys):
     """Runs end to end under torch.compile (the bits of the compiled quantization: tests/test_compiled.py)."""
     assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "laplace", "--compile") == 0
@@ -123,14 +142,14 @@ def test_dump_dir(data_dir, stats_dir, tmp_path):
 
 
 def test_use_without_statistics(data_dir, tmp_path, capsys):
-    assert run_cli(data_dir, tmp_path, "-sm", "use") == 2
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int8") == 2
     assert "-sm collect" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_statistics_of_another_model_are_refused(data_dir, stats_dir, capsys):
-    assert run_cli(data_dir, stats_dir, "-sm", "use", "--seed", "1") == 2  # other random weights
+    assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int8", "--seed", "1") == 2  # other random weights
     assert "fingerprint" in capsys.readouterr().err
-    assert run_cli(data_dir, stats_dir, "-sm", "use", "--no_fold_bn") == 2
+    assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int8", "--no_fold_bn") == 2
     assert "bn_folded" in capsys.readouterr().err
 
 
@@ -146,12 +165,15 @@ def test_failed_collect_keeps_previous_statistics(data_dir, stats_dir, tmp_path)
     ("flags", "message"),
     [
         (["-a", "resnet9000"], "unknown architecture"),
-        (["--qtype", "int0"], "invalid qtype"),
-        (["--qtype", "int33"], "invalid qtype"),
-        (["--qtype", "float8"], "invalid qtype"),
-        (["--qtype", "abc"], "invalid qtype"),
+        (["--qtype", "int0"], "invalid type"),
+        (["--qtype", "int33"], "invalid type"),
+        (["--qtype", "float8"], "invalid type"),
+        (["--qtype", "abc"], "invalid type"),
         (["--weights", "/nonexistent/w.pth"], "w.pth"),
         (["-th", "median"], "invalid choice"),
+        (["-qw", "int99"], "invalid type"),
+        (["-sm", "use", "--qtype", "int4", "-ep", "-ct"], "one at a time"),
+        (["-sm", "use", "-ct"], "-ct keeps layers at 8 bits"),
         (["--compile"], "--compile runs -sm use"),
         (["--compile", "-sm", "collect"], "--compile runs -sm use"),
         (["--compile", "-sm", "use", "-s"], "--compile runs -sm use"),

@@ -10,8 +10,10 @@ from pytorch_quantizer import aciq_range, choose_clipping, gemmlowp_quantize
 from pytorch_quantizer.quantization.inference.inference_quantization_manager import (
     ActivationQuantizer,
     QuantConfig,
+    mse_order,
     plan_table,
 )
+from pytorch_quantizer.quantization.inference.layers import activation_layers
 from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
 
 
@@ -176,3 +178,14 @@ def test_layers_never_called_are_left_out(tmp_path):
         with q:
             assert not torch.equal(model(x), before)
         assert torch.equal(model(x), before)
+
+
+def test_custom_test_order_skips_layers_never_called(tmp_path):
+    """-ct on a model with a Linear used through its weights only (ViT's out_proj): no StatisticsError."""
+    torch.manual_seed(0)
+    model = WithAttention().eval()
+    with torch.no_grad(), StatisticsCollector(model) as collector:
+        model(torch.randn(2, 3, 8, 8))
+    stats = load_statistics(collector.save(tmp_path / "s", {"arch": "attn"}))
+    layers = activation_layers(model)
+    assert mse_order(layers, stats, QuantConfig(bits=4, threshold="laplace")) == []

@@ -18,6 +18,7 @@ from pytorch_quantizer.models import (
     Preprocess,
     available_archs,
     build_model,
+    default_weights,
     fold_batchnorm,
     weights_fingerprint,
 )
@@ -85,6 +86,17 @@ def test_preprocess_split_transform_matches_totensor_normalize() -> None:
 def test_unknown_arch() -> None:
     with pytest.raises(ModelError, match=r"resnet18.*available_archs"):
         build_model("resnet19", "none")
+
+
+def test_default_weights_are_the_seeds() -> None:
+    """The seed's pretrained=True loaded IMAGENET1K_V1; DEFAULT is V2 for resnet50 (another model)."""
+    assert get_model_weights("resnet50").DEFAULT.name == "IMAGENET1K_V2"
+    assert default_weights("resnet50") == default_weights("resnet18") == "IMAGENET1K_V1"
+    without_v1 = [a for a in available_archs() if a not in LITE_ARCHS
+                  and "IMAGENET1K_V1" not in get_model_weights(a).__members__]
+    assert without_v1 and all(default_weights(a) == "DEFAULT" for a in without_v1)
+    with pytest.raises(ModelError, match="unknown architecture"):
+        default_weights("resnet19")
 
 
 def test_bad_weights_arguments(tmp_path: Path) -> None:

@@ -290,3 +290,26 @@ def test_unfused_collector_agrees_with_fused(tiny_model, tmp_path):
     assert tables[0].keys() == tables[1].keys()
     for name, frame in tables[0].items():
         pd.testing.assert_frame_equal(frame, tables[1][name], rtol=1e-5, atol=1e-6)
+
+
+class _Replicas(StatisticsCollector):
+    """Stands in for DataParallel on the CPU: ``replica`` says which replica the next forward is."""
+
+    replica = 0
+
+    def _replica(self, output):
+        return self.replica
+
+
+def test_replicas_are_gathered_in_sample_order(tiny_model, tmp_path):
+    """Two replicas whose chunks arrive in reverse order give the statistics of one device, row for row."""
+    data = batches(n=3, size=4)
+    reference = collect(tiny_model, data, tmp_path / "one")
+    with torch.no_grad(), _Replicas(tiny_model) as collector:
+        for x in data:
+            for replica in (1, 0):  # the second chunk's thread runs first
+                collector.replica = replica
+                tiny_model(x[2 * replica: 2 * replica + 2])
+    gathered = collector.save(tmp_path / "two", {"arch": "tiny", "fingerprint": "abc"})
+    for name in ("conv0_activation", "linear0_activation"):
+        assert (gathered / f"{name}.csv").read_bytes() == (reference / f"{name}.csv").read_bytes()

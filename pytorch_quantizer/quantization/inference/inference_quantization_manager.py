@@ -32,7 +32,7 @@ from .statistic_manager import Statistics
 class QuantConfig:
     """How to quantize.  ``None`` for a bit width means "keep float" (for weights, biases, first, classifier)."""
 
-    bits: int = 8  # activations
+    bits: int | None = 8  # activations; None: no activation is quantized (weights alone, or nothing)
     threshold: str = "no"  # clipping method: no | laplace | gaus | mix
     weight_bits: int | None = 8
     bias_bits: int | None = 8
@@ -49,8 +49,7 @@ class QuantConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
-        for bits in (self.weight_bits, self.bias_bits, self.first_layer_bits, self.classifier_bits):
+        for bits in (self.bits, self.weight_bits, self.bias_bits, self.first_layer_bits, self.classifier_bits):
             if bits is not None:
                 check_bits(bits)
         if self.threshold not in METHODS:
@@ -79,6 +78,8 @@ class LayerPlan:
 
 def layer_roles(layers: list[ActivationLayer], config: QuantConfig) -> list[tuple[str, int | None]]:
     """(role, bits) per layer under the seed's policy: first conv and classifier at their own widths."""
+    if config.bits is None:
+        return [("float", None) for _ in layers]
     first_conv = next((i for i, layer in enumerate(layers) if layer.kind == "conv"), None)
     roles = []
     for i, layer in enumerate(layers):
@@ -118,6 +119,22 @@ def plan_layers(layers: list[ActivationLayer], statistics: Statistics, config: Q
                       decision.predicted_mse)
         )
     return plans
+
+
+def mse_order(layers: list[ActivationLayer], statistics: Statistics, config: QuantConfig) -> list[str]:
+    """Regular layers (at ``config.bits``) ordered by estimated quantization MSE, largest first (the seed's ``-ct``).
+
+    The MSE is the analytical one for the chosen clipping, relative to the layer's variance so that layers of
+    different scales compare.  Layers the forward never called have no statistics and are not quantized, so they
+    are left out (ViT's attention ``out_proj`` is used through its weights only)."""
+    regular = [layer.name for layer, (role, _) in zip(layers, layer_roles(layers, config), strict=True)
+               if role == "" and statistics.has(layer.name)]
+    scores = {}
+    for name in regular:
+        ts = statistics.tensor_stats(name)
+        mse = choose_clipping(ts, config.threshold, config.bits, config.sigma_estimator).predicted_mse
+        scores[name] = mse / max(ts.std**2, 1e-30)
+    return sorted(regular, key=lambda n: (-scores[n], n))
 
 
 def plan_table(plans: list[LayerPlan]) -> pd.DataFrame:

@@ -19,6 +19,8 @@ import math
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,12 +99,22 @@ class StatisticsCollector:
     ``with StatisticsCollector(model) as collector: model(x)`` attaches forward hooks and removes them on exit;
     the model itself is never modified.  ``fused=False`` computes the statistics with PyTorch reductions
     instead of the compiled kernels (for comparison).
+
+    Under ``nn.DataParallel`` the replicas share these hooks and call them from their own threads, each on its
+    chunk of the batch.  ``devices`` lists the replicas' devices in the order DataParallel scatters the batch
+    (its ``device_ids``): a record is keyed by (the how-many-th call of that layer on that replica, the replica's
+    position), and sorting by that key puts the rows back in sample order, the order one device would have seen.
+    Only the last batch can leave a replica without a chunk, so the keys stay aligned.  Records stay on their
+    device until read and are moved to the CPU one by one before they are joined.
     """
 
-    def __init__(self, model: nn.Module, fused: bool = True) -> None:
+    def __init__(self, model: nn.Module, fused: bool = True, devices: Sequence[torch.device | str] = ()) -> None:
         self.fused = fused
         self.layers: list[ActivationLayer] = activation_layers(model)
-        self._batches: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        self.devices = [torch.device(d) for d in devices]
+        self._records: dict[str, dict[tuple[int, int], torch.Tensor]] = {layer.name: {} for layer in self.layers}
+        self._calls: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
         self.numel: dict[str, int] = {}
         self._hooks = HookSet()
 
@@ -121,18 +133,36 @@ class StatisticsCollector:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
+    def _replica(self, output: torch.Tensor) -> int:
+        """Position of the replica that produced ``output`` in the scatter order (0 on one device)."""
+        return self.devices.index(output.device) if output.device in self.devices else 0
+
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             # kept on the activation's device: no host synchronisation per layer; checked when read
-            self._batches[name].append(per_sample_stats(output, self.fused))
-            self.numel[name] = output[0].numel()
+            stats = per_sample_stats(output, self.fused)
+            replica = self._replica(output)
+            with self._lock:
+                call = self._calls.get((name, replica), 0)
+                self._calls[(name, replica)] = call + 1
+                self._records[name][(call, replica)] = stats
+                self.numel[name] = output[0].numel()
 
         return hook
+
+    def _table(self, name: str) -> torch.Tensor | None:
+        """One layer's [samples, 7] statistics on the CPU, in sample order; None when the layer never ran."""
+        records = self._records[name]
+        if not records:
+            return None
+        return torch.cat([records[key].cpu() for key in sorted(records)])
 
     @property
     def samples(self) -> int:
         """Samples seen by the first layer that ran (layers the forward never calls record nothing)."""
-        return next((sum(len(b) for b in batches) for batches in self._batches.values() if batches), 0)
+        return next(
+            (sum(len(t) for t in records.values()) for records in self._records.values() if records), 0
+        )
 
     def frames(self) -> dict[str, pd.DataFrame]:
         """Per-layer sample tables collected so far, for the layers whose forward actually ran.
@@ -143,9 +173,9 @@ class StatisticsCollector:
         if self.samples == 0:
             raise StatisticsError("no statistics were collected: the model never ran with the hooks attached")
         frames = {}
-        for name, batches in self._batches.items():
-            if batches:
-                table = torch.cat(batches).cpu()
+        for name in self._records:
+            table = self._table(name)
+            if table is not None:
                 check_finite(name, table[:, 0].min().item(), table[:, 1].max().item())
                 frames[name] = pd.DataFrame(table.numpy(), columns=list(STAT_COLUMNS))
         return frames
