@@ -63,8 +63,8 @@ from pytorch_quantizer.clipping import (
     quantization_noise,
 )
 from pytorch_quantizer.dumps import load_fp32
-from pytorch_quantizer.quantization.inference.statistic_manager import STAT_COLUMNS, per_sample_stats
-from pytorch_quantizer.quantization.qtypes.int_quantizer import gemmlowp_qparams, gemmlowp_quantize
+from pytorch_quantizer.quantize import gemmlowp_qparams, gemmlowp_quantize
+from pytorch_quantizer.stats import STAT_COLUMNS, per_sample_stats
 
 BITS = tuple(range(2, 9))
 SYNTHETIC_SWEEP = (0.6, 1.4, 121)  # alpha / analytical alpha: from, to, points (geometric)

@@ -14,7 +14,7 @@ import sys
 
 from setuptools import find_packages, setup
 
-KERNEL_PACKAGE = "pytorch_quantizer.quantization.qtypes"
+KERNEL_PACKAGE = "pytorch_quantizer"
 DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 
 INSTALL_REQUIRES = [

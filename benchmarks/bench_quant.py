@@ -13,7 +13,7 @@ A 2 % overhead drowns in a shared machine's noise, so the model benchmark also t
 (from a hook placed before the quantizer's to one placed after it, on every layer) and prints that time as a
 share of the FP32 forward.
 With ``--compile`` it also times FP32 and W8A4 under ``torch.compile``, where Inductor fuses the quantization
-into the element-wise ops after each layer (``pytorch_quantizer.quantization.inference.compiled``).
+into the element-wise ops after each layer (``pytorch_quantizer.compiled``).
 
 The last line printed is machine-readable:
 ``copy_ratio=R w8a4_overhead=X collect_overhead=Y`` where R is the compiled kernel's in-place GB/s over
@@ -42,22 +42,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pytorch_quantizer import (  # noqa: E402
+    backends,  # noqa: E402
     gemmlowp_qparams,
     gemmlowp_qparams_per_channel,
     quantize_per_channel_with_qparams,
     quantize_with_qparams,
 )
-from pytorch_quantizer.quantization.inference.compiled import compile_model  # noqa: E402
-from pytorch_quantizer.quantization.inference.inference_quantization_manager import (  # noqa: E402
+from pytorch_quantizer.compiled import compile_model  # noqa: E402
+from pytorch_quantizer.quantizer import (  # noqa: E402
     ActivationQuantizer,
     QuantConfig,
 )
-from pytorch_quantizer.quantization.inference.statistic_manager import (  # noqa: E402
+from pytorch_quantizer.stats import (  # noqa: E402
     StatisticsCollector,
     load_statistics,
     per_sample_stats,
 )
-from pytorch_quantizer.quantization.qtypes import backends  # noqa: E402
 
 DELTA, OFFSET, BITS = 6.0, -3.0, 8
 BYTES_PER_ELEMENT = 8

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the fused GEMMLOWP kernels in place (next to pytorch_quantizer/quantization/qtypes/backends.py),
+# Builds the fused GEMMLOWP kernels in place (next to pytorch_quantizer/backends.py),
 # with the Python that holds torch: the CPU kernel always, the CUDA kernel where nvcc and CUDA torch are
 # present (ACIQ_BUILD_CUDA=1 insists, =0 skips; TORCH_CUDA_ARCH_LIST picks the GPUs, see setup.py).
 # Usage: cd kernels && ./build_all.sh        (PYTHON=/path/to/python to choose the interpreter)
@@ -9,4 +9,4 @@ PYTHON="${PYTHON:-python3}"
 start=$(date +%s)
 "$PYTHON" setup.py build_ext --inplace
 echo "build_all.sh: built in $(( $(date +%s) - start )) s:"
-ls -1 pytorch_quantizer/quantization/qtypes/_gemmlowp_*.so
+ls -1 pytorch_quantizer/_gemmlowp_*.so

@@ -1,6 +1,6 @@
 // GEMMLOWP fake quantization on the CPU: one fused, in-place pass over a float32 tensor.
 //
-// It must give the same bits as the PyTorch reference (reference_quantize_ in int_quantizer.py):
+// It must give the same bits as the PyTorch reference (reference_quantize_ in grid.py):
 //   v = (x - offset) * inv_scale  [+ noise];  v = clamp(v, 0, qmax);  q = rint(v);  y = q * scale + offset
 // one IEEE float32 operation per step.  So: built with -ffp-contract=off (no FMA), no -ffast-math, and the
 // loops are written so that GCC vectorises them with the baseline x86-64 instruction set (SSE2), keeping
@@ -179,7 +179,7 @@ at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Per-sample activation statistics (statistic_manager.per_sample_stats) of each row of a contiguous float32
+// Per-sample activation statistics (stats.per_sample_stats) of each row of a contiguous float32
 // [N, M] tensor, in two reads of each row and no temporary; what the passes sum and how a row is finished:
 // stats_math.h.  Sums are float32 over kLanes interleaved lanes within blocks of kBlock elements (vectorisable
 // without reassociation), each block is added to a double, blocks into fixed chunks of kChunk elements, chunks

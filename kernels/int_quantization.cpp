@@ -92,7 +92,7 @@ at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& 
   return x;
 }
 
-// Per-sample statistics of a contiguous float32 [N, M] CUDA tensor (statistic_manager.per_sample_stats): [N, 7]
+// Per-sample statistics of a contiguous float32 [N, M] CUDA tensor (stats.per_sample_stats): [N, 7]
 // float64 on the same device, two reads of x, deterministic (gemmlowp_device.cuh).
 at::Tensor per_sample_stats(const at::Tensor& x) {
   check_tensor(x, x, "x");

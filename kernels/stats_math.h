@@ -1,4 +1,4 @@
-// Per-sample activation statistics (statistic_manager.per_sample_stats): what one piece of a row sums up, how
+// Per-sample activation statistics (stats.per_sample_stats): what one piece of a row sums up, how
 // pieces combine, and how a row's sums become its statistics.  Shared by the CPU kernel
 // (cpu_quantization.cpp), the CUDA kernel (gemmlowp_device.cuh) and its host emulator, so that every device
 // finishes a row the same way; only the summation order of the pieces differs between CPU and GPU.

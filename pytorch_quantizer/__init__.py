@@ -9,7 +9,7 @@ from .clipping import (
     mse_laplace,
     optimal_alpha,
 )
-from .quantization.qtypes.int_quantizer import (
+from .quantize import (
     gemmlowp_qparams,
     gemmlowp_qparams_per_channel,
     gemmlowp_quantize,

@@ -18,18 +18,18 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import write_csv_atomic
+from .compiled import compile_model
 from .data import CachedDataset, imagenet_val_dataset, make_loader
 from .dumps import write_dump
+from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
-from .quantization.inference.compiled import compile_model
-from .quantization.inference.inference_quantization_manager import (
+from .quantizer import (
     ActivationQuantizer,
     QuantConfig,
     mse_order,
     plan_table,
 )
-from .quantization.inference.layers import activation_layers
-from .quantization.inference.statistic_manager import Statistics, StatisticsCollector, load_statistics
+from .stats import Statistics, StatisticsCollector, load_statistics
 
 log = logging.getLogger("pytorch_quantizer")
 

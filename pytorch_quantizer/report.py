@@ -30,7 +30,7 @@ from scipy import stats as scipy_stats
 
 from .clipping import METHODS, SIGMA_ESTIMATORS, aciq_range, check_bits, choose_clipping
 from .dumps import dump_path, dumped_layers, read_fp32
-from .quantization.inference.statistic_manager import Statistics, StatisticsError, load_statistics
+from .stats import Statistics, StatisticsError, load_statistics
 
 COLOURS = {"no": "#7f7f7f", "laplace": "#d62728", "gaus": "#1f77b4", "mix": "#2ca02c"}
 WIDTH = 1350

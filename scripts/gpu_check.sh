@@ -38,13 +38,13 @@ build() {  # build <what> <seconds> <env...>
   fi
 }
 step "build the CPU and CUDA extensions in place"
-rm -f pytorch_quantizer/quantization/qtypes/_gemmlowp_*.so
+rm -f pytorch_quantizer/_gemmlowp_*.so
 build cpu "$(left 180)" ACIQ_BUILD_CUDA=0 & cpu_pid=$!
 build cuda "$(left 240)" ACIQ_BUILD_CPU=0 ACIQ_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" & cuda_pid=$!
 wait $cpu_pid || status=1
 wait $cuda_pid || status=1
 for what in cpu cuda; do echo "--- $what build log (tail)"; tail -n 12 "${TMPDIR:-/tmp}/aciq_build_$what.log"; done
-ls -l pytorch_quantizer/quantization/qtypes/_gemmlowp_*.so || status=1
+ls -l pytorch_quantizer/_gemmlowp_*.so || status=1
 
 step "diagnostics: signed zero in ATen's CUDA clamp/round, kernel refusals in a child process"
 timeout "$(left 60)" "$PYTHON" - <<'PY' || status=1
@@ -53,7 +53,7 @@ if torch.cuda.is_available():
     z = torch.tensor([-0.0, -1e-45], device="cuda")
     print("ATen CUDA: clamp_(0, 255) of -0.0 ->", z.clone().clamp_(0.0, 255.0).tolist(),
           " round_(-0.0) ->", z[:1].clone().round_().tolist(), " -1e-45 * 1e-4 ->", (z[1:] * 1e-4).tolist())
-code = ("import torch; from pytorch_quantizer.quantization.qtypes import backends as b\n"
+code = ("import torch; from pytorch_quantizer import backends as b\n"
         "for n, d in (('cpu', 'cpu'), ('cuda', 'cuda')):\n"
         "    m = b.kernel_module(n)\n"
         "    if m is None or (d == 'cuda' and not torch.cuda.is_available()): continue\n"

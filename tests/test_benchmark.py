@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytorch_quantizer.quantization.qtypes import backends
+from pytorch_quantizer import backends
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_quant.py"
 LAST_LINE = re.compile(r"copy_ratio=(\S+) w8a4_overhead=(\S+) collect_overhead=(\S+)(?: compiled_w8a4_overhead=(\S+))?")

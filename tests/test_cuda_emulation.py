@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytorch_quantizer.quantization.qtypes.int_quantizer import (
+from pytorch_quantizer.grid import (
     gemmlowp_qparams,
     gemmlowp_qparams_per_channel,
     reference_quantize_,
@@ -138,7 +138,7 @@ def test_stats_capped_grids_give_the_same_bits(cuda_emulator, shape):
 
 
 def _cuda_module():
-    from pytorch_quantizer.quantization.qtypes.backends import kernel_module
+    from pytorch_quantizer.backends import kernel_module
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")

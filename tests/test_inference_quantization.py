@@ -7,14 +7,14 @@ import torch
 import torchvision
 
 from pytorch_quantizer import aciq_range, choose_clipping, gemmlowp_quantize
-from pytorch_quantizer.quantization.inference.inference_quantization_manager import (
+from pytorch_quantizer.layers import activation_layers
+from pytorch_quantizer.quantizer import (
     ActivationQuantizer,
     QuantConfig,
     mse_order,
     plan_table,
 )
-from pytorch_quantizer.quantization.inference.layers import activation_layers
-from pytorch_quantizer.quantization.inference.statistic_manager import StatisticsCollector, load_statistics
+from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
 
 def heavy_tailed(n, seed):

@@ -15,9 +15,8 @@ import os
 import pytest
 import torch
 
-from pytorch_quantizer import gemmlowp_quantize, gemmlowp_quantize_per_channel
-from pytorch_quantizer.quantization.qtypes import backends
-from pytorch_quantizer.quantization.qtypes.int_quantizer import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel
+from pytorch_quantizer import backends, gemmlowp_quantize, gemmlowp_quantize_per_channel
+from pytorch_quantizer.quantize import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel
 
 KERNEL_DEVICES = {"cpu": "cpu", "cuda": "cuda"}
 # (delta, offset) pairs: symmetric, all-positive, tiny, huge, zero/negative-zero offset, off-centre

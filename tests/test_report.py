@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from pytorch_quantizer.clipping import optimal_alpha
-from pytorch_quantizer.quantization.inference.statistic_manager import load_statistics
 from pytorch_quantizer.report import build_report, layer_table, main
+from pytorch_quantizer.stats import load_statistics
 
 LAYERS = {
     "conv0_activation": ("conv", lambda rng: rng.laplace(0.0, 0.5, (6, 4, 12, 12))),

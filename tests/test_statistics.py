@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from pytorch_quantizer.quantization.inference import statistic_manager as sm
-from pytorch_quantizer.quantization.inference.layers import activation_layers
-from pytorch_quantizer.quantization.inference.statistic_manager import (
+from pytorch_quantizer import stats as sm
+from pytorch_quantizer.layers import activation_layers
+from pytorch_quantizer.stats import (
     StatisticsCollector,
     StatisticsError,
     load_statistics,
@@ -55,7 +55,7 @@ STATS_KERNELS = ["cpu", "cuda", "cuda-emulated"]
 
 
 def _compiled_stats(name: str):
-    from pytorch_quantizer.quantization.qtypes.backends import kernel_module
+    from pytorch_quantizer.backends import kernel_module
 
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")

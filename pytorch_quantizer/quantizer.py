@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ...clipping import METHODS, SIGMA_ESTIMATORS, TensorStats, aciq_range, check_bits, choose_clipping
-from ..qtypes.int_quantizer import (
+from .clipping import METHODS, SIGMA_ESTIMATORS, TensorStats, aciq_range, check_bits, choose_clipping
+from .layers import ActivationLayer, HookSet, activation_layers, check_finite
+from .quantize import (
     QParams,
     gemmlowp_qparams,
     gemmlowp_quantize,
@@ -24,8 +25,7 @@ from ..qtypes.int_quantizer import (
     quantize_with_qparams,
     uniform_noise,
 )
-from .layers import ActivationLayer, HookSet, activation_layers, check_finite
-from .statistic_manager import Statistics
+from .stats import Statistics
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ...clipping import TensorStats
-from ..qtypes.backends import kernel_module
+from .backends import kernel_module
+from .clipping import TensorStats
 from .layers import ActivationLayer, HookSet, activation_layers, check_finite
 
 STAT_COLUMNS = ("min", "max", "mean", "std", "kurtosis", "mean_abs", "b")
