@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pytorch_quantizer.clipping import MAX_BITS, METHODS, MIN_BITS, SIGMA_ESTIMATORS
+from pytorch_quantizer.clipping import MAX_BITS, MIN_BITS, SIGMA_ESTIMATORS
+from pytorch_quantizer.methods import get_method, method_names
 
 EXIT_USAGE = 2
 AUTO = object()  # -qw not given: int8 weights when anything else is quantized (not a str: argparse converts those)
@@ -95,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-qw", "--qweight", type=qweight, default=AUTO, metavar="intN",
                    help="weight and bias type intN, or f32 for float weights (default: int8 when activations are "
                         "quantized, f32 otherwise)")
-    p.add_argument("-th", "--threshold", choices=METHODS, default="no",
-                   help="clipping: no, laplace, gaus, or mix (the prior predicting the smaller MSE)")
+    methods = method_names()
+    p.add_argument("-th", "--threshold", choices=methods, default="no", metavar="METHOD",
+                   help="clipping method: " + "; ".join(f"{m}: {get_method(m).summary}" for m in methods)
+                        + " (default: %(default)s)")
     p.add_argument("-sm", "--stats_mode", choices=("collect", "use", "no"), default="no",
                    help="collect statistics, use saved ones, or take ranges from each live tensor (default: no)")
     p.add_argument("-sf", "--stats_folder", type=Path, default=None,

@@ -3,12 +3,12 @@
 from .clipping import (
     TensorStats,
     aciq_range,
-    choose_clipping,
     gaus_sigma_from_range,
     mse_gaus,
     mse_laplace,
     optimal_alpha,
 )
+from .methods import ClippingMethod, Grid, choose_clipping, get_method, method_names, register
 from .quantize import (
     gemmlowp_qparams,
     gemmlowp_qparams_per_channel,
@@ -21,18 +21,23 @@ from .quantize import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClippingMethod",
+    "Grid",
     "TensorStats",
     "__version__",
     "aciq_range",
     "choose_clipping",
     "gaus_sigma_from_range",
+    "get_method",
     "gemmlowp_qparams",
     "gemmlowp_qparams_per_channel",
     "gemmlowp_quantize",
     "gemmlowp_quantize_per_channel",
     "mse_gaus",
+    "method_names",
     "mse_laplace",
     "optimal_alpha",
     "quantize_per_channel_with_qparams",
     "quantize_with_qparams",
+    "register",
 ]

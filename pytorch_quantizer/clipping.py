@@ -14,7 +14,6 @@ from functools import cache
 from scipy import optimize, special
 
 PRIORS = ("laplace", "gaus")
-METHODS = ("no", "laplace", "gaus", "mix")
 SIGMA_ESTIMATORS = ("range", "std")
 MIN_BITS, MAX_BITS = 1, 16
 
@@ -156,23 +155,16 @@ def no_clip_mse(stats: TensorStats, bits: int) -> float:
     return quantization_noise(stats.range / 2.0, bits)
 
 
-def choose_clipping(
-    stats: TensorStats, method: str, bits: int, sigma_estimator: str = "range"
-) -> ClipDecision:
-    """Alpha for ``method``; ``mix`` takes whichever prior predicts the smaller MSE."""
+def prior_clipping(stats: TensorStats, prior: str, bits: int, sigma_estimator: str = "range") -> ClipDecision:
+    """The analytical clipping for one prior: alpha = optimal_alpha(prior, bits) * scale (b for Laplace, sigma
+    for Gauss) and the MSE the paper's model predicts for it.  A constant tensor (scale 0) is not clipped and has
+    zero MSE.  The methods that use it (and ``mix``) are registered in ``methods``."""
     bits = check_bits(bits)
-    if method == "no":
-        return ClipDecision("no", 0.0, no_clip_mse(stats, bits))
-    if method == "mix":
-        candidates = [choose_clipping(stats, p, bits, sigma_estimator) for p in PRIORS]
-        return min(candidates, key=lambda d: d.predicted_mse)
-    if method not in PRIORS:
-        raise ValueError(f"unknown clipping method {method!r}: expected one of {', '.join(METHODS)}")
-    scale = stats.b if method == "laplace" else stats.sigma(sigma_estimator)
+    scale = stats.b if check_prior(prior) == "laplace" else stats.sigma(sigma_estimator)
     if scale <= 0.0:  # a constant tensor: nothing to clip, and the MSE is zero
-        return ClipDecision(method, 0.0, 0.0)
-    alpha = optimal_alpha(method, bits) * scale
-    return ClipDecision(method, alpha, mse(method, alpha, scale, bits))
+        return ClipDecision(prior, 0.0, 0.0)
+    alpha = optimal_alpha(prior, bits) * scale
+    return ClipDecision(prior, alpha, mse(prior, alpha, scale, bits))
 
 
 def aciq_range(vmin: float, vmax: float, mean: float, alpha: float) -> tuple[float, float]:

@@ -76,7 +76,7 @@ class ImageNetVal(ImageFolder):
         if unknown:
             shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
             raise DataError(f"{len(unknown)} folders in {directory} are not ImageNet wnids ({shown}); expected "
-                            "ImageFolder layout val/<wnid>/*.JPEG with wnids such as n01440764")
+                            f"ImageFolder layout {directory}/<wnid>/*.JPEG with wnids such as n01440764")
         return folders, {name: index[name] for name in folders}
 
 
@@ -89,24 +89,44 @@ def imagenet_val_dataset(data_dir: str | Path, transform: Callable[[Image.Image]
     that set silently (and differently for runs with different subsets). Fixing or removing the file is a one-time
     step for the user.
     """
-    root = Path(data_dir).expanduser()
-    if not root.exists():
-        raise DataError(f"data directory {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"data directory {root} is not a directory")
+    root = _directory(data_dir, "data directory")
     val = root / "val"
     if not val.is_dir():
         raise DataError(f"no val/ folder in {root}; expected {val}/<wnid>/*.JPEG (ImageFolder layout)")
-    entries = [e for e in os.scandir(val) if not e.name.startswith(".")]
+    return wnid_folder_dataset(val, transform)
+
+
+def wnid_folder_dataset(folder: str | Path, transform: Callable[[Image.Image], Any] | None = None,
+                        what: str = "data directory") -> ImageNetVal:
+    """The images of ``folder/<wnid>/*`` with standard ImageNet-1k targets: a ``val`` folder, an ImageNet ``train``
+    folder, or any folder of wnid-named class folders (``--cal-data``).  Layout problems are one-line DataErrors."""
+    folder = _directory(folder, what)
+    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
     if not any(e.is_dir() for e in entries):
         if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in entries):
-            raise DataError(f"{val} holds images directly; sort them into one folder per class, "
-                            "val/<wnid>/*.JPEG (ImageFolder layout)")
-        raise DataError(f"{val} has no class folders; expected val/<wnid>/*.JPEG (ImageFolder layout)")
-    dataset = ImageNetVal(val, transform=transform)
+            raise DataError(f"{folder} holds images directly; sort them into one folder per class, "
+                            f"{folder}/<wnid>/*.JPEG (ImageFolder layout)")
+        raise DataError(f"{folder} has no class folders; expected {folder}/<wnid>/*.JPEG (ImageFolder layout)")
+    dataset = ImageNetVal(folder, transform=transform)
     if not dataset.samples:
-        raise DataError(f"no images ({', '.join(IMG_EXTENSIONS[:3])}, ...) in the class folders of {val}")
+        raise DataError(f"no images ({', '.join(IMG_EXTENSIONS[:3])}, ...) in the class folders of {folder}")
     return dataset
+
+
+def _directory(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise DataError(f"{what} {path} is not a directory")
+    return path
+
+
+def relative_paths(dataset: ImageNetVal) -> list[str]:
+    """Each image as ``<wnid>/<file>`` (the dataset's order): how statistics name the images they were collected
+    on, so that evaluation can leave them out wherever the folder is mounted."""
+    root = Path(dataset.root)
+    return [Path(path).relative_to(root).as_posix() for path, _ in dataset.samples]
 
 
 def deterministic_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:

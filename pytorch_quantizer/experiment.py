@@ -23,12 +23,8 @@ from .data import CachedDataset, imagenet_val_dataset, make_loader
 from .dumps import write_dump
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
-from .quantizer import (
-    ActivationQuantizer,
-    QuantConfig,
-    mse_order,
-    plan_table,
-)
+from .policy import mse_order, plan_table
+from .quantizer import ActivationQuantizer, QuantConfig
 from .stats import Statistics, StatisticsCollector, load_statistics
 
 log = logging.getLogger("pytorch_quantizer")
@@ -245,7 +241,7 @@ class Experiment:
         """
         if stats is None:
             raise ValueError("-ct orders layers by their statistics: collect them first and run with -sm use")
-        return mse_order(self.layers, stats, self.cfg.quant_config(bits))
+        return mse_order(self.layers, stats, self.cfg.quant_config(bits).policy(), self.cfg.sigma_estimator)
 
     def dump(self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None) -> Path:
         """Save each layer's FP32 and quantized output for the first batch to ``dump_dir`` (see ``dumps``)."""

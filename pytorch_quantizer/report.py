@@ -3,7 +3,7 @@
     python -m pytorch_quantizer.report STATS_FOLDER -o report.html [--dumps DIR] [--bits 4] [--sigma-estimator range]
 
 Per layer it shows the statistics (the summary's ``mean`` row, as the quantizer uses them), the alpha and the
-predicted MSE of each method (``no``, ``laplace``, ``gaus``, ``mix`` via ``choose_clipping``) and the kurtosis
+predicted MSE of each registered clipping method whose observers the folder holds (``methods``) and the kurtosis
 against the Gaussian (3) and Laplace (6) values, which hints at which prior fits.  With ``--dumps`` (a ``-dd``
 folder of ``<layer>.npz`` files) it adds each layer's histogram of the dumped fp32 activation with the fitted
 Laplace and Gaussian densities and the clipping grid each prior implies, so a poor fit is visible at a glance.
@@ -28,11 +28,26 @@ from bokeh.plotting import figure
 from bokeh.resources import INLINE
 from scipy import stats as scipy_stats
 
-from .clipping import METHODS, SIGMA_ESTIMATORS, aciq_range, check_bits, choose_clipping
+from .clipping import SIGMA_ESTIMATORS, aciq_range, check_bits
 from .dumps import dump_path, dumped_layers, read_fp32
+from .methods import get_method, method_names
 from .stats import Statistics, StatisticsError, load_statistics
 
-COLOURS = {"no": "#7f7f7f", "laplace": "#d62728", "gaus": "#1f77b4", "mix": "#2ca02c"}
+COLOURS = {"no": "#7f7f7f", "laplace": "#d62728", "gaus": "#1f77b4", "mix": "#2ca02c", "minmax": "#8c564b"}
+OTHER_COLOURS = ("#9467bd", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
+
+
+def method_colour(method: str) -> str:
+    """A method's colour: the seed's fixed ones, then a palette in registration order for registered methods."""
+    if method in COLOURS:
+        return COLOURS[method]
+    others = [m for m in method_names() if m not in COLOURS]
+    return OTHER_COLOURS[others.index(method) % len(OTHER_COLOURS)] if method in others else "#000000"
+
+
+def report_methods(statistics: Statistics) -> list[str]:
+    """The registered methods whose observers the folder holds (every one of them is in the report)."""
+    return [m for m in method_names() if set(get_method(m).requires) <= set(statistics.observers)]
 WIDTH = 1350
 HIST_BINS = 120
 
@@ -57,8 +72,9 @@ def layer_table(statistics: Statistics, bits: int, sigma_estimator: str = "range
             "kurtosis": float(statistics.summary(name).loc["mean", "kurtosis"]),
             "half_range": ts.range / 2.0,
         }
-        for method in METHODS:
-            decision = choose_clipping(ts, method, bits, sigma_estimator)
+        obs = statistics.observation(name)
+        for method in report_methods(statistics):
+            decision = get_method(method, sigma_estimator).clip(obs, bits)
             row[f"alpha_{method}"] = decision.alpha
             row[f"mse_{method}"] = decision.predicted_mse
             if method == "mix":
@@ -84,7 +100,7 @@ def _table(frame: pd.DataFrame) -> DataTable:
     for method in ("laplace", "gaus"):
         columns.append(TableColumn(field=f"alpha_{method}", title=f"α {method}", formatter=number, width=75))
     columns.append(TableColumn(field="mix_choice", title="mix picks", width=70))
-    for method in METHODS:
+    for method in (m for m in method_names() if f"mse_{m}" in frame.columns):
         columns.append(TableColumn(field=f"mse_{method}", title=f"MSE {method}", formatter=sci, width=85))
     height = min(600, 28 + 25 * len(frame))
     return DataTable(
@@ -113,13 +129,14 @@ def mse_figure(frame: pd.DataFrame, bits: int):
     """Predicted MSE of each method per layer (log scale): how much each clipping rule is expected to save."""
     fig = _per_layer_figure(frame, f"Predicted MSE per layer at {bits} bits", "predicted MSE", True, "mse")
     source = _source(frame)
-    for method in METHODS:
+    methods = [m for m in method_names() if f"mse_{m}" in frame.columns]
+    for method in methods:
         field = f"mse_{method}"
         if (frame[field] <= 0).all():
             continue
-        fig.line("layer", field, source=source, color=COLOURS[method], legend_label=method, line_width=2)
-        fig.scatter("layer", field, source=source, color=COLOURS[method], legend_label=method, size=6)
-    fig.add_tools(HoverTool(tooltips=[("layer", "@layer")] + [(f"MSE {m}", f"@mse_{m}{{0.000e+0}}") for m in METHODS]))
+        fig.line("layer", field, source=source, color=method_colour(method), legend_label=method, line_width=2)
+        fig.scatter("layer", field, source=source, color=method_colour(method), legend_label=method, size=6)
+    fig.add_tools(HoverTool(tooltips=[("layer", "@layer")] + [(f"MSE {m}", f"@mse_{m}{{0.000e+0}}") for m in methods]))
     fig.legend.click_policy = "hide"
     fig.legend.location = "top_left"
     return fig

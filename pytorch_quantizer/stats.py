@@ -1,12 +1,15 @@
-"""Per-sample activation statistics: collecting them with hooks, and the on-disk layout.
+"""Statistics folders: collecting observers with hooks in one calibration pass, and the on-disk layout.
 
-A statistics folder holds, for every hooked layer ``<name>`` (``conv0_activation``, ...):
+A statistics folder holds ``meta.json`` (which model the statistics came from: arch, weights, weight fingerprint,
+BatchNorm folding; how many images, the seed, the package version, each layer's module path and elements per
+sample; and since format 2 the observers it holds with their granularity) and each observer's files per layer
+(``observers``).  The moments observer per tensor writes, for every hooked layer ``<name>``:
 
 - ``<name>.csv``: one row per sample, columns ``min,max,mean,std,kurtosis,mean_abs,b``;
 - ``<name>_summary.csv``: rows ``min``, ``mean``, ``max`` (the reduction over samples, first column ``reduce``),
-  columns the statistics plus ``range`` (max - min);
-- ``meta.json``: which model the statistics came from (arch, weights, weight fingerprint, BatchNorm folding),
-  how many images, the seed, the package version, and each layer's module path and elements per sample.
+  columns the statistics plus ``range`` (max - min).
+
+That is the whole layout of format 1 (the previous releases), which still loads: it holds per-tensor moments.
 
 The folder is written to a temporary sibling and swapped in only when complete, so a failed or
 interrupted run leaves earlier statistics untouched.
@@ -15,12 +18,11 @@ interrupted run leaves earlier statistics untouched.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,76 +31,42 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .backends import kernel_module
 from .clipping import TensorStats
-from .layers import ActivationLayer, HookSet, activation_layers, check_finite
+from .layers import ActivationLayer, HookSet, activation_layers
+from .observers import (
+    PER_TENSOR,
+    STAT_COLUMNS,
+    Granularity,
+    Moments,
+    MomentsObserver,
+    Observation,
+    Observer,
+    ObserverError,
+    observer_class,
+    per_sample_stats,
+    stats_from_row,
+)
 
-STAT_COLUMNS = ("min", "max", "mean", "std", "kurtosis", "mean_abs", "b")
-SUMMARY_COLUMNS = (*STAT_COLUMNS, "range")
-REDUCTIONS = ("min", "mean", "max")
+__all__ = ["STAT_COLUMNS", "Statistics", "StatisticsCollector", "StatisticsError", "load_statistics",
+           "per_sample_stats"]
+
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+FORMAT_1_OBSERVERS = [{"name": "moments", "granularity": "tensor"}]
 
 
 class StatisticsError(ValueError):
     """Statistics that are missing, malformed or belong to another model."""
 
 
-def _stats_kernel(flat: torch.Tensor):
-    """The compiled ``per_sample_stats`` for ``flat``'s device (CPU or CUDA) when it is built and applies
-    (float32, non-empty), else None."""
-    if flat.dtype != torch.float32 or flat.device.type not in ("cpu", "cuda") or flat.numel() == 0:
-        return None
-    module = kernel_module(flat.device.type)
-    return getattr(module, "per_sample_stats", None) if module is not None else None
-
-
-def per_sample_stats(x: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """``[batch, 7]`` float64 statistics of each sample of an activation (on its device), columns ``STAT_COLUMNS``.
-
-    Moments are computed in float32 over each sample (as the activations are) and returned as float64.
-    Kurtosis is Pearson's (3 for a Gaussian, 6 for a Laplace); a constant sample has std 0 and kurtosis 0.
-    float32 tensors go to the fused kernel of their device when it is built (kernels/stats_math.h: two reads
-    per sample, float partial sums accumulated in float64; deterministic, the CPU one for any thread count);
-    other tensors, missing builds and ``fused=False`` use the PyTorch reductions below.  The CPU and CUDA
-    kernels sum in different orders, so their results differ in the last bits.
-    """
-    flat = x.detach().reshape(x.shape[0], -1)
-    if not flat.is_floating_point():
-        raise TypeError(f"activation statistics need a floating-point tensor, got {flat.dtype}")
-    kernel = _stats_kernel(flat) if fused else None
-    if kernel is not None:
-        return kernel(flat.contiguous())
-    flat = flat.float()
-    n = flat.shape[1]
-    lo, hi = torch.aminmax(flat, dim=1)
-    mean_abs = torch.linalg.vector_norm(flat, 1, dim=1) / n
-    mean = flat.mean(dim=1, keepdim=True)
-    centred = flat - mean  # the only full-size temporary
-    b = torch.linalg.vector_norm(centred, 1, dim=1) / n
-    std = torch.linalg.vector_norm(centred, 2, dim=1) / math.sqrt(n)
-    # kurtosis from standardised values: x^4 of raw activations overflows float32 beyond |x| ~ 1e9
-    live = std > 0
-    z = centred.div_(torch.where(live, std, 1.0).unsqueeze(1))
-    kurtosis = torch.where(live, torch.linalg.vector_norm(z, 4, dim=1).pow(4) / n, 0.0)
-    columns = (lo, hi, mean.squeeze(1), std, kurtosis, mean_abs, b)
-    return torch.stack(columns, dim=1).double()
-
-
-def summarize(samples: pd.DataFrame) -> pd.DataFrame:
-    """The min / mean / max over samples of each statistic and of the range."""
-    frame = samples.assign(range=samples["max"] - samples["min"])
-    summary = frame.agg(list(REDUCTIONS))
-    summary.index.name = "reduce"
-    return summary[list(SUMMARY_COLUMNS)]
-
-
 class StatisticsCollector:
-    """Records per-sample statistics of every Conv2d/Linear output of a model while it runs.
+    """Feeds every Conv2d/Linear output of a model to its observers while the model runs.
 
     ``with StatisticsCollector(model) as collector: model(x)`` attaches forward hooks and removes them on exit;
-    the model itself is never modified.  ``fused=False`` computes the statistics with PyTorch reductions
-    instead of the compiled kernels (for comparison).
+    the model itself is never modified.  ``observers`` names the observers per layer (default: the moments, per
+    tensor or at ``granularity``); ``fused=False`` computes the moments with PyTorch reductions instead of the
+    compiled kernels (for comparison).
 
     Under ``nn.DataParallel`` the replicas share these hooks and call them from their own threads, each on its
     chunk of the batch.  ``devices`` lists the replicas' devices in the order DataParallel scatters the batch
@@ -108,15 +76,29 @@ class StatisticsCollector:
     device until read and are moved to the CPU one by one before they are joined.
     """
 
-    def __init__(self, model: nn.Module, fused: bool = True, devices: Sequence[torch.device | str] = ()) -> None:
+    def __init__(self, model: nn.Module, fused: bool = True, devices: Sequence[torch.device | str] = (),
+                 observers: Iterable[str] = ("moments",), granularity: Granularity = PER_TENSOR) -> None:
         self.fused = fused
+        self.granularity = granularity
+        self.observer_names = tuple(dict.fromkeys(observers))
+        for name in self.observer_names:
+            observer_class(name)
         self.layers: list[ActivationLayer] = activation_layers(model)
         self.devices = [torch.device(d) for d in devices]
-        self._records: dict[str, dict[tuple[int, int], torch.Tensor]] = {layer.name: {} for layer in self.layers}
+        self.observers: dict[str, list[Observer]] = {
+            layer.name: [self._make(name) for name in self.observer_names] for layer in self.layers
+        }
         self._calls: dict[tuple[str, int], int] = {}
+        self._samples: dict[str, int] = {}
         self._lock = threading.Lock()
         self.numel: dict[str, int] = {}
         self._hooks = HookSet()
+
+    def _make(self, name: str) -> Observer:
+        cls = observer_class(name)
+        if cls is MomentsObserver:
+            return MomentsObserver(self.granularity, fused=self.fused)
+        return cls(self.granularity)
 
     def attach(self) -> StatisticsCollector:
         if not self._hooks.attached:
@@ -138,73 +120,66 @@ class StatisticsCollector:
         return self.devices.index(output.device) if output.device in self.devices else 0
 
     def _hook(self, name: str):
+        observers = self.observers[name]
+
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            # kept on the activation's device: no host synchronisation per layer; checked when read
-            stats = per_sample_stats(output, self.fused)
             replica = self._replica(output)
             with self._lock:
                 call = self._calls.get((name, replica), 0)
                 self._calls[(name, replica)] = call + 1
-                self._records[name][(call, replica)] = stats
+                self._samples[name] = self._samples.get(name, 0) + output.shape[0]
                 self.numel[name] = output[0].numel()
+            for observer in observers:  # kept on the activation's device: no host synchronisation per layer
+                observer.update(output, (call, replica))
 
         return hook
-
-    def _table(self, name: str) -> torch.Tensor | None:
-        """One layer's [samples, 7] statistics on the CPU, in sample order; None when the layer never ran."""
-        records = self._records[name]
-        if not records:
-            return None
-        return torch.cat([records[key].cpu() for key in sorted(records)])
 
     @property
     def samples(self) -> int:
         """Samples seen by the first layer that ran (layers the forward never calls record nothing)."""
-        return next(
-            (sum(len(t) for t in records.values()) for records in self._records.values() if records), 0
-        )
+        return next((self._samples[layer.name] for layer in self.layers if layer.name in self._samples), 0)
 
-    def frames(self) -> dict[str, pd.DataFrame]:
-        """Per-layer sample tables collected so far, for the layers whose forward actually ran.
-
-        Some models hold Linear modules whose weights are used without calling them (``nn.MultiheadAttention``'s
-        ``out_proj``); those have no output to observe or quantize and are left out.
-        """
+    def observed(self) -> list[ActivationLayer]:
+        """The layers whose forward actually ran.  Some models hold Linear modules whose weights are used without
+        calling them (``nn.MultiheadAttention``'s ``out_proj``); those have no output to observe or quantize."""
         if self.samples == 0:
             raise StatisticsError("no statistics were collected: the model never ran with the hooks attached")
+        return [layer for layer in self.layers if layer.name in self._samples]
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """Per-layer per-sample moment tables collected so far (per tensor), for the layers that ran."""
         frames = {}
-        for name in self._records:
-            table = self._table(name)
-            if table is not None:
-                check_finite(name, table[:, 0].min().item(), table[:, 1].max().item())
-                frames[name] = pd.DataFrame(table.numpy(), columns=list(STAT_COLUMNS))
+        for layer in self.observed():
+            moments = next(o for o in self.observers[layer.name] if isinstance(o, MomentsObserver))
+            frames[layer.name] = pd.DataFrame(moments.table().numpy(), columns=list(STAT_COLUMNS))
         return frames
 
     def save(self, folder: str | os.PathLike, meta: dict[str, Any]) -> Path:
         """Write the statistics folder atomically (see the module docstring); ``meta`` describes the model."""
-        frames = self.frames()
-        layers = [
+        layers = self.observed()
+        entries = [
             {"name": layer.name, "module": layer.module_name, "kind": layer.kind, "numel": self.numel[layer.name]}
-            for layer in self.layers
-            if layer.name in frames
+            for layer in layers
         ]
-        full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": layers}
-        return write_statistics(folder, frames, full_meta)
+        observers = [{"name": name, "granularity": self.granularity.label} for name in self.observer_names]
+        full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": entries,
+                     "observers": observers}
+
+        def write(staging: Path) -> None:
+            for layer in layers:
+                for observer in self.observers[layer.name]:
+                    observer.export(staging, layer.name)
+
+        return write_statistics(folder, write, full_meta)
 
 
-def _write_csv(frame: pd.DataFrame, path: Path, index: bool) -> None:
-    frame.to_csv(path, index=index, float_format="%.9g")
-
-
-def write_statistics(folder: str | os.PathLike, frames: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Path:
-    """Write per-layer tables, summaries and meta into a temporary sibling folder, then swap it in."""
+def write_statistics(folder: str | os.PathLike, write, meta: dict[str, Any]) -> Path:
+    """Call ``write(staging)`` for a temporary sibling folder, add ``meta.json``, then swap it in."""
     folder = Path(folder).expanduser()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        for name, frame in frames.items():
-            _write_csv(frame, staging / f"{name}.csv", index=False)
-            _write_csv(summarize(frame), staging / f"{name}_summary.csv", index=True)
+        write(staging)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _swap_in(staging, folder)
     except BaseException:
@@ -232,41 +207,66 @@ def _swap_in(staging: Path, folder: Path) -> None:
 
 @dataclass(frozen=True)
 class Statistics:
-    """A loaded statistics folder: its meta and each layer's summary."""
+    """A loaded statistics folder: its meta and, per layer, each observer's loaded state."""
 
     folder: Path
     meta: dict[str, Any]
-    summaries: dict[str, pd.DataFrame]
+    states: dict[str, dict[str, Any]]  # layer -> observer name -> state (``Observer.load``)
 
     @property
     def layer_names(self) -> list[str]:
         return [layer["name"] for layer in self.meta["layers"]]
 
+    @property
+    def observers(self) -> dict[str, Granularity]:
+        """The observers this folder holds, with their granularity."""
+        return {o["name"]: Granularity.parse(o["granularity"]) for o in self.meta.get("observers", FORMAT_1_OBSERVERS)}
+
+    def require(self, observers: Iterable[str], why: str) -> None:
+        """Refuse, naming what to collect, when ``why`` (a method) needs an observer this folder lacks."""
+        missing = [name for name in observers if name not in self.observers]
+        if missing:
+            raise StatisticsError(
+                f"{why} needs the {', '.join(missing)} observer(s), but {self.folder} holds only "
+                f"{', '.join(self.observers) or 'none'}; collect them again with -sm collect"
+            )
+
     def numel(self, name: str) -> int:
         return next(int(layer["numel"]) for layer in self.meta["layers"] if layer["name"] == name)
 
-    def summary(self, name: str) -> pd.DataFrame:
+    def _moments(self, name: str) -> Moments:
         try:
-            return self.summaries[name]
+            return self.states[name]["moments"]
         except KeyError:
-            raise StatisticsError(f"{self.folder} has no statistics for layer {name}") from None
+            raise StatisticsError(f"{self.folder} has no moments for layer {name}") from None
+
+    def summary(self, name: str) -> pd.DataFrame:
+        summary = self._moments(name).summary
+        if summary is None:
+            raise StatisticsError(f"{self.folder} holds per-channel moments only; per-tensor ones were not collected")
+        return summary
 
     def tensor_stats(self, name: str, reduce: str = "mean") -> TensorStats:
         """The statistics the clipping rule uses: each column reduced over samples (the seed used the mean)."""
-        row = self.summary(name).loc[reduce]
-        return TensorStats(
-            min=float(row["min"]),
-            max=float(row["max"]),
-            mean=float(row["mean"]),
-            b=float(row["b"]),
-            std=float(row["std"]),
-            numel=self.numel(name),
-        )
+        return stats_from_row(self.summary(name).loc[reduce], self.numel(name))
 
     def extreme_range(self, name: str) -> tuple[float, float]:
         """The min of the per-sample minima and the max of the maxima (the seed's rule for the classifier)."""
         summary = self.summary(name)
         return float(summary.loc["min", "min"]), float(summary.loc["max", "max"])
+
+    def observation(self, name: str) -> Observation:
+        """What a clipping method sees of layer ``name``."""
+        moments = self._moments(name)
+        channels = None
+        if moments.channel_summary is not None:
+            rows = moments.channel_summary.loc["mean"]
+            numel = self.numel(name) // max(len(rows), 1)
+            channels = tuple(stats_from_row(row, numel) for _, row in rows.iterrows())
+        extra = {key: state for key, state in self.states[name].items() if key != "moments"}
+        if moments.summary is None:
+            return Observation(self.numel(name), channels[0], (channels[0].min, channels[0].max), channels, extra)
+        return Observation(self.numel(name), self.tensor_stats(name), self.extreme_range(name), channels, extra)
 
     def check_model(self, expected: dict[str, Any]) -> None:
         """Refuse statistics of another model: every key of ``expected`` must match the recorded meta."""
@@ -289,30 +289,32 @@ class Statistics:
                 )
 
     def has(self, name: str) -> bool:
-        return name in self.summaries
+        return name in self.states
 
 
 def load_statistics(folder: str | os.PathLike) -> Statistics:
-    """Read a statistics folder written by ``StatisticsCollector.save``; clear errors when it is not one."""
+    """Read a statistics folder (format 1 or 2); clear one-line errors when it is not one."""
     folder = Path(folder).expanduser()
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise StatisticsError(f"no statistics in {folder} (no {META_FILE}); run with -sm collect first")
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise StatisticsError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-        summaries = {}
-        for layer in meta["layers"]:
-            summary = pd.read_csv(folder / f"{layer['name']}_summary.csv", index_col="reduce")
-            missing = set(SUMMARY_COLUMNS) - set(summary.columns)
-            if missing or list(summary.index) != list(REDUCTIONS):
-                raise StatisticsError(f"{folder / layer['name']}_summary.csv is malformed (columns {sorted(missing)})")
-            if not all(math.isfinite(v) for v in summary.to_numpy().ravel()):
-                raise StatisticsError(f"{folder / layer['name']}_summary.csv holds non-finite values")
-            summaries[layer["name"]] = summary
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
-        if isinstance(err, StatisticsError):
-            raise
-        raise StatisticsError(f"statistics in {folder} are unreadable: {err}") from err
-    return Statistics(folder, meta, summaries)
+        if meta.get("format") not in READABLE_FORMATS:
+            raise StatisticsError(
+                f"{meta_path} has layout format {meta.get('format')!r}; this release reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}: collect them again with -sm collect"
+            )
+        observers = [(o["name"], Granularity.parse(o["granularity"]))
+                     for o in meta.get("observers", FORMAT_1_OBSERVERS)]
+        states = {
+            layer["name"]: {name: observer_class(name).load(folder, layer["name"], granularity)
+                            for name, granularity in observers}
+            for layer in meta["layers"]
+        }
+    except StatisticsError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        message = str(err) if isinstance(err, ObserverError) else f"{type(err).__name__}: {err}"
+        raise StatisticsError(f"statistics in {folder} are unreadable: {message}") from err
+    return Statistics(folder, meta, states)

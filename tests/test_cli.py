@@ -223,3 +223,32 @@ def test_subprocess_error_is_one_line(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "int0" in proc.stderr
+
+
+def test_a_registered_method_runs_through_the_driver(data_dir, stats_dir, capsys):
+    """One class plus ``register``: -th accepts it, the plan, the results CSV and the report show it."""
+    from test_design import HalfRange, NeedsHistogram  # tests/ is on sys.path (pytest's rootdir-less import)
+
+    from pytorch_quantizer.methods import register, unregister
+    from pytorch_quantizer.report import layer_table
+    from pytorch_quantizer.stats import load_statistics
+
+    register(HalfRange)
+    register(NeedsHistogram)
+    try:
+        assert "toy_quarter" in inference_sim.build_parser().format_help()
+        assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "toy_quarter") == 0
+        row = last_result(stats_dir)
+        assert row["threshold"] == "toy_quarter"
+        plan = pd.read_csv(stats_dir / "plans" / "mobilenet_v3_small_int4_toy_quarter.csv", index_col="name",
+                           keep_default_na=False)
+        assert set(plan.loc[plan["role"] == "", "method"]) <= {"toy_quarter", "no"}
+        assert (plan["method"] == "toy_quarter").any()
+        table = layer_table(load_statistics(stats_dir / "stats"), 4)
+        assert "alpha_toy_quarter" in table and "alpha_toy_hist" not in table  # no histogram in the folder
+        capsys.readouterr()
+        assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "toy_hist") == 2
+        assert "histogram observer" in capsys.readouterr().err.strip().splitlines()[-1]
+    finally:
+        unregister(HalfRange.name)
+        unregister(NeedsHistogram.name)

@@ -8,11 +8,10 @@ import torchvision
 
 from pytorch_quantizer import aciq_range, choose_clipping, gemmlowp_quantize
 from pytorch_quantizer.layers import activation_layers
+from pytorch_quantizer.policy import mse_order, plan_table
 from pytorch_quantizer.quantizer import (
     ActivationQuantizer,
     QuantConfig,
-    mse_order,
-    plan_table,
 )
 from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
@@ -188,4 +187,4 @@ def test_custom_test_order_skips_layers_never_called(tmp_path):
         model(torch.randn(2, 3, 8, 8))
     stats = load_statistics(collector.save(tmp_path / "s", {"arch": "attn"}))
     layers = activation_layers(model)
-    assert mse_order(layers, stats, QuantConfig(bits=4, threshold="laplace")) == []
+    assert mse_order(layers, stats, QuantConfig(bits=4, threshold="laplace").policy()) == []

@@ -10,6 +10,7 @@ from scipy import stats as sps
 
 from pytorch_quantizer import stats as sm
 from pytorch_quantizer.layers import activation_layers
+from pytorch_quantizer.observers import MomentsObserver
 from pytorch_quantizer.stats import (
     StatisticsCollector,
     StatisticsError,
@@ -229,15 +230,15 @@ def test_failed_save_leaves_previous_statistics(tiny_model, tmp_path, monkeypatc
     folder = collect(tiny_model, batches(seed=1), tmp_path / "s")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     calls = {"n": 0}
-    real = sm._write_csv
+    real = MomentsObserver.export
 
-    def failing(frame, path, index):
+    def failing(self, folder, layer):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise KeyboardInterrupt  # interrupted half-way through writing
-        real(frame, path, index)
+        real(self, folder, layer)
 
-    monkeypatch.setattr(sm, "_write_csv", failing)
+    monkeypatch.setattr(MomentsObserver, "export", failing)
     with pytest.raises(KeyboardInterrupt):
         collect(tiny_model, batches(seed=2), tmp_path / "s")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

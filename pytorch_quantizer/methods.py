@@ -1,0 +1,173 @@
+"""Clipping methods: a registry of small classes, each turning what the observers saw of a layer into a grid.
+
+A method is one class with a ``name``, the observers it ``requires`` and ``clip`` (the clipping value alpha and
+the MSE its model predicts); ``grid`` turns that into the quantization range with the seed's rule
+(``clipping.aciq_range``) unless the method defines its own.  ``@register`` makes it a choice of ``-th``, a row of
+the plan table, a column of the report and a value of the results CSV; nothing else needs to change::
+
+    @register
+    class Percentile99(ClippingMethod):
+        name = "p99"
+        def clip(self, obs, bits):
+            ...
+            return ClipDecision(self.name, alpha, predicted_mse)
+
+The built-in entries are the seed's: ``no`` (the observed range), ``laplace`` and ``gaus`` (the analytical
+optimum of the paper's MSE model for that prior), ``mix`` (the prior whose predicted MSE is smaller), and
+``minmax`` (min of minima to max of maxima: the seed's rule for the classifier, never clipped).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .clipping import (
+    PRIORS,
+    SIGMA_ESTIMATORS,
+    ClipDecision,
+    TensorStats,
+    aciq_range,
+    check_bits,
+    no_clip_mse,
+    prior_clipping,
+)
+from .observers import Observation
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A layer's quantization grid: ``delta`` wide from ``offset``, the clipping value that produced it and the
+    MSE the method's model predicts.  ``method`` is the rule actually applied: ``no`` when the clip would not cut
+    into the observed range."""
+
+    method: str
+    alpha: float
+    delta: float
+    offset: float
+    predicted_mse: float
+
+
+class ClippingMethod(ABC):
+    """One way of choosing the clipping range of a layer from its observations and a bit width."""
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ("moments",)  # observer names (``observers.OBSERVERS``)
+    summary: ClassVar[str] = ""  # one line for --help and the report
+
+    def __init__(self, sigma_estimator: str = "range") -> None:
+        if sigma_estimator not in SIGMA_ESTIMATORS:
+            raise ValueError(
+                f"unknown sigma estimator {sigma_estimator!r}: expected one of {', '.join(SIGMA_ESTIMATORS)}"
+            )
+        self.sigma_estimator = sigma_estimator
+
+    @abstractmethod
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        """Alpha (0: no clipping) and the predicted MSE at ``bits``."""
+
+    def grid(self, obs: Observation, bits: int) -> Grid:
+        """The seed's range rule around the layer's moments (``aciq_range``)."""
+        decision = self.clip(obs, check_bits(bits))
+        stats = obs.moments
+        delta, offset = aciq_range(stats.min, stats.max, stats.mean, decision.alpha)
+        method = decision.method if delta < stats.range else "no"
+        return Grid(method, decision.alpha, delta, offset, decision.predicted_mse)
+
+
+_REGISTRY: dict[str, type[ClippingMethod]] = {}
+
+
+def register(cls: type[ClippingMethod]) -> type[ClippingMethod]:
+    """Add a method to the registry under ``cls.name`` (a class decorator); a name is taken once."""
+    name = getattr(cls, "name", "")
+    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"a clipping method needs a name of letters, digits, '_', '-', '.', got {name!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"a clipping method named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (for tests and plugins that add a method for one run)."""
+    _REGISTRY.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order (the seed's first)."""
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str, sigma_estimator: str = "range") -> ClippingMethod:
+    """The registered method ``name``, configured; an unknown name lists the known ones."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown clipping method {name!r}: expected one of {', '.join(_REGISTRY)}") from None
+    return cls(sigma_estimator=sigma_estimator)
+
+
+def required_observers(names: Iterable[str]) -> tuple[str, ...]:
+    """The observers the given methods need, each once."""
+    return tuple(dict.fromkeys(obs for name in names for obs in _REGISTRY[name].requires))
+
+
+# -- the seed's methods --------------------------------------------------------------------------------------
+@register
+class NoClipping(ClippingMethod):
+    name = "no"
+    summary = "the observed range (mean of the per-sample min and max), no clipping"
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        return ClipDecision("no", 0.0, no_clip_mse(obs.moments, bits))
+
+
+class _Prior(ClippingMethod):
+    prior: ClassVar[str]
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        return prior_clipping(obs.moments, self.prior, bits, self.sigma_estimator)
+
+
+@register
+class Laplace(_Prior):
+    name = prior = "laplace"
+    summary = "ACIQ: alpha minimising the paper's MSE for a Laplace(b) prior"
+
+
+@register
+class Gauss(_Prior):
+    name = prior = "gaus"
+    summary = "ACIQ: alpha minimising the paper's MSE for a Gaussian(sigma) prior"
+
+
+@register
+class Mix(ClippingMethod):
+    name = "mix"
+    summary = "the prior (laplace or gaus) whose predicted MSE is smaller, per layer"
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        candidates = [prior_clipping(obs.moments, prior, bits, self.sigma_estimator) for prior in PRIORS]
+        return min(candidates, key=lambda d: d.predicted_mse)
+
+
+@register
+class MinMax(ClippingMethod):
+    name = "minmax"
+    summary = "min of the per-sample minima to max of the maxima (the seed's classifier rule), no clipping"
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        lo, hi = obs.extreme
+        return ClipDecision("minmax", 0.0, no_clip_mse(TensorStats(lo, hi, 0.0, 0.0, 0.0, obs.numel), bits))
+
+    def grid(self, obs: Observation, bits: int) -> Grid:
+        lo, hi = obs.extreme
+        return Grid("minmax", 0.0, hi - lo, lo, self.clip(obs, check_bits(bits)).predicted_mse)
+
+
+def choose_clipping(stats: TensorStats, method: str, bits: int, sigma_estimator: str = "range") -> ClipDecision:
+    """Alpha and predicted MSE of a registered method for the moments ``stats`` (the library's one-call form)."""
+    return get_method(method, sigma_estimator).clip(Observation.of_moments(stats), check_bits(bits))

@@ -1,0 +1,107 @@
+"""Weight quantization, apart from the activation hooks: quantize every hooked layer's weight and bias in place,
+apply a list of corrections, and put the exact original tensors back on ``detach``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from .clipping import check_bits
+from .layers import ActivationLayer
+from .quantize import gemmlowp_quantize, gemmlowp_quantize_per_channel
+
+
+def quantize_parameter(
+    w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool
+) -> torch.Tensor:
+    """Min/max GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0)."""
+    if per_channel and w.dim() > 1:
+        flat = w.reshape(w.shape[0], -1)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        return gemmlowp_quantize_per_channel(
+            w, (hi - lo).double(), lo.double(), bits, dim=0, preserve_zero=preserve_zero, pow2_scale=pow2_scale
+        )
+    lo, hi = torch.aminmax(w)
+    return gemmlowp_quantize(w, (hi - lo).item(), lo.item(), bits, preserve_zero=preserve_zero, pow2_scale=pow2_scale)
+
+
+class WeightCorrection(Protocol):
+    """Adjusts a quantized weight given the float one (bias correction of the mean or variance, ...); returns the
+    tensor to use.  ``layer`` says whose weight it is."""
+
+    def __call__(self, layer: ActivationLayer, original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor: ...
+
+
+class WeightQuantizer:
+    """Quantizes the weights (and biases) of ``layers`` in place while attached, and restores them exactly.
+
+    ``bits`` None keeps weights in float (``bias_bits`` likewise for biases).  ``layer_bits`` overrides the weight
+    width of single layers by seed name or module path (None: float).  Each correction is applied in order to
+    every quantized weight (not to biases)."""
+
+    def __init__(
+        self,
+        layers: Sequence[ActivationLayer],
+        bits: int | None = 8,
+        bias_bits: int | None = 8,
+        per_channel: bool = False,
+        preserve_zero: bool = True,
+        pow2_scale: bool = False,
+        corrections: Sequence[WeightCorrection] = (),
+        layer_bits: dict[str, int | None] | None = None,
+    ) -> None:
+        for b in (bits, bias_bits, *(layer_bits or {}).values()):
+            if b is not None:
+                check_bits(b)
+        self.layers = list(layers)
+        self.bits, self.bias_bits = bits, bias_bits
+        self.per_channel, self.preserve_zero, self.pow2_scale = per_channel, preserve_zero, pow2_scale
+        self.corrections = list(corrections)
+        self.layer_bits = dict(layer_bits or {})
+        self._originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._originals)
+
+    def weight_bits(self, layer: ActivationLayer) -> int | None:
+        for key in (layer.name, layer.module_name):
+            if key in self.layer_bits:
+                return self.layer_bits[key]
+        return self.bits
+
+    def attach(self) -> WeightQuantizer:
+        if self.attached:
+            return self
+        with torch.no_grad():
+            for layer in self.layers:
+                weight, bias = layer.module.weight, getattr(layer.module, "bias", None)
+                for param, bits, per_channel, corrections in (
+                    (weight, self.weight_bits(layer), self.per_channel, self.corrections),
+                    (bias, self.bias_bits, False, ()),
+                ):
+                    if param is None or bits is None:
+                        continue
+                    original = param.detach().clone()
+                    self._originals.append((param, original))
+                    quantized = quantize_parameter(
+                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale
+                    )
+                    for correct in corrections:
+                        quantized = correct(layer, original, quantized)
+                    param.copy_(quantized)
+        return self
+
+    def detach(self) -> None:
+        with torch.no_grad():
+            for param, original in self._originals:
+                param.copy_(original)
+        self._originals.clear()
+
+    def __enter__(self) -> WeightQuantizer:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()

@@ -1,0 +1,184 @@
+"""The seams new methods plug into: observers, the clipping-method registry, layer policies, the weight quantizer,
+and the statistics folders of the previous release."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pytorch_quantizer import ClippingMethod, choose_clipping, method_names, register
+from pytorch_quantizer.clipping import ClipDecision, TensorStats
+from pytorch_quantizer.layers import activation_layers
+from pytorch_quantizer.methods import get_method, unregister
+from pytorch_quantizer.models import weights_fingerprint
+from pytorch_quantizer.observers import PER_CHANNEL, Granularity, Observation, ObserverError, per_sample_stats
+from pytorch_quantizer.policy import SeedPolicy, plan_layers, plan_table
+from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.stats import StatisticsCollector, StatisticsError, load_statistics
+from pytorch_quantizer.weights import WeightQuantizer
+
+DATA = Path(__file__).resolve().parent / "data"
+LEGACY = DATA / "legacy_stats_v1"  # written by release 0.1.0 (format 1) from TinyNet, see legacy_input()
+
+
+def legacy_input() -> torch.Tensor:
+    """The heavy-tailed batch the legacy folder was collected on (two forwards: 4 and 2 images)."""
+    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)) ** 3
+
+
+@pytest.mark.parametrize("threshold", ["no", "laplace", "gaus", "mix"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_previous_release_folder_gives_the_same_plan(tiny_model, threshold, bits):
+    stats = load_statistics(LEGACY)
+    assert stats.meta["format"] == 1 and list(stats.observers) == ["moments"]
+    assert stats.meta["fingerprint"] == weights_fingerprint(tiny_model)
+    plan = plan_table(plan_layers(activation_layers(tiny_model), stats, QuantConfig(bits, threshold).policy()))
+    expected = pd.read_csv(DATA / "legacy_plans_v1" / f"{threshold}_int{bits}.csv", index_col="name",
+                           keep_default_na=False)
+    expected["bits"] = expected["bits"].astype(int)
+    expected["role"] = expected["role"].astype(str)
+    pd.testing.assert_frame_equal(plan, expected, check_exact=True, check_dtype=False)
+
+
+def test_collector_writes_the_previous_release_files_byte_for_byte(tiny_model, tmp_path):
+    x = legacy_input()
+    with torch.no_grad(), StatisticsCollector(tiny_model) as collector:
+        tiny_model(x[:4])
+        tiny_model(x[4:])
+    folder = collector.save(tmp_path / "s", {"arch": "tinynet"})
+    legacy_files = sorted(p.name for p in LEGACY.glob("*.csv"))
+    assert legacy_files == sorted(p.name for p in folder.glob("*.csv"))
+    for name in legacy_files:
+        assert (folder / name).read_bytes() == (LEGACY / name).read_bytes(), name
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format"] == 2 and meta["observers"] == [{"name": "moments", "granularity": "tensor"}]
+
+
+def test_unknown_layout_version_is_refused(tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(LEGACY, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(StatisticsError, match="layout format 99"):
+        load_statistics(folder)
+
+
+def test_per_channel_moments_are_the_per_tensor_moments_of_each_channel(tiny_model, tmp_path):
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), StatisticsCollector(tiny_model, granularity=PER_CHANNEL) as collector:
+        tiny_model(x)
+    stats = load_statistics(collector.save(tmp_path / "s", {"arch": "tiny"}))
+    assert stats.observers == {"moments": PER_CHANNEL}
+    obs = stats.observation("conv1_activation")
+    with torch.no_grad():
+        out = tiny_model.features[:4](x)  # conv1's output
+    assert len(obs.channel_moments) == out.shape[1] == 16
+    for c in (0, 7, 15):
+        expected = per_sample_stats(out[:, c]).mean(dim=0)
+        got = obs.channel_moments[c]
+        torch.testing.assert_close(torch.tensor([got.min, got.max, got.mean, got.std], dtype=torch.float64),
+                                   expected[[0, 1, 2, 3]], rtol=1e-6, atol=1e-7)
+    with pytest.raises(StatisticsError, match="per-channel moments only"):
+        stats.tensor_stats("conv1_activation")
+
+
+def test_granularity_labels():
+    assert Granularity.parse("tensor") == Granularity() and Granularity.parse("channel:1") == PER_CHANNEL
+    for bad in ("channel:0", "channels", "chan:x"):
+        with pytest.raises(ObserverError):
+            Granularity.parse(bad)
+
+
+class HalfRange(ClippingMethod):
+    """A toy method: clip at a quarter of the observed range (half of the no-clipping alpha)."""
+
+    name = "toy_quarter"
+    summary = "a quarter of the observed range (a test method)"
+
+    def clip(self, obs, bits):
+        alpha = obs.moments.range / 4.0
+        return ClipDecision(self.name, alpha, alpha**2 / (3.0 * 4.0**bits))
+
+
+class NeedsHistogram(ClippingMethod):
+    name = "toy_hist"
+    requires = ("moments", "histogram")
+
+    def clip(self, obs, bits):
+        raise AssertionError("never reached: the folder has no histogram")
+
+
+@pytest.fixture
+def toy_methods():
+    register(HalfRange)
+    register(NeedsHistogram)
+    yield
+    unregister(HalfRange.name)
+    unregister(NeedsHistogram.name)
+
+
+def test_registry_lists_methods_and_refuses_a_taken_name(toy_methods):
+    assert method_names()[:5] == ("no", "laplace", "gaus", "mix", "minmax")
+    assert "toy_quarter" in method_names()
+
+    class Impostor(HalfRange):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Impostor)
+    with pytest.raises(ValueError, match="expected one of no, laplace"):
+        get_method("median")
+
+
+def test_registered_method_plans_and_quantizes(tiny_model, toy_methods, tmp_path):
+    with torch.no_grad(), StatisticsCollector(tiny_model) as collector:
+        tiny_model(legacy_input())
+    stats = load_statistics(collector.save(tmp_path / "s", {"arch": "tiny"}))
+    quantizer = ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="toy_quarter"), stats)
+    row = plan_table(quantizer.plan).loc["conv1_activation"]
+    ts = stats.tensor_stats("conv1_activation")
+    assert row["method"] == "toy_quarter" and row["alpha"] == pytest.approx(ts.range / 4)
+    assert row["delta"] == pytest.approx(ts.range / 2)
+    with pytest.raises(StatisticsError, match="histogram observer"):
+        ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="toy_hist"), stats)
+
+
+def test_seed_policy_widths_are_data(tiny_model):
+    layers = activation_layers(tiny_model)
+    specs = SeedPolicy(bits=4, method="laplace", kept={"conv1_activation"}, kept_bits=6).specs(layers)
+    assert [(s.role, s.bits, s.method) for s in specs] == [
+        ("first", 8, "laplace"), ("kept", 6, "laplace"), ("classifier", 8, "minmax")]
+    specs = SeedPolicy(bits=4, layer_bits={"features.0": 3, "fc": None}).specs(layers)
+    assert [s.bits for s in specs] == [3, 4, None]
+    with pytest.raises(ValueError, match="bits"):
+        SeedPolicy(bits=4, layer_bits={"fc": 17})
+
+
+def test_weight_quantizer_corrections_and_exact_restore(tiny_model):
+    layers = activation_layers(tiny_model)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    seen = []
+
+    def recentre(layer, original, quantized):
+        seen.append(layer.name)
+        return quantized - quantized.mean() + original.mean()
+
+    wq = WeightQuantizer(layers, bits=4, corrections=[recentre], layer_bits={"fc": None})
+    with wq:
+        conv = tiny_model.features[0].weight
+        assert conv.mean().item() == pytest.approx(before["features.0.weight"].mean().item(), abs=1e-7)
+        assert len(torch.unique(conv - conv.mean())) <= 16
+        assert torch.equal(tiny_model.fc.weight, before["fc.weight"])  # float by layer_bits
+        assert not torch.equal(tiny_model.fc.bias, before["fc.bias"])  # biases at bias_bits
+    assert seen == ["conv0_activation", "conv1_activation"]
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_choose_clipping_is_the_registered_method(toy_methods):
+    stats = TensorStats(-4.0, 4.0, 0.0, 1.0, 1.5, 1000)
+    assert choose_clipping(stats, "toy_quarter", 4).alpha == 2.0
+    assert choose_clipping(stats, "laplace", 4) == get_method("laplace").clip(Observation.of_moments(stats), 4)
