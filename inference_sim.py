@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-sm", "--stats_mode", choices=("collect", "use", "no"), default="no",
                    help="collect statistics, use saved ones, or take ranges from each live tensor (default: no)")
     p.add_argument("-sf", "--stats_folder", type=Path, default=None,
-                   help="statistics folder (default: ~/asiq_data/statistics/ARCH)")
+                   help="statistics folder (default: ~/asiq_data/statistics/ARCH-WEIGHTSFINGERPRINT)")
     p.add_argument("-pz", "--preserve_zero", action="store_true", help="make 0.0 exactly representable")
     p.add_argument("-s", "--stochastic", action="store_true", help="stochastic rounding of activations")
     p.add_argument("-hs", "--hw_scale", action="store_true", help="round scales up to powers of two")
@@ -116,8 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the k layers with the largest estimated MSE at 8 bits, k = 0..L")
     p.add_argument("-dd", "--dump_dir", type=Path, default=None, help="dump one batch's activations here")
     p.add_argument("-cs", "--cal_set_size", type=positive, default=None,
-                   help="collect statistics on a deterministic subset of N images")
-    p.add_argument("--subset", type=positive, default=None, help="evaluate on a deterministic subset of N images")
+                   help="calibrate on N images drawn with --seed (from --cal-data, else from --data, where they are "
+                        "then held out of every evaluation of the run)")
+    p.add_argument("--cal-data", "--cal_data", dest="cal_data", type=Path, default=None, metavar="DIR",
+                   help="calibration images from DIR/<wnid>/* (an ImageNet train folder, or any wnid folder) "
+                        "instead of --data")
+    p.add_argument("--subset", type=positive, default=None,
+                   help="evaluate on N images drawn with --seed from those not used for calibration")
     p.add_argument("--results", type=Path, default=Path("results/results.csv"),
                    help="CSV that every run appends a row to (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
@@ -169,7 +174,8 @@ def config_from_args(args: argparse.Namespace):
         stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
         hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, sigma_estimator=args.sigma,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
-        dump_dir=args.dump_dir, cal_set_size=args.cal_set_size, subset=args.subset, results=args.results,
+        dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
+        cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,
         cache=args.cache, compile=args.compile,
     )
 

@@ -3,11 +3,14 @@ dump activations.  Everything a run decides is data (``RunConfig`` in, CSV rows 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,21 +22,25 @@ from tqdm import tqdm
 from . import __version__
 from .atomic import write_csv_atomic
 from .compiled import compile_model
-from .data import CachedDataset, imagenet_val_dataset, make_loader
+from .data import CachedDataset, DataError, imagenet_val_dataset, make_loader, relative_paths, wnid_folder_dataset
 from .dumps import write_dump
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
 from .policy import mse_order, plan_table
 from .quantizer import ActivationQuantizer, QuantConfig
-from .stats import Statistics, StatisticsCollector, load_statistics
+from .stats import Statistics, StatisticsCollector, folder_fingerprint, load_statistics
 
 log = logging.getLogger("pytorch_quantizer")
 
 PRECISION_SWEEP = (8, 7, 6, 5, 4)
-RESULT_COLUMNS = (
-    "arch", "weights", "qtype", "qweight", "threshold", "stats_mode", "stats_folder", "images", "top1", "top5",
-    "seconds", "version", "bn_folded", "preserve_zero", "stochastic", "hw_scale", "kept_8bit", "seed", "compiled",
-)
+STATISTICS_ROOT = Path("~/asiq_data/statistics")
+# What a results row measured, first; then every setting of the run (RunConfig, in field order) and its identity.
+PASS_COLUMNS = ("arch", "weights", "pass", "qtype", "qweight", "threshold", "top1", "top5", "images", "seconds",
+                "kept_8bit", "file")
+IDENTITY_COLUMNS = ("weights_fingerprint", "stats_folder", "stats_fingerprint", "cal_images", "eval_images",
+                    "settings", "version")
+# Settings that cannot change any number or file content a run produces (only where its rows go and how it logs).
+NOT_SHAPING = ("results", "print_freq")
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,19 @@ class RunConfig:
     custom_test: bool = False
     dump_dir: Path | None = None
     cal_set_size: int | None = None
+    cal_data: Path | None = None  # statistics from this wnid folder instead of images of --data
     subset: int | None = None
     results: Path = Path("results/results.csv")
     cache: bool | None = None  # None: cache decoded images when several passes run over a small set
     compile: bool = False  # each pass under torch.compile (inference.compiled; use mode, round-to-nearest)
 
-    @property
-    def statistics_path(self) -> Path:
-        return (self.stats_folder or Path("~/asiq_data/statistics") / self.arch).expanduser()
+    def statistics_path(self, fingerprint: str) -> Path:
+        """``-sf``, or by default a folder keyed by architecture, weights fingerprint and BatchNorm folding, so that
+        statistics of other weights never replace these."""
+        if self.stats_folder is not None:
+            return self.stats_folder.expanduser()
+        name = f"{self.arch}-{fingerprint}" + ("" if self.fold_bn else "-unfolded")
+        return (STATISTICS_ROOT / name).expanduser()
 
     @property
     def quantizes(self) -> bool:
@@ -126,14 +138,18 @@ class Experiment:
     """Model, data and the passes of one run."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        """Validates everything a run needs (data, model, statistics) before any pass starts."""
+        """Validates everything a run needs (data, model, statistics, image sets) before any pass starts."""
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         original, self.preprocess = build_model(cfg.arch, cfg.weights)
-        self.dataset = imagenet_val_dataset(cfg.data, self.preprocess.decode_transform())
-        self._order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(cfg.seed))
+        decode = self.preprocess.decode_transform()
+        self.dataset = imagenet_val_dataset(cfg.data, decode)
+        self.cal_dataset = self.dataset
+        if cfg.cal_data is not None:
+            self.cal_dataset = wnid_folder_dataset(cfg.cal_data, decode, what="--cal-data folder")
         self.fingerprint = weights_fingerprint(original)
+        self.stats_path = cfg.statistics_path(self.fingerprint)
         model, pairs = original, []
         if cfg.fold_bn:
             example = torch.randn(2, *self.preprocess.input_size, generator=torch.Generator().manual_seed(cfg.seed))
@@ -144,25 +160,69 @@ class Experiment:
         if self.device.type == "cuda" and len(cfg.device_ids) > 1:
             self.runner = nn.DataParallel(self.model, device_ids=list(cfg.device_ids))
         self.layers = activation_layers(self.model)
+        self.calibration = self._calibration_indices()
         self.stats = self._load_statistics()
-        log.info("%s on %s (%d CPU threads); %d images in %s; %d BatchNorm layers folded", cfg.arch, self.device,
-                 torch.get_num_threads(), len(self.dataset), cfg.data, len(pairs))
+        self.stats_fingerprint = folder_fingerprint(self.stats.folder) if self.stats is not None else ""
+        self.evaluation = self._evaluation_indices() if cfg.stats_mode != "collect" else []
+        log.info("%s on %s (%d CPU threads); %d BatchNorm layers folded", cfg.arch, self.device,
+                 torch.get_num_threads(), len(pairs))
 
     # -- data ----------------------------------------------------------------------------------------------
-    def _subset(self, n: int | None, from_end: bool) -> Dataset:
-        """Deterministic subsets: calibration from the front of one seeded permutation, evaluation from its end,
-        so ``-cs N --subset M`` never share an image when N + M <= the number of images."""
-        total = len(self.dataset)
-        if n is None or n >= total:
-            if n is not None and n > total:
-                log.warning("asked for %d images but %s has %d; using all of them", n, self.cfg.data, total)
-            return self.dataset
-        indices = self._order[total - n:] if from_end else self._order[:n]
-        return Subset(self.dataset, sorted(indices.tolist()))
+    def _calibration_indices(self) -> list[int]:
+        """The calibration images: ``-cs N`` drawn with the seed from the calibration folder (``--cal-data``, else
+        ``--data``'s val), or all of them.  Asking for more images than the folder has is an error."""
+        cfg, total = self.cfg, len(self.cal_dataset)
+        if cfg.cal_set_size is None:
+            return list(range(total))
+        if cfg.cal_set_size > total:
+            raise DataError(f"-cs {cfg.cal_set_size} asks for more calibration images than the "
+                            f"{total} in {self.cal_dataset.root}")
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(cfg.seed))
+        return sorted(order[: cfg.cal_set_size].tolist())
+
+    def _evaluation_indices(self) -> list[int]:
+        """The evaluation images: ``--data``'s val without the calibration images, ``--subset M`` of them drawn
+        from the end of the seeded permutation (so ``-cs N --subset M`` give the images of the previous release).
+
+        Left out: the ``-cs N`` images when they come from ``--data`` (so FP32 and quantized runs of one study see
+        the same images), and in use mode also every image the statistics list as theirs when they were collected
+        on this folder."""
+        cfg, total = self.cfg, len(self.dataset)
+        held_out: set[int] = set()
+        if cfg.cal_set_size is not None and cfg.cal_data is None:
+            held_out.update(self.calibration)
+        if self.stats is not None:
+            held_out.update(self._statistics_images())
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        pool = [i for i in order if i not in held_out]
+        if not pool:
+            raise DataError(f"no image of {self.dataset.root} is left to evaluate on: all {total} were used for "
+                            "calibration; collect with a smaller -cs N, or calibrate on another folder with --cal-data")
+        if cfg.subset is not None:
+            if cfg.subset > len(pool):
+                log.warning("asked for %d evaluation images but %d are left; using all of them", cfg.subset, len(pool))
+            pool = pool[max(len(pool) - cfg.subset, 0):]
+        pool.sort()
+        log.info("evaluation: %d of the %d images in %s (%d held out for calibration)", len(pool), total,
+                 self.dataset.root, len(held_out))
+        return pool
+
+    def _statistics_images(self) -> list[int]:
+        """Indices in ``--data`` of the images the loaded statistics were collected on (when on this folder)."""
+        record = self.stats.meta.get("calibration")
+        if record is None:
+            log.warning("the statistics in %s do not say which images they were collected on (an older release); "
+                        "evaluation leaves out only the -cs images of this run", self.stats.folder)
+            return []
+        if record.get("folder") != str(Path(self.dataset.root).resolve()):
+            return []
+        names = set(self.stats.calibration_images())
+        return [i for i, name in enumerate(relative_paths(self.dataset)) if name in names]
 
     def loader(self, calibration: bool, passes: int = 1) -> DataLoader:
         cfg = self.cfg
-        dataset = self._subset(cfg.cal_set_size if calibration else cfg.subset, from_end=not calibration)
+        source, indices = (self.cal_dataset, self.calibration) if calibration else (self.dataset, self.evaluation)
+        dataset = source if len(indices) == len(source) else Subset(source, indices)
         cache = cfg.cache if cfg.cache is not None else passes > 1 and len(dataset) <= 5000
         normalize = self.preprocess.normalize_transform()
         if cache:
@@ -197,10 +257,17 @@ class Experiment:
     def collect(self) -> tuple[Accuracy, float]:
         """FP32 pass over the calibration images with statistics hooks; the folder is replaced only on success."""
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
+        log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
+                 self.cal_dataset.root)
         with StatisticsCollector(self.model, devices=devices) as collector:
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
-        collector.save(self.cfg.statistics_path, self.model_meta())
-        log.info("statistics of %d images saved to %s", collector.samples, self.cfg.statistics_path)
+        names = relative_paths(self.cal_dataset)
+        images = [names[i] for i in self.calibration]
+        meta = {**self.model_meta(), "calibration": {
+            "folder": str(Path(self.cal_dataset.root).resolve()), "cal_set_size": self.cfg.cal_set_size}}
+        collector.save(self.stats_path, meta, calibration=images)
+        self.stats_fingerprint = folder_fingerprint(self.stats_path)
+        log.info("statistics of %d images saved to %s", collector.samples, self.stats_path)
         return acc, seconds
 
     def model_meta(self) -> dict:
@@ -216,10 +283,9 @@ class Experiment:
     def _load_statistics(self) -> Statistics | None:
         if not self.cfg.needs_statistics:
             if self.cfg.stats_mode == "use":
-                log.info("no --qtype: activations stay in float, the statistics in %s are not used",
-                         self.cfg.statistics_path)
+                log.info("no --qtype: activations stay in float, no statistics are used")
             return None
-        stats = load_statistics(self.cfg.statistics_path)
+        stats = load_statistics(self.stats_path)
         expected = {k: v for k, v in self.model_meta().items() if k in ("arch", "fingerprint", "bn_folded")}
         stats.check_model(expected)
         stats.check_layers(self.layers)
@@ -291,10 +357,13 @@ def _record(model: nn.Module, layers, images: torch.Tensor) -> dict[str, np.ndar
 
 
 def append_result(path: Path, row: dict) -> None:
-    """Append one row to the results CSV (rewritten atomically, so an interrupted run cannot truncate it)."""
-    frame = pd.DataFrame([{col: row.get(col, "") for col in RESULT_COLUMNS}])
+    """Append one row to the results CSV (rewritten atomically, so an interrupted run cannot truncate it).
+
+    Rows of older releases lack some columns (left empty); a new column is added to every row."""
+    frame = pd.DataFrame([row])
     if path.exists():
-        frame = pd.concat([pd.read_csv(path, keep_default_na=False), frame], ignore_index=True)
+        frame = pd.concat([pd.read_csv(path, keep_default_na=False, dtype=str), frame.astype(str)],
+                          ignore_index=True).fillna("")
     write_csv_atomic(frame, path)
 
 
@@ -307,29 +376,66 @@ def _qtype(bits: int | None) -> str:
     return "fp32" if bits is None else f"int{bits}"
 
 
+def _cell(value: Any) -> Any:
+    """A config value as a CSV cell: paths and tuples as text, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return value
+
+
+def config_columns(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting of the run, from the validated configuration itself (no hand-kept list).  ``bits`` and
+    ``weight_bits`` are the ``qtype`` / ``qweight`` of each row's pass."""
+    return {f.name: _cell(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in ("bits", "weight_bits")}
+
+
+def settings_hash(cfg: RunConfig, weights_fingerprint: str, stats_fingerprint: str) -> str:
+    """Eight hex digits of sha256 over every setting that can shape a run's numbers or files, with the weights'
+    and the statistics' fingerprints: the suffix of the files the run writes, so that runs that differ in any of
+    them never overwrite each other's files, and identical runs write identical files."""
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in NOT_SHAPING}
+    text = json.dumps([shaping, weights_fingerprint, stats_fingerprint], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def run(cfg: RunConfig) -> list[dict]:
     """Carry out one invocation; returns the result rows it appended (the last one is the headline)."""
     exp = Experiment(cfg)
     rows: list[dict] = []
+    out = cfg.results.parent
+    settings = settings_hash(cfg, exp.fingerprint, exp.stats_fingerprint)
 
-    def record(acc: Accuracy, seconds: float, bits: int | None, mode: str, kept: Iterable[str] = (),
-               weight_bits: int | None = cfg.weight_bits) -> dict:
-        row = {
-            "arch": cfg.arch, "weights": cfg.weights, "qtype": _qtype(bits),
-            "qweight": _qtype(weight_bits), "threshold": cfg.threshold,
-            "stats_mode": mode, "stats_folder": str(cfg.statistics_path) if mode in ("collect", "use") else "",
-            "images": acc.images, "top1": round(acc.prec1, 3), "top5": round(acc.prec5, 3),
-            "seconds": round(seconds, 2), "version": __version__, "bn_folded": cfg.fold_bn,
-            "preserve_zero": cfg.preserve_zero, "stochastic": cfg.stochastic, "hw_scale": cfg.hw_scale,
-            "kept_8bit": " ".join(kept), "seed": cfg.seed, "compiled": cfg.compile,
+    def identity() -> dict:
+        collected = cfg.stats_mode == "collect"
+        stats_folder = exp.stats_path if collected or exp.stats is not None else ""
+        cal_images = len(exp.calibration) if collected else exp.stats.meta["images"] if exp.stats is not None else 0
+        return {
+            "weights_fingerprint": exp.fingerprint, "stats_folder": str(stats_folder),
+            "stats_fingerprint": exp.stats_fingerprint, "cal_images": cal_images,
+            "eval_images": len(exp.evaluation), "settings": settings, "version": __version__,
         }
+
+    def record(acc: Accuracy, seconds: float, name: str, bits: int | None, weight_bits: int | None,
+               kept: Iterable[str] = (), file: Path | None = None) -> dict:
+        row = {
+            "arch": cfg.arch, "weights": cfg.weights, "pass": name, "qtype": _qtype(bits),
+            "qweight": _qtype(weight_bits), "threshold": cfg.threshold, "top1": round(acc.prec1, 3),
+            "top5": round(acc.prec5, 3), "images": acc.images, "seconds": round(seconds, 2),
+            "kept_8bit": " ".join(kept), "file": "" if file is None else str(file),
+        }
+        row.update({k: v for k, v in config_columns(cfg).items() if k not in row})
+        row.update(identity())
         append_result(cfg.results, row)
         rows.append(row)
         return row
 
     if cfg.stats_mode == "collect":
         acc, seconds = exp.collect()
-        record(acc, seconds, None, "collect", weight_bits=None)
+        record(acc, seconds, "collect", None, None, file=exp.stats_path)
         print(final_line(acc), flush=True)
         return rows
 
@@ -344,28 +450,30 @@ def run(cfg: RunConfig) -> list[dict]:
         log.info("activations of one batch dumped to %s", folder)
 
     if cfg.eval_precision:
-        table = _precision_sweep(exp, loader, stats, record)
-        _publish(table, cfg.results.parent / "precision" / f"{cfg.arch}_{cfg.threshold}_clipping.csv", "precision")
+        path = out / "precision" / f"{cfg.arch}_{cfg.threshold}_clipping_{settings}.csv"
+        _publish(_precision_sweep(exp, loader, stats, record, path), path, "precision")
         return rows
 
     if cfg.custom_test:
-        table = _custom_test(exp, loader, stats, record)
-        name = f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}.csv"
-        _publish(table, cfg.results.parent / "custom_test" / name, "layer-selection")
+        path = out / "custom_test" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}_{settings}.csv"
+        _publish(_custom_test(exp, loader, stats, record, path), path, "layer-selection")
         return rows
 
     if not cfg.quantizes:
         acc, seconds = exp.run_pass(loader, "fp32")
-        record(acc, seconds, None, "fp32")
+        record(acc, seconds, "fp32", None, None)
         print(final_line(acc), flush=True)
         return rows
 
-    acc, seconds, quantizer = exp.quantized_pass(loader, cfg.quant_config(), stats, _qtype(cfg.bits))
+    quantizer = ActivationQuantizer(exp.model, cfg.quant_config(), stats)
+    plan_path = None
     if quantizer.plan is not None:
-        plan_path = cfg.results.parent / "plans" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}.csv"
+        plan_path = out / "plans" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}_{settings}.csv"
         write_csv_atomic(plan_table(quantizer.plan), plan_path, index=True)
         log.info("per-layer plan written to %s", plan_path)
-    record(acc, seconds, cfg.bits, cfg.stats_mode)
+    with quantizer:
+        acc, seconds = exp.run_pass(loader, _qtype(cfg.bits))
+    record(acc, seconds, _qtype(cfg.bits), cfg.bits, cfg.weight_bits, file=plan_path)
     print(final_line(acc), flush=True)
     return rows
 
@@ -376,20 +484,22 @@ def _publish(table: pd.DataFrame, path: Path, what: str) -> None:
     log.info("%s table written to %s", what, path)
 
 
-def _precision_sweep(exp: Experiment, loader: DataLoader, stats: Statistics | None, record) -> pd.DataFrame:
+def _precision_sweep(exp: Experiment, loader: DataLoader, stats: Statistics | None, record, path: Path
+                     ) -> pd.DataFrame:
     """FP32, then int8 .. int4 activations (weights at -qw), one row each."""
     acc, seconds = exp.run_pass(loader, "fp32")
-    entries = [("fp32", acc, record(acc, seconds, None, "fp32", weight_bits=None))]
+    entries = [("fp32", acc, record(acc, seconds, "fp32", None, None, file=path))]
     for bits in PRECISION_SWEEP:
         acc, seconds, _ = exp.quantized_pass(loader, exp.cfg.quant_config(bits), stats, f"int{bits}")
-        entries.append((f"int{bits}", acc, record(acc, seconds, bits, exp.cfg.stats_mode)))
+        entries.append((f"int{bits}", acc, record(acc, seconds, f"int{bits}", bits, exp.cfg.weight_bits, file=path)))
     return pd.DataFrame(
         [{"precision": name, "top1": row["top1"], "top5": row["top5"], "images": acc.images} for name, acc, row in
          entries]
     )
 
 
-def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, record) -> pd.DataFrame:
+def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, record, path: Path
+                 ) -> pd.DataFrame:
     """The seed's layer selection: keep the k layers with the largest estimated MSE at 8 bits, k = 0..L."""
     order = exp.mse_order(stats, exp.cfg.bits)
     out = []
@@ -397,7 +507,7 @@ def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, 
         kept = order[:k]
         quant = exp.cfg.quant_config(keep_8bit=kept)
         acc, seconds, _ = exp.quantized_pass(loader, quant, stats, f"k={k}")
-        row = record(acc, seconds, exp.cfg.bits, exp.cfg.stats_mode, kept)
+        row = record(acc, seconds, f"k={k}", exp.cfg.bits, exp.cfg.weight_bits, kept, file=path)
         out.append({"k": k, "added_layer": kept[-1] if kept else "", "top1": row["top1"], "top5": row["top5"]})
     return pd.DataFrame(out)
 

@@ -17,6 +17,7 @@ interrupted run leaves earlier statistics untouched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +52,7 @@ __all__ = ["STAT_COLUMNS", "Statistics", "StatisticsCollector", "StatisticsError
            "per_sample_stats"]
 
 META_FILE = "meta.json"
+CALIBRATION_FILE = "calibration.txt"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 FORMAT_1_OBSERVERS = [{"name": "moments", "granularity": "tensor"}]
@@ -154,8 +156,11 @@ class StatisticsCollector:
             frames[layer.name] = pd.DataFrame(moments.table().numpy(), columns=list(STAT_COLUMNS))
         return frames
 
-    def save(self, folder: str | os.PathLike, meta: dict[str, Any]) -> Path:
-        """Write the statistics folder atomically (see the module docstring); ``meta`` describes the model."""
+    def save(self, folder: str | os.PathLike, meta: dict[str, Any], calibration: Sequence[str] | None = None) -> Path:
+        """Write the statistics folder atomically (see the module docstring); ``meta`` describes the model and
+        ``calibration`` names the images seen, in order (``calibration.txt``, so evaluation can leave them out)."""
+        if calibration is not None and len(calibration) != self.samples:
+            raise StatisticsError(f"{len(calibration)} calibration image names for {self.samples} samples")
         layers = self.observed()
         entries = [
             {"name": layer.name, "module": layer.module_name, "kind": layer.kind, "numel": self.numel[layer.name]}
@@ -166,6 +171,8 @@ class StatisticsCollector:
                      "observers": observers}
 
         def write(staging: Path) -> None:
+            if calibration is not None:
+                (staging / CALIBRATION_FILE).write_text("".join(f"{name}\n" for name in calibration))
             for layer in layers:
                 for observer in self.observers[layer.name]:
                     observer.export(staging, layer.name)
@@ -290,6 +297,21 @@ class Statistics:
 
     def has(self, name: str) -> bool:
         return name in self.states
+
+    def calibration_images(self) -> list[str]:
+        """The images the statistics were collected on (``<wnid>/<file>``), empty when the folder does not say."""
+        path = self.folder / CALIBRATION_FILE
+        return path.read_text().split("\n")[:-1] if path.is_file() else []
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """Short sha256 over a statistics folder's files (names and bytes): which statistics a result came from."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).expanduser().iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_statistics(folder: str | os.PathLike) -> Statistics:

@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stats_dir(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert run_cli(data_dir, out, "-sm", "collect") == 0
+    assert run_cli(data_dir, out, "-sm", "collect", "-cs", "4") == 0  # the other 4 images are for evaluation
     return out
 
 
@@ -63,8 +63,10 @@ def test_use_every_threshold(data_dir, stats_dir, threshold, capsys):
     out = capsys.readouterr().out
     assert " * Prec@1 " in out
     row = last_result(stats_dir)
-    assert (row["qtype"], row["threshold"], row["stats_mode"], row["images"]) == ("int4", threshold, "use", 8)
-    plan = pd.read_csv(stats_dir / "plans" / f"mobilenet_v3_small_int4_{threshold}.csv", index_col="name")
+    assert (row["qtype"], row["threshold"], row["stats_mode"], row["images"]) == ("int4", threshold, "use", 4)
+    assert (row["cal_images"], row["eval_images"]) == (4, 4)
+    plan = pd.read_csv(row["file"], index_col="name")
+    assert Path(row["file"]).name == f"mobilenet_v3_small_int4_{threshold}_{row['settings']}.csv"
     assert set(plan["bits"].dropna()) <= {4, 8}
 
 
@@ -92,14 +94,14 @@ def test_compiled_use_mode(data_dir, stats_dir, capsys):
     assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "laplace", "--compile") == 0
     assert " * Prec@1 " in capsys.readouterr().out
     row = last_result(stats_dir)
-    assert (row["qtype"], row["images"], row["compiled"]) == ("int4", 8, True)
+    assert (row["qtype"], row["images"], row["compiled"]) == ("int4", 4, True)
 
 
 def test_same_command_twice_gives_same_numbers(data_dir, tmp_path):
     for _ in range(2):
-        assert run_cli(data_dir, tmp_path, "-sm", "collect", "--seed", "3") == 0
+        assert run_cli(data_dir, tmp_path, "-sm", "collect", "--seed", "3", "-cs", "5") == 0
     first = {p.name: p.read_bytes() for p in (tmp_path / "stats").iterdir()}
-    assert run_cli(data_dir, tmp_path, "-sm", "collect", "--seed", "3") == 0
+    assert run_cli(data_dir, tmp_path, "-sm", "collect", "--seed", "3", "-cs", "5") == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "stats").iterdir()} == first
     for _ in range(2):
         assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "laplace", "--seed", "3") == 0
@@ -109,13 +111,13 @@ def test_same_command_twice_gives_same_numbers(data_dir, tmp_path):
 
 def test_eval_precision_table(data_dir, stats_dir):
     assert run_cli(data_dir, stats_dir, "-sm", "use", "-th", "laplace", "-ep") == 0
-    table = pd.read_csv(stats_dir / "precision" / "mobilenet_v3_small_laplace_clipping.csv")
+    table = pd.read_csv(last_result(stats_dir)["file"])
     assert list(table["precision"]) == ["fp32", "int8", "int7", "int6", "int5", "int4"]
 
 
 def test_no_stats_mode_eval_precision(data_dir, tmp_path):
     assert run_cli(data_dir, tmp_path, "-sm", "no", "-th", "laplace", "-ep", "--subset", "4") == 0
-    table = pd.read_csv(tmp_path / "precision" / "mobilenet_v3_small_laplace_clipping.csv")
+    table = pd.read_csv(last_result(tmp_path)["file"])
     assert (table["images"] == 4).all()
 
 
@@ -124,10 +126,10 @@ def test_custom_test_orders_layers_from_statistics(data_dir, tmp_path):
     resnet = ["-a", "resnet18", "--weights", "none", "--subset", "2"]
     assert run_cli(data_dir, tmp_path, *resnet, "-sm", "collect", "-cs", "2") == 0
     assert run_cli(data_dir, tmp_path, *resnet, "-sm", "use", "--qtype", "int4", "-th", "laplace") == 0
+    plan = pd.read_csv(last_result(tmp_path)["file"], index_col="name", keep_default_na=False)
     assert run_cli(data_dir, tmp_path, *resnet, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-ct") == 0
-    table = pd.read_csv(tmp_path / "custom_test" / "resnet18_int4_laplace.csv", keep_default_na=False)
-    plan = pd.read_csv(tmp_path / "plans" / "resnet18_int4_laplace.csv", index_col="name")
-    regular = plan[plan["role"].isna()].index
+    table = pd.read_csv(last_result(tmp_path)["file"], keep_default_na=False)
+    regular = plan[plan["role"] == ""].index
     assert list(table["k"]) == list(range(len(regular) + 1))
     assert sorted(table["added_layer"][1:]) == sorted(regular)
 
@@ -240,8 +242,7 @@ def test_a_registered_method_runs_through_the_driver(data_dir, stats_dir, capsys
         assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "toy_quarter") == 0
         row = last_result(stats_dir)
         assert row["threshold"] == "toy_quarter"
-        plan = pd.read_csv(stats_dir / "plans" / "mobilenet_v3_small_int4_toy_quarter.csv", index_col="name",
-                           keep_default_na=False)
+        plan = pd.read_csv(row["file"], index_col="name", keep_default_na=False)
         assert set(plan.loc[plan["role"] == "", "method"]) <= {"toy_quarter", "no"}
         assert (plan["method"] == "toy_quarter").any()
         table = layer_table(load_statistics(stats_dir / "stats"), 4)
@@ -252,3 +253,108 @@ def test_a_registered_method_runs_through_the_driver(data_dir, stats_dir, capsys
     finally:
         unregister(HalfRange.name)
         unregister(NeedsHistogram.name)
+
+
+RUN_NUMBERS = ("seconds",)  # the only cells two identical runs may differ in
+
+
+def test_rows_and_files_identify_their_settings(data_dir, stats_dir, tmp_path):
+    """Identical runs give identical rows (but the time) and files; a run that differs in one setting differs in
+    that column and writes files of its own, leaving the others' files as they were."""
+    base = ["-sm", "use", "--qtype", "int4", "-th", "gaus", "--results", str(tmp_path / "r.csv")]
+    for flags in ([], [], ["--sigma", "std"], ["-pcw"], ["-b", "2"], ["-pz"]):
+        assert run_cli(data_dir, stats_dir, *base, *flags) == 0
+    rows = pd.read_csv(tmp_path / "r.csv", keep_default_na=False).drop(columns=list(RUN_NUMBERS))
+    assert rows.iloc[0].equals(rows.iloc[1])
+    for i, column in ((2, "sigma_estimator"), (3, "per_channel_weights"), (4, "batch_size"), (5, "preserve_zero")):
+        differing = set(rows.columns[rows.iloc[0] != rows.iloc[i]])
+        assert column in differing and "settings" in differing and "file" in differing, (column, differing)
+        assert differing <= {column, "settings", "file", "top1", "top5"}, differing
+    files = [Path(f) for f in rows["file"]]
+    assert files[0] == files[1] and len(set(files)) == 5 and all(f.is_file() for f in files)
+    assert {"weights_fingerprint", "stats_fingerprint", "cal_images", "eval_images", "version", "seed",
+            "cal_set_size", "subset", "batch_size", "stats_folder"} <= set(rows.columns)
+    assert rows["stats_fingerprint"].str.len().min() == 16
+
+
+def test_calibration_images_are_held_out_of_evaluation(data_dir, tmp_path):
+    """-cs N from --data: the N images are listed with the statistics and left out of every evaluation."""
+    from pytorch_quantizer.experiment import Experiment
+
+    assert run_cli(data_dir, tmp_path, "-sm", "collect", "-cs", "3", "--seed", "5") == 0
+    listed = (tmp_path / "stats" / "calibration.txt").read_text().split()
+    assert len(listed) == 3 and last_result(tmp_path)["cal_images"] == 3
+    cfg = inference_sim.config_from_args(inference_sim.build_parser().parse_args(
+        ["--data", str(data_dir), *ARCH, "-sf", str(tmp_path / "stats"), "-sm", "use", "--qtype", "int4", "--seed",
+         "5"]))
+    exp = Experiment(cfg)  # no -cs here: the statistics' own list is what is left out
+    evaluated = {p for i, p in enumerate(exp.dataset.samples) if i in set(exp.evaluation)}
+    assert len(evaluated) == 5 and not {Path(p).relative_to(exp.dataset.root).as_posix() for p, _ in evaluated} & set(
+        listed)
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "--seed", "5") == 0
+    assert (last_result(tmp_path)["images"], last_result(tmp_path)["cal_images"]) == (5, 3)
+    # an FP32 run of the same study, with the same -cs and seed, sees the same 5 images
+    assert run_cli(data_dir, tmp_path, "-cs", "3", "--seed", "5") == 0
+    assert last_result(tmp_path)["images"] == 5
+
+
+def test_cal_data_folder(data_dir, tmp_path, capsys):
+    """--cal-data DIR: statistics from another wnid folder; every --data image is then evaluated."""
+    assert run_cli(data_dir, tmp_path, "-sm", "collect", "--cal-data", str(data_dir / "val"), "-cs", "2") == 0
+    assert last_result(tmp_path)["images"] == 2
+    listed = (tmp_path / "stats" / "calibration.txt").read_text().split()
+    assert len(listed) == 2
+    capsys.readouterr()
+    other = tmp_path / "other"
+    (other / "val").mkdir(parents=True)
+    for name in ("n01440764", "n01443537"):
+        (other / "val" / name).symlink_to(data_dir / "val" / name)
+    assert run_cli(other, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "laplace") == 0
+    assert last_result(tmp_path)["images"] == 4  # another folder: nothing to leave out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cal-data", "/nonexistent/train"], "--cal-data folder /nonexistent/train does not exist"),
+        (["--cal-data", "NOT_WNIDS"], "are not ImageNet wnids"),
+        (["-cs", "9"], "-cs 9 asks for more calibration images than the 8"),
+    ],
+)
+def test_bad_calibration_input_keeps_statistics(data_dir, stats_dir, tmp_path, flags, message, capsys):
+    before = {p.name: p.read_bytes() for p in (stats_dir / "stats").iterdir()}
+    if "NOT_WNIDS" in flags:
+        (tmp_path / "cats" / "tabby").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "tabby" / "a.jpg")
+        flags = ["--cal-data", str(tmp_path / "cats")]
+    assert run_cli(data_dir, stats_dir, "-sm", "collect", *flags) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert {p.name: p.read_bytes() for p in (stats_dir / "stats").iterdir()} == before
+
+
+def test_all_images_used_for_calibration_is_refused(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path, "-sm", "collect") == 0
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4") == 2
+    assert "no image of" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_statistics_of_another_layout_version_are_refused(data_dir, stats_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "stats"
+    shutil.copytree(stats_dir / "stats", folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format": 3}))
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4") == 2
+    assert "layout format 3" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_default_statistics_folder_is_keyed_by_weights(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = ["--data", str(data_dir), *ARCH, "-b", "4", "-j", "0", "-cs", "2", "--results", str(tmp_path / "r.csv")]
+    for seed in ("0", "1"):  # random weights: another seed, other weights
+        assert inference_sim.main([*argv, "-sm", "collect", "--seed", seed]) == 0
+    folders = sorted(p.name for p in (tmp_path / "asiq_data" / "statistics").iterdir())
+    rows = pd.read_csv(tmp_path / "r.csv")
+    assert folders == sorted(f"mobilenet_v3_small-{fp}" for fp in rows["weights_fingerprint"]) and len(folders) == 2
