@@ -49,3 +49,11 @@ def test_fitted_slopes_are_the_constants(prior):
         assert slope == pytest.approx(optimal_alpha(prior, bits), rel=1e-6)
         assert abs(intercept) < 1e-5
         assert abs(slope - SEED_CONSTANTS[prior][bits - 2]) <= 0.01
+
+
+def test_matplotlib_is_an_install_requirement():
+    """figures.py and mse_analysis.py import matplotlib, so a plain install (no extras) must bring it."""
+    from importlib.metadata import requires
+
+    plain = [r for r in requires("aciq") or [] if "extra ==" not in r]
+    assert any(r.split(";")[0].strip().lower().startswith("matplotlib") for r in plain), plain
