@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--stochastic", action="store_true", help="stochastic rounding of activations")
     p.add_argument("-hs", "--hw_scale", action="store_true", help="round scales up to powers of two")
     p.add_argument("-pcw", "--per_channel_weights", action="store_true", help="one weight grid per output channel")
+    p.add_argument("-hr", "--half_range", action="store_true",
+                   help="one-sided grids [0, ...] for conv/linear outputs that only feed a ReLU/ReLU6 (found in the "
+                        "model's graph): the follow-up's half range")
     p.add_argument("--sigma", choices=SIGMA_ESTIMATORS, default="range",
                    help="Gaussian sigma estimate: from the range (the seed's) or the sample std (default: range)")
     p.add_argument("--no_fold_bn", action="store_true", help="keep BatchNorm layers instead of folding them")
@@ -172,7 +175,8 @@ def config_from_args(args: argparse.Namespace):
         device=pick_device(args.device, args.device_ids), device_ids=args.device_ids, bits=args.qtype,
         weight_bits=weight_bits, threshold=args.threshold, stats_mode=args.stats_mode,
         stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
-        hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, sigma_estimator=args.sigma,
+        hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, half_range=args.half_range,
+        sigma_estimator=args.sigma,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
         cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,

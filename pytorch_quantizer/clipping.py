@@ -69,28 +69,57 @@ def mse(prior: str, alpha: float, scale: float, bits: int) -> float:
     return clipping_noise(prior, alpha, scale) + quantization_noise(alpha, bits)
 
 
-@cache
 def optimal_alpha(prior: str, bits: int) -> float:
-    """The alpha minimising the expected MSE for unit scale (b = 1 or sigma = 1).
+    """The alpha minimising the expected MSE for unit scale (b = 1 or sigma = 1) at ``bits`` (2**bits bins).
 
     The MSE is linear-in-scale-squared, so the optimum for scale s is ``s * optimal_alpha(prior, bits)``.
     The derivative has no closed-form root; it is bracketed and solved with Brent's method.
     """
     check_prior(prior)
-    bits = check_bits(bits)
+    return optimal_alpha_for_bins(prior, float(2 ** check_bits(bits)))
+
+
+def optimal_alpha_half(prior: str, bits: int) -> float:
+    """alpha+ for unit scale: the clipping value of a one-sided grid [0, alpha] with 2**bits bins, for a tensor
+    whose negative half a ReLU sends to 0 (the follow-up's "half range").
+
+    Derivation (the paper's model, x ~ Laplace(0, b) or N(0, sigma^2) before the ReLU, y = max(x, 0)): the negative
+    half becomes 0, which is on the grid, so it costs nothing.  The positive half is clipped at alpha, costing
+    C(alpha) = E[(x - alpha)^2; x > alpha], half of the two-sided clipping term 2 C(alpha); and its mass, 1/2, is
+    rounded with bins of width alpha / 2**M, costing (alpha / 2**M)^2 / 12 each.  So
+
+        MSE+(alpha; M) = C(alpha) + 1/2 (alpha / 2**M)^2 / 12
+                       = 1/2 [2 C(alpha) + (2 alpha / 2**(M+1))^2 / 12] = 1/2 MSE(alpha; M + 1),
+
+    half the two-sided MSE at M + 1 bits: the same minimiser, alpha+(M) = alpha*(M + 1).  A one-sided grid of M
+    bits resolves as finely as a two-sided one of M + 1 bits, which is why it recovers most of what the seed's
+    two-sided grid spends on values the ReLU discards.
+    """
+    check_prior(prior)
+    return optimal_alpha_for_bins(prior, float(2 ** (check_bits(bits) + 1)))
+
+
+@cache
+def optimal_alpha_for_bins(prior: str, bins: float) -> float:
+    """The alpha minimising clipping noise + (2 alpha / bins)^2 / 12 for unit scale, ``bins`` >= 2 uniform bins over
+    [-alpha, alpha] (any real number: bit allocation gives channels non-power-of-two level counts)."""
+    check_prior(prior)
+    if not bins >= 2.0 or not math.isfinite(bins):
+        raise ValueError(f"the number of bins must be a finite number >= 2, got {bins!r}")
+    bins_sq = bins * bins
     if prior == "laplace":
-        # d/da [2 e^-a + a^2 / (3 4^M)] = -2 e^-a + 2a / (3 4^M)
+        # d/da [2 e^-a + a^2 / (3 L^2)] = -2 e^-a + 2a / (3 L^2), with L = 2**M bins the paper's 4^M
         def grad(a: float) -> float:
-            return -2.0 * math.exp(-a) + 2.0 * a / (3.0 * 4.0**bits)
+            return -2.0 * math.exp(-a) + 2.0 * a / (3.0 * bins_sq)
 
         upper = 64.0
     else:
-        # d/da of the Gaussian MSE: 2a (1 - erf(a/sqrt2)) - 2 sqrt(2/pi) e^{-a^2/2} + 2a / (3 4^M)
+        # d/da of the Gaussian MSE: 2a (1 - erf(a/sqrt2)) - 2 sqrt(2/pi) e^{-a^2/2} + 2a / (3 L^2)
         def grad(a: float) -> float:
             return (
                 2.0 * a * special.erfc(a / math.sqrt(2.0))
                 - 2.0 * math.sqrt(2.0 / math.pi) * math.exp(-(a**2) / 2.0)
-                + 2.0 * a / (3.0 * 4.0**bits)
+                + 2.0 * a / (3.0 * bins_sq)
             )
 
         upper = 16.0

@@ -65,6 +65,7 @@ class RunConfig:
     stochastic: bool = False
     hw_scale: bool = False
     per_channel_weights: bool = False
+    half_range: bool = False  # one-sided grids for ReLU-fed outputs (the follow-up's -hr)
     sigma_estimator: str = "range"
     fold_bn: bool = True
     eval_precision: bool = False
@@ -106,6 +107,7 @@ class RunConfig:
             stochastic=self.stochastic,
             pow2_scale=self.hw_scale,
             sigma_estimator=self.sigma_estimator,
+            half_range=self.half_range,
             keep_8bit=frozenset(keep_8bit),
             seed=self.seed,
         )
@@ -307,7 +309,7 @@ class Experiment:
         """
         if stats is None:
             raise ValueError("-ct orders layers by their statistics: collect them first and run with -sm use")
-        return mse_order(self.layers, stats, self.cfg.quant_config(bits).policy(), self.cfg.sigma_estimator)
+        return mse_order(self.layers, stats, self.cfg.quant_config(bits).policy(self.model), self.cfg.sigma_estimator)
 
     def dump(self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None) -> Path:
         """Save each layer's FP32 and quantized output for the first batch to ``dump_dir`` (see ``dumps``)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .clipping import (
+    MAX_BITS,
     PRIORS,
     SIGMA_ESTIMATORS,
     ClipDecision,
@@ -33,6 +34,7 @@ from .clipping import (
     check_bits,
     no_clip_mse,
     prior_clipping,
+    quantization_noise,
 )
 from .observers import Observation
 
@@ -48,6 +50,7 @@ class Grid:
     delta: float
     offset: float
     predicted_mse: float
+    one_sided: bool = False
 
 
 class ClippingMethod(ABC):
@@ -68,13 +71,35 @@ class ClippingMethod(ABC):
     def clip(self, obs: Observation, bits: int) -> ClipDecision:
         """Alpha (0: no clipping) and the predicted MSE at ``bits``."""
 
-    def grid(self, obs: Observation, bits: int) -> Grid:
-        """The seed's range rule around the layer's moments (``aciq_range``)."""
-        decision = self.clip(obs, check_bits(bits))
+    def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
+        """The seed's range rule around the layer's moments (``aciq_range``); ``one_sided`` for a layer whose
+        output only feeds a ReLU (``cap``: ReLU6's 6), the follow-up's half range (``one_sided_grid``)."""
+        bits = check_bits(bits)
+        if one_sided:
+            return one_sided_grid(self, obs, bits, cap)
+        decision = self.clip(obs, bits)
         stats = obs.moments
         delta, offset = aciq_range(stats.min, stats.max, stats.mean, decision.alpha)
         method = decision.method if delta < stats.range else "no"
         return Grid(method, decision.alpha, delta, offset, decision.predicted_mse)
+
+
+def one_sided_grid(method: ClippingMethod, obs: Observation, bits: int, cap: float | None) -> Grid:
+    """The grid [0, min(max(mean, 0) + alpha+, max, cap)] of a ReLU-fed layer (the follow-up's "half range").
+
+    Values below 0 are what the ReLU sets to 0, so the grid spends no level on them; the ReLU's cap (6 for ReLU6)
+    and the observed maximum bound it from above.  alpha+ is the method's clip at ``bits + 1``: for the paper's
+    model the half-distribution MSE at M bits is half the two-sided MSE at M + 1 bits, so both have the same
+    minimiser (``clipping.optimal_alpha_half`` derives it) and the predicted MSE is half of it; a method that is
+    not model-based gets the same rule, a grid as fine as its two-sided one at one bit more.  (At 16 bits the clip
+    is asked at 16: the grid is then finer than any float32 activation needs.)"""
+    decision = method.clip(obs, min(bits + 1, MAX_BITS))
+    stats = obs.moments
+    ceiling = stats.max if cap is None else min(stats.max, cap)
+    upper = ceiling if decision.alpha <= 0.0 else min(max(stats.mean, 0.0) + decision.alpha, ceiling)
+    upper = max(upper, 0.0)
+    name = decision.method if decision.alpha > 0.0 and upper < ceiling else "no"
+    return Grid(name, decision.alpha, upper, 0.0, decision.predicted_mse / 2.0, one_sided=True)
 
 
 _REGISTRY: dict[str, type[ClippingMethod]] = {}
@@ -163,8 +188,12 @@ class MinMax(ClippingMethod):
         lo, hi = obs.extreme
         return ClipDecision("minmax", 0.0, no_clip_mse(TensorStats(lo, hi, 0.0, 0.0, 0.0, obs.numel), bits))
 
-    def grid(self, obs: Observation, bits: int) -> Grid:
+    def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
         lo, hi = obs.extreme
+        if one_sided:
+            hi = max(hi if cap is None else min(hi, cap), 0.0)
+            # half the mass rounded with bins hi / 2**bits wide; the zeros are exact
+            return Grid("minmax", 0.0, hi, 0.0, 0.5 * quantization_noise(hi / 2.0, check_bits(bits)), one_sided=True)
         return Grid("minmax", 0.0, hi - lo, lo, self.clip(obs, check_bits(bits)).predicted_mse)
 
 

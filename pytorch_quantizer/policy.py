@@ -10,7 +10,7 @@ placement) is another class with a ``specs`` method.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import pandas as pd
@@ -28,6 +28,8 @@ class LayerSpec:
     role: str  # "first", "classifier", "kept", "float" (activations not quantized) or "" (a regular layer)
     bits: int | None  # None: left in float
     method: str  # a registered clipping method
+    one_sided: bool = False  # a grid over [0, ...]: the output only feeds a ReLU-like activation
+    cap: float | None = None  # that activation's upper bound (ReLU6: 6), None when unbounded
 
 
 class LayerPolicy(Protocol):
@@ -49,6 +51,7 @@ class SeedPolicy:
     kept: frozenset[str] = field(default_factory=frozenset)
     kept_bits: int = 8
     layer_bits: Mapping[str, int | None] = field(default_factory=dict)
+    one_sided: Mapping[str, float | None] = field(default_factory=dict)  # module path -> ReLU cap (graph.py)
 
     def __post_init__(self) -> None:
         for bits in (self.bits, self.first_layer_bits, self.classifier_bits, self.kept_bits,
@@ -75,7 +78,9 @@ class SeedPolicy:
                 spec = LayerSpec("", self.bits, self.method)
             for key in (layer.name, layer.module_name):
                 if key in self.layer_bits:
-                    spec = LayerSpec(spec.role, self.layer_bits[key], spec.method)
+                    spec = replace(spec, bits=self.layer_bits[key])
+            if layer.module_name in self.one_sided and spec.role != "classifier":
+                spec = replace(spec, one_sided=True, cap=self.one_sided[layer.module_name])
             out.append(spec)
         return out
 
@@ -93,6 +98,8 @@ class LayerPlan:
     delta: float
     offset: float
     predicted_mse: float
+    one_sided: bool = False  # the grid starts at 0 (a ReLU-fed output)
+    cap: float | None = None
 
 
 def plan_layers(
@@ -111,9 +118,9 @@ def plan_layers(
             role = spec.role if spec.bits is None else "unobserved"
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))
             continue
-        grid = methods[spec.method].grid(statistics.observation(layer.name), spec.bits)
+        grid = methods[spec.method].grid(statistics.observation(layer.name), spec.bits, spec.one_sided, spec.cap)
         plans.append(LayerPlan(layer.name, layer.module_name, spec.role, spec.bits, grid.method, grid.alpha,
-                               grid.delta, grid.offset, grid.predicted_mse))
+                               grid.delta, grid.offset, grid.predicted_mse, grid.one_sided, spec.cap))
     return plans
 
 
@@ -134,5 +141,6 @@ def mse_order(layers: list[ActivationLayer], statistics: Statistics, policy: See
     for layer, spec in zip(layers, policy.specs(layers), strict=True):
         if spec.role == "" and statistics.has(layer.name):
             obs = statistics.observation(layer.name)
-            scores[layer.name] = method.clip(obs, spec.bits).predicted_mse / max(obs.moments.std**2, 1e-30)
+            mse = method.grid(obs, spec.bits, spec.one_sided, spec.cap).predicted_mse
+            scores[layer.name] = mse / max(obs.moments.std**2, 1e-30)
     return sorted(scores, key=lambda n: (-scores[n], n))

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from .clipping import SIGMA_ESTIMATORS, check_bits
+from .graph import relu_fed_layers
 from .grid import QParams, gemmlowp_qparams, uniform_noise
 from .layers import ActivationLayer, HookSet, activation_layers
 from .methods import get_method
 from .observers import Observation
-from .policy import LayerPlan, SeedPolicy, plan_layers
+from .policy import LayerPlan, LayerSpec, SeedPolicy, plan_layers
 from .quantize import quantize_with_qparams
 from .stats import Statistics
 from .weights import WeightCorrection, WeightQuantizer
@@ -46,6 +47,7 @@ class QuantConfig:
     seed: int = 0
     backend: str | None = None
     weight_corrections: tuple[WeightCorrection, ...] = ()
+    half_range: bool = False  # one-sided grids for outputs that only feed a ReLU (the follow-up's -hr)
 
     def __post_init__(self) -> None:
         for bits in (self.bits, self.weight_bits, self.bias_bits, self.first_layer_bits, self.classifier_bits,
@@ -59,10 +61,17 @@ class QuantConfig:
             )
         object.__setattr__(self, "keep_8bit", frozenset(self.keep_8bit))
 
-    def policy(self) -> SeedPolicy:
-        """The seed's layer policy with this configuration's widths and method."""
+    def policy(self, model: nn.Module | None = None) -> SeedPolicy:
+        """The seed's layer policy with this configuration's widths and method; with ``half_range`` the ReLU-fed
+        layers of ``model`` (found in its graph) get one-sided grids."""
+        one_sided = {}
+        if self.half_range:
+            if model is None:
+                raise ValueError("half_range needs the model, to find which layers feed a ReLU")
+            one_sided = relu_fed_layers(model)
         return SeedPolicy(bits=self.bits, method=self.threshold, first_layer_bits=self.first_layer_bits,
-                          classifier_bits=self.classifier_bits, kept=self.keep_8bit, kept_bits=self.kept_bits)
+                          classifier_bits=self.classifier_bits, kept=self.keep_8bit, kept_bits=self.kept_bits,
+                          one_sided=one_sided)
 
     def weight_quantizer(self, layers: list[ActivationLayer]) -> WeightQuantizer:
         return WeightQuantizer(layers, self.weight_bits, self.bias_bits, self.weight_per_channel,
@@ -79,7 +88,7 @@ class ActivationQuantizer:
         self.model = model
         self.config = config
         self.layers = activation_layers(model)
-        self.policy = config.policy()
+        self.policy = config.policy(model)
         self.specs = self.policy.specs(self.layers)
         self.weights = config.weight_quantizer(self.layers)
         self.plan: list[LayerPlan] | None = None
@@ -104,7 +113,7 @@ class ActivationQuantizer:
         for layer, spec in zip(self.layers, self.specs, strict=True):
             bits = planned[layer.name] if planned is not None else spec.bits
             if bits is not None:
-                self._hooks.add(layer, self._hook(layer, spec.method, bits))
+                self._hooks.add(layer, self._hook(layer, spec, bits))
         return self
 
     def detach(self) -> None:
@@ -128,7 +137,7 @@ class ActivationQuantizer:
             self._generators[x.device] = generator
         return uniform_noise(x, generator)
 
-    def _hook(self, layer: ActivationLayer, method_name: str, bits: int):
+    def _hook(self, layer: ActivationLayer, spec: LayerSpec, bits: int):
         cfg = self.config
         if self.plan is not None:
             qp = self._qparams[layer.name]
@@ -138,11 +147,12 @@ class ActivationQuantizer:
 
             return hook
 
-        method = get_method(method_name, cfg.sigma_estimator)
-        need_spread = method_name not in ("no", "minmax")
+        method = get_method(spec.method, cfg.sigma_estimator)
+        need_spread = spec.method not in ("no", "minmax")
 
         def dynamic_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            grid = method.grid(Observation.of_tensor(layer.name, output, need_spread), bits)
+            obs = Observation.of_tensor(layer.name, output, need_spread)
+            grid = method.grid(obs, bits, spec.one_sided, spec.cap)
             qp = gemmlowp_qparams(grid.delta, grid.offset, bits, cfg.preserve_zero, cfg.pow2_scale)
             quantize_with_qparams(output, qp, inplace=True, noise=self._noise(output), backend=cfg.backend)
 

@@ -358,3 +358,14 @@ def test_default_statistics_folder_is_keyed_by_weights(data_dir, tmp_path, monke
     folders = sorted(p.name for p in (tmp_path / "asiq_data" / "statistics").iterdir())
     rows = pd.read_csv(tmp_path / "r.csv")
     assert folders == sorted(f"mobilenet_v3_small-{fp}" for fp in rows["weights_fingerprint"]) and len(folders) == 2
+
+
+def test_half_range_through_the_driver(data_dir, stats_dir):
+    """-hr: the ReLU-fed layers of mobilenet_v3_small (found in its graph) get one-sided grids; Hardswish-fed do not."""
+    assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-hr") == 0
+    row = last_result(stats_dir)
+    assert row["half_range"]
+    plan = pd.read_csv(row["file"], index_col="name", keep_default_na=False)
+    one_sided = plan[plan["one_sided"]]
+    assert 0 < len(one_sided) < len(plan) and (one_sided["offset"] == 0).all()
+    assert "features.0.0" not in set(one_sided["module_name"])  # the stem conv feeds a Hardswish
