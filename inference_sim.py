@@ -49,6 +49,16 @@ def qtype(text: str) -> int | None:
 qweight = qtype  # the same names: intN, or f32 for float weights
 
 
+def edge_weights(text: str) -> int | None:
+    """``intN`` → N, ``same`` → None (no exception for the first and last layers)."""
+    if text.strip().lower() == "same":
+        return None
+    bits = qtype(text)
+    if bits is None:
+        raise argparse.ArgumentTypeError("expected intN or same")
+    return bits
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -97,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight and bias type intN, or f32 for float weights (default: int8 when activations are "
                         "quantized, f32 otherwise)")
     methods = method_names()
+    p.add_argument("--edge_weights", type=edge_weights, default=8, metavar="intN",
+                   help="weights of the first conv and the classifier when -qw is narrower (the follow-up keeps them "
+                        "at 8 bits), or 'same' to quantize them like the others (default: int8)")
     p.add_argument("-th", "--threshold", choices=methods, default="no", metavar="METHOD",
                    help="clipping method: " + "; ".join(f"{m}: {get_method(m).summary}" for m in methods)
                         + " (default: %(default)s)")
@@ -176,7 +189,7 @@ def config_from_args(args: argparse.Namespace):
         weight_bits=weight_bits, threshold=args.threshold, stats_mode=args.stats_mode,
         stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
         hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, half_range=args.half_range,
-        sigma_estimator=args.sigma,
+        sigma_estimator=args.sigma, edge_weight_bits=args.edge_weights,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
         cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,

@@ -58,6 +58,7 @@ class RunConfig:
     device_ids: tuple[int, ...] = ()
     bits: int | None = None  # activations; None: float (the seed's default, no --qtype)
     weight_bits: int | None = 8  # None: float weights
+    edge_weight_bits: int | None = 8  # first conv and classifier weights when weight_bits is narrower
     threshold: str = "no"
     stats_mode: str = "no"  # collect | use | no
     stats_folder: Path | None = None
@@ -102,6 +103,7 @@ class RunConfig:
             threshold=self.threshold,
             weight_bits=self.weight_bits,
             bias_bits=self.weight_bits,
+            edge_weight_bits=self.edge_weight_bits,
             weight_per_channel=self.per_channel_weights,
             preserve_zero=self.preserve_zero,
             stochastic=self.stochastic,

@@ -36,6 +36,12 @@ class LayerPolicy(Protocol):
     def specs(self, layers: list[ActivationLayer]) -> list[LayerSpec]: ...
 
 
+def edge_layers(layers: list[ActivationLayer]) -> tuple[int | None, int]:
+    """Indices of the first conv (it sees the image) and of the classifier (the last layer): the layers the seed and
+    its follow-up keep at 8 bits."""
+    return next((i for i, layer in enumerate(layers) if layer.kind == "conv"), None), len(layers) - 1
+
+
 @dataclass(frozen=True)
 class SeedPolicy:
     """The seed's rules: every layer at ``bits`` with ``method``; the first conv at ``first_layer_bits``; the last
@@ -65,10 +71,10 @@ class SeedPolicy:
     def specs(self, layers: list[ActivationLayer]) -> list[LayerSpec]:
         if self.bits is None:
             return [LayerSpec("float", None, "no") for _ in layers]
-        first_conv = next((i for i, layer in enumerate(layers) if layer.kind == "conv"), None)
+        first_conv, classifier = edge_layers(layers)
         out = []
         for i, layer in enumerate(layers):
-            if i == len(layers) - 1:
+            if i == classifier:
                 spec = LayerSpec("classifier", self.classifier_bits, self.classifier_method)
             elif i == first_conv:
                 spec = LayerSpec("first", self.first_layer_bits, self.method)

@@ -20,7 +20,7 @@ from .grid import QParams, gemmlowp_qparams, uniform_noise
 from .layers import ActivationLayer, HookSet, activation_layers
 from .methods import get_method
 from .observers import Observation
-from .policy import LayerPlan, LayerSpec, SeedPolicy, plan_layers
+from .policy import LayerPlan, LayerSpec, SeedPolicy, edge_layers, plan_layers
 from .quantize import quantize_with_qparams
 from .stats import Statistics
 from .weights import WeightCorrection, WeightQuantizer
@@ -34,6 +34,7 @@ class QuantConfig:
     threshold: str = "no"  # a registered clipping method (methods.method_names())
     weight_bits: int | None = 8
     bias_bits: int | None = 8
+    edge_weight_bits: int | None = 8  # first conv and classifier weights when weight_bits is lower (None: no exception)
     weight_per_channel: bool = False  # one grid per output channel instead of per tensor
     first_layer_bits: int | None = 8  # the first conv's activation
     classifier_bits: int | None = 8  # the last layer's output, min of mins .. max of maxes, never clipped
@@ -51,7 +52,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for bits in (self.bits, self.weight_bits, self.bias_bits, self.first_layer_bits, self.classifier_bits,
-                     self.kept_bits):
+                     self.kept_bits, self.edge_weight_bits):
             if bits is not None:
                 check_bits(bits)
         get_method(self.threshold)  # an unknown name lists the registered ones
@@ -74,8 +75,14 @@ class QuantConfig:
                           one_sided=one_sided)
 
     def weight_quantizer(self, layers: list[ActivationLayer]) -> WeightQuantizer:
+        """Weights at ``weight_bits``; the first conv's and the classifier's at ``edge_weight_bits`` when that is
+        wider (the follow-up quantizes the other layers to 4 bits and keeps these two at 8)."""
+        layer_bits = {}
+        edge = self.edge_weight_bits
+        if self.weight_bits is not None and edge is not None and edge > self.weight_bits:
+            layer_bits = {layers[i].module_name: edge for i in edge_layers(layers) if i is not None}
         return WeightQuantizer(layers, self.weight_bits, self.bias_bits, self.weight_per_channel,
-                               self.weight_preserve_zero, self.pow2_scale, self.weight_corrections)
+                               self.weight_preserve_zero, self.pow2_scale, self.weight_corrections, layer_bits)
 
 
 class ActivationQuantizer:

@@ -182,3 +182,18 @@ def test_choose_clipping_is_the_registered_method(toy_methods):
     stats = TensorStats(-4.0, 4.0, 0.0, 1.0, 1.5, 1000)
     assert choose_clipping(stats, "toy_quarter", 4).alpha == 2.0
     assert choose_clipping(stats, "laplace", 4) == get_method("laplace").clip(Observation.of_moments(stats), 4)
+
+
+def test_narrow_weights_keep_the_edge_layers_at_8_bits(tiny_model):
+    """-qw int4: the first conv and the classifier keep 8-bit weights (the follow-up's rule); 'same' drops it."""
+    layers = activation_layers(tiny_model)
+
+    def levels(config):
+        with config.weight_quantizer(layers):
+            return [len(torch.unique(layer.module.weight)) for layer in layers]
+
+    first, middle, last = levels(QuantConfig(bits=8, weight_bits=4))
+    assert middle <= 16 < first and 16 < last
+    assert max(levels(QuantConfig(bits=8, weight_bits=4, edge_weight_bits=None))) <= 16
+    same = QuantConfig(bits=8, weight_bits=8, edge_weight_bits=None)
+    assert levels(QuantConfig(bits=8, weight_bits=8)) == levels(same)
