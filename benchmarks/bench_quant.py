@@ -20,8 +20,8 @@ The last line printed is machine-readable:
 copy_'s on ``--device`` (the CPU kernel on cpu), and X, Y are times over the FP32 forward; ``--compile`` appends
 `` compiled_w8a4_overhead=Z``, compiled W8A4 time over compiled FP32 time.
 
-    python benchmarks/bench_quant.py [--device cpu|cuda] [--arch resnet18] [--batch-size 32] [--threads N]
-                                     [--calls N] [--compile]
+    python benchmarks/bench_quant.py [--device cpu|cuda] [--arch resnet18] [--batch-size 32] [--image-size 224]
+                                     [--threads N] [--calls N] [--compile]
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ W8A4 = QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8)
 
 
 def bench_model(
-    device: torch.device, arch: str, batch_size: int, repeats: int, fold_bn: bool = True, compile_too: bool = False
+    device: torch.device, arch: str, batch_size: int, repeats: int, fold_bn: bool = True, compile_too: bool = False,
+    image_size: int = 224,
 ) -> tuple[float, float, float]:
     """Print forward times; return the W8A4 / FP32 and collect / FP32 median time ratios, and with ``compile_too``
     compiled W8A4 / compiled FP32 (else NaN)."""
@@ -172,7 +173,7 @@ def bench_model(
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None).eval()
-    images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     if fold_bn:  # as the experiment does: on the CPU (float32 exactly, no TF32), then moved to the device
         model, pairs = fold_batchnorm(model, images[:2])
         print(f"  {len(pairs)} BatchNorm layers folded")
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--arch", default="resnet18", help="torchvision model name (random weights)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="height and width of the random model input (smaller: faster smoke runs)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, all cores)")
     parser.add_argument("--numel", type=int, default=64 * 2**20, help="elements of the kernel benchmark tensor")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each kernel case")
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         print("Benchmark 2: simulation overhead, W8A4 (statistics use mode) and statistics collection")
         overhead, collect, compiled = bench_model(
             device, args.arch, args.batch_size, args.model_repeats, fold_bn=not args.no_fold_bn,
-            compile_too=args.compile,
+            compile_too=args.compile, image_size=args.image_size,
         )
     last = f"copy_ratio={ratio:.3f} w8a4_overhead={overhead:.3f} collect_overhead={collect:.3f}"
     if args.compile:

@@ -1,4 +1,7 @@
-"""The benchmark script runs end to end at toy sizes and prints its machine-readable last line (no timings checked)."""
+"""The benchmark script runs end to end at toy sizes and prints its machine-readable last line (no timings checked).
+
+Eager cases run resnet18 on 32-pixel images; the ``--compile`` case runs conftest's TinyNet, since compiling resnet18
+twice (FP32 and W8A4) takes over a minute on a cold Inductor cache and TinyNet a few seconds."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torchvision
 
 from pytorch_quantizer import backends
 
@@ -22,11 +26,19 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-fold-bn"], ["--compile", "--part", "model"]])
-def test_benchmark_runs_and_reports(bench, capsys, flags: list[str]) -> None:
+@pytest.fixture
+def tiny_net(monkeypatch, tiny_model) -> None:
+    """TinyNet (Conv-BN-ReLU twice, pooling, a classifier) as ``--arch tiny_net``: the script builds
+    ``getattr(torchvision.models, arch)(weights=None)``."""
+    monkeypatch.setattr(torchvision.models, "tiny_net", lambda weights: tiny_model, raising=False)
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-fold-bn"], ["--compile", "--part", "model", "--arch", "tiny_net"]])
+def test_benchmark_runs_and_reports(bench, capsys, tiny_net, flags: list[str]) -> None:
     if backends.kernel_module("cpu") is None:
         pytest.skip(f"CPU kernel not built: {backends.kernel_load_error('cpu')}")
-    bench.main(["--numel", "4100", "--repeats", "1", "--model-repeats", "1", "--batch-size", "1", *flags])
+    bench.main(["--numel", "4100", "--repeats", "1", "--model-repeats", "1", "--batch-size", "1", "--image-size", "32",
+                *flags])
     out = capsys.readouterr().out
     compiled = "--compile" in flags
     cases = ["W8A4", "collect statistics"] + (["W8A4 compiled"] if compiled else ["copy_", "cpu in place",
