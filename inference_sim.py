@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pytorch_quantizer.clipping import MAX_BITS, MIN_BITS, SIGMA_ESTIMATORS
+from pytorch_quantizer.layers import ACT_POINTS
 from pytorch_quantizer.methods import get_method, method_names
 
 EXIT_USAGE = 2
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-hr", "--half_range", action="store_true",
                    help="one-sided grids [0, ...] for conv/linear outputs that only feed a ReLU/ReLU6 (found in the "
                         "model's graph): the follow-up's half range")
+    p.add_argument("--act_point", choices=ACT_POINTS, default="output",
+                   help="quantize (and, with -sm collect, observe) each conv/linear's output, as the seed does, or its "
+                        "input, what an integer GEMM reads; inputs never below 0 get one-sided grids, the image stays "
+                        "float (default: %(default)s)")
     p.add_argument("--sigma", choices=SIGMA_ESTIMATORS, default="range",
                    help="Gaussian sigma estimate: from the range (the seed's) or the sample std (default: range)")
     p.add_argument("--no_fold_bn", action="store_true", help="keep BatchNorm layers instead of folding them")
@@ -168,6 +173,9 @@ def config_from_args(args: argparse.Namespace):
 
     if args.custom_test and args.stats_mode != "use":
         raise ValueError("-ct orders layers by their statistics: run it with -sm use")
+    if args.half_range and args.act_point == "input":
+        raise ValueError("-hr marks outputs that feed a ReLU; with --act_point input every non-negative input gets a "
+                         "one-sided grid already")
     if args.custom_test and args.eval_precision:
         raise ValueError("-ep and -ct are two different sweeps: run them one at a time")
     if args.custom_test and args.qtype is None:
@@ -189,7 +197,7 @@ def config_from_args(args: argparse.Namespace):
         weight_bits=weight_bits, threshold=args.threshold, stats_mode=args.stats_mode,
         stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
         hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, half_range=args.half_range,
-        sigma_estimator=args.sigma, edge_weight_bits=args.edge_weights,
+        act_point=args.act_point, sigma_estimator=args.sigma, edge_weight_bits=args.edge_weights,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
         cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,

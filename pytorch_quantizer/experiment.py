@@ -67,6 +67,7 @@ class RunConfig:
     hw_scale: bool = False
     per_channel_weights: bool = False
     half_range: bool = False  # one-sided grids for ReLU-fed outputs (the follow-up's -hr)
+    act_point: str = "output"  # quantize each conv/linear's output (the seed) or its input
     sigma_estimator: str = "range"
     fold_bn: bool = True
     eval_precision: bool = False
@@ -110,6 +111,7 @@ class RunConfig:
             pow2_scale=self.hw_scale,
             sigma_estimator=self.sigma_estimator,
             half_range=self.half_range,
+            act_point=self.act_point,
             keep_8bit=frozenset(keep_8bit),
             seed=self.seed,
         )
@@ -263,7 +265,7 @@ class Experiment:
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
         log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
                  self.cal_dataset.root)
-        with StatisticsCollector(self.model, devices=devices) as collector:
+        with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point) as collector:
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
         names = relative_paths(self.cal_dataset)
         images = [names[i] for i in self.calibration]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+ACT_POINTS = ("output", "input")  # which tensor of each layer is observed and quantized
 QUANTIZED_TYPES: tuple[tuple[str, type[nn.Module]], ...] = (("conv", nn.Conv2d), ("linear", nn.Linear))
 
 
@@ -50,6 +51,21 @@ class HookSet:
 
     def add(self, layer: ActivationLayer, hook: Callable[[nn.Module, tuple, torch.Tensor], None]) -> None:
         self._handles.append(layer.module.register_forward_hook(hook))
+
+    def add_at(self, point: str, layer: ActivationLayer, hook: Callable[[nn.Module, torch.Tensor], object]) -> None:
+        """``hook(module, tensor)`` on the layer's output (``point`` "output") or on its input ("input"); an input
+        hook's return value, when not None, replaces the input (inputs are often read elsewhere too, e.g. by a
+        residual add, so they are replaced, never changed in place)."""
+        if point == "output":
+            self.add(layer, lambda module, inputs, output: hook(module, output))
+        elif point == "input":
+            def pre_hook(module: nn.Module, inputs: tuple):
+                new = hook(module, inputs[0])
+                return None if new is None else (new, *inputs[1:])
+
+            self._handles.append(layer.module.register_forward_pre_hook(pre_hook))
+        else:
+            raise ValueError(f"unknown activation point {point!r}: expected one of {', '.join(ACT_POINTS)}")
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -30,6 +30,7 @@ class LayerSpec:
     method: str  # a registered clipping method
     one_sided: bool = False  # a grid over [0, ...]: the output only feeds a ReLU-like activation
     cap: float | None = None  # that activation's upper bound (ReLU6: 6), None when unbounded
+    one_sided_if_nonnegative: bool = False  # one-sided when the observed minimum is >= 0 (post-ReLU inputs)
 
 
 class LayerPolicy(Protocol):
@@ -58,6 +59,7 @@ class SeedPolicy:
     kept_bits: int = 8
     layer_bits: Mapping[str, int | None] = field(default_factory=dict)
     one_sided: Mapping[str, float | None] = field(default_factory=dict)  # module path -> ReLU cap (graph.py)
+    one_sided_if_nonnegative: bool = False  # inputs seen only >= 0 (after a ReLU) get one-sided grids
 
     def __post_init__(self) -> None:
         for bits in (self.bits, self.first_layer_bits, self.classifier_bits, self.kept_bits,
@@ -87,6 +89,8 @@ class SeedPolicy:
                     spec = replace(spec, bits=self.layer_bits[key])
             if layer.module_name in self.one_sided and spec.role != "classifier":
                 spec = replace(spec, one_sided=True, cap=self.one_sided[layer.module_name])
+            if self.one_sided_if_nonnegative and spec.role != "classifier":
+                spec = replace(spec, one_sided_if_nonnegative=True)
             out.append(spec)
         return out
 
@@ -124,7 +128,9 @@ def plan_layers(
             role = spec.role if spec.bits is None else "unobserved"
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))
             continue
-        grid = methods[spec.method].grid(statistics.observation(layer.name), spec.bits, spec.one_sided, spec.cap)
+        obs = statistics.observation(layer.name)
+        one_sided = spec.one_sided or (spec.one_sided_if_nonnegative and obs.extreme[0] >= 0.0)
+        grid = methods[spec.method].grid(obs, spec.bits, one_sided, spec.cap)
         plans.append(LayerPlan(layer.name, layer.module_name, spec.role, spec.bits, grid.method, grid.alpha,
                                grid.delta, grid.offset, grid.predicted_mse, grid.one_sided, spec.cap))
     return plans

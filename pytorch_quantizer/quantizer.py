@@ -17,12 +17,12 @@ from torch import nn
 from .clipping import SIGMA_ESTIMATORS, check_bits
 from .graph import relu_fed_layers
 from .grid import QParams, gemmlowp_qparams, uniform_noise
-from .layers import ActivationLayer, HookSet, activation_layers
+from .layers import ACT_POINTS, ActivationLayer, HookSet, activation_layers
 from .methods import get_method
 from .observers import Observation
 from .policy import LayerPlan, LayerSpec, SeedPolicy, edge_layers, plan_layers
 from .quantize import quantize_with_qparams
-from .stats import Statistics
+from .stats import Statistics, StatisticsError
 from .weights import WeightCorrection, WeightQuantizer
 
 
@@ -49,6 +49,7 @@ class QuantConfig:
     backend: str | None = None
     weight_corrections: tuple[WeightCorrection, ...] = ()
     half_range: bool = False  # one-sided grids for outputs that only feed a ReLU (the follow-up's -hr)
+    act_point: str = "output"  # quantize each layer's output (the seed) or its input (what an integer GEMM reads)
 
     def __post_init__(self) -> None:
         for bits in (self.bits, self.weight_bits, self.bias_bits, self.first_layer_bits, self.classifier_bits,
@@ -60,19 +61,27 @@ class QuantConfig:
             raise ValueError(
                 f"unknown sigma estimator {self.sigma_estimator!r}: expected one of {', '.join(SIGMA_ESTIMATORS)}"
             )
+        if self.act_point not in ACT_POINTS:
+            raise ValueError(f"unknown activation point {self.act_point!r}: expected one of {', '.join(ACT_POINTS)}")
+        if self.half_range and self.act_point == "input":
+            raise ValueError("half range marks outputs that feed a ReLU; with input placement every non-negative "
+                             "input gets a one-sided grid already")
         object.__setattr__(self, "keep_8bit", frozenset(self.keep_8bit))
 
     def policy(self, model: nn.Module | None = None) -> SeedPolicy:
         """The seed's layer policy with this configuration's widths and method; with ``half_range`` the ReLU-fed
-        layers of ``model`` (found in its graph) get one-sided grids."""
+        layers of ``model`` (found in its graph) get one-sided grids.  With input placement the first layer's input
+        (the image) stays float, and every input whose observed minimum is >= 0 gets a one-sided grid."""
+        inputs = self.act_point == "input"
         one_sided = {}
         if self.half_range:
             if model is None:
                 raise ValueError("half_range needs the model, to find which layers feed a ReLU")
             one_sided = relu_fed_layers(model)
-        return SeedPolicy(bits=self.bits, method=self.threshold, first_layer_bits=self.first_layer_bits,
+        return SeedPolicy(bits=self.bits, method=self.threshold,
+                          first_layer_bits=None if inputs else self.first_layer_bits,
                           classifier_bits=self.classifier_bits, kept=self.keep_8bit, kept_bits=self.kept_bits,
-                          one_sided=one_sided)
+                          one_sided=one_sided, one_sided_if_nonnegative=inputs)
 
     def weight_quantizer(self, layers: list[ActivationLayer]) -> WeightQuantizer:
         """Weights at ``weight_bits``; the first conv's and the classifier's at ``edge_weight_bits`` when that is
@@ -101,6 +110,11 @@ class ActivationQuantizer:
         self.plan: list[LayerPlan] | None = None
         self._qparams: dict[str, QParams | None] = {}
         if statistics is not None:
+            if statistics.point != config.act_point:
+                raise StatisticsError(
+                    f"the statistics in {statistics.folder} were collected at the layers' {statistics.point}s, but "
+                    f"this run quantizes their {config.act_point}s; collect them with --act_point {config.act_point}"
+                )
             self.plan = plan_layers(self.layers, statistics, self.policy, config.sigma_estimator)
             self._qparams = {
                 p.name: None if p.bits is None else gemmlowp_qparams(
@@ -120,7 +134,7 @@ class ActivationQuantizer:
         for layer, spec in zip(self.layers, self.specs, strict=True):
             bits = planned[layer.name] if planned is not None else spec.bits
             if bits is not None:
-                self._hooks.add(layer, self._hook(layer, spec, bits))
+                self._hooks.add_at(self.config.act_point, layer, self._hook(layer, spec, bits))
         return self
 
     def detach(self) -> None:
@@ -145,22 +159,26 @@ class ActivationQuantizer:
         return uniform_noise(x, generator)
 
     def _hook(self, layer: ActivationLayer, spec: LayerSpec, bits: int):
+        """``hook(module, x)``: outputs are quantized in place (nothing else has read them yet); inputs are
+        replaced by a quantized copy (a residual add may read the same tensor)."""
         cfg = self.config
+        inplace = cfg.act_point == "output"
+
+        def quantize(x: torch.Tensor, qp: QParams | None) -> torch.Tensor | None:
+            y = quantize_with_qparams(x, qp, inplace=inplace, noise=self._noise(x), backend=cfg.backend)
+            return None if inplace else y
+
         if self.plan is not None:
             qp = self._qparams[layer.name]
-
-            def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-                quantize_with_qparams(output, qp, inplace=True, noise=self._noise(output), backend=cfg.backend)
-
-            return hook
+            return lambda module, x: quantize(x, qp)
 
         method = get_method(spec.method, cfg.sigma_estimator)
         need_spread = spec.method not in ("no", "minmax")
 
-        def dynamic_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            obs = Observation.of_tensor(layer.name, output, need_spread)
-            grid = method.grid(obs, bits, spec.one_sided, spec.cap)
-            qp = gemmlowp_qparams(grid.delta, grid.offset, bits, cfg.preserve_zero, cfg.pow2_scale)
-            quantize_with_qparams(output, qp, inplace=True, noise=self._noise(output), backend=cfg.backend)
+        def dynamic_hook(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+            obs = Observation.of_tensor(layer.name, x, need_spread)
+            one_sided = spec.one_sided or (spec.one_sided_if_nonnegative and obs.extreme[0] >= 0.0)
+            grid = method.grid(obs, bits, one_sided, spec.cap)
+            return quantize(x, gemmlowp_qparams(grid.delta, grid.offset, bits, cfg.preserve_zero, cfg.pow2_scale))
 
         return dynamic_hook

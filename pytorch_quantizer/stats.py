@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .clipping import TensorStats
-from .layers import ActivationLayer, HookSet, activation_layers
+from .layers import ACT_POINTS, ActivationLayer, HookSet, activation_layers
 from .observers import (
     PER_TENSOR,
     STAT_COLUMNS,
@@ -79,7 +79,11 @@ class StatisticsCollector:
     """
 
     def __init__(self, model: nn.Module, fused: bool = True, devices: Sequence[torch.device | str] = (),
-                 observers: Iterable[str] = ("moments",), granularity: Granularity = PER_TENSOR) -> None:
+                 observers: Iterable[str] = ("moments",), granularity: Granularity = PER_TENSOR,
+                 point: str = "output") -> None:
+        if point not in ACT_POINTS:
+            raise ValueError(f"unknown activation point {point!r}: expected one of {', '.join(ACT_POINTS)}")
+        self.point = point
         self.fused = fused
         self.granularity = granularity
         self.observer_names = tuple(dict.fromkeys(observers))
@@ -105,7 +109,7 @@ class StatisticsCollector:
     def attach(self) -> StatisticsCollector:
         if not self._hooks.attached:
             for layer in self.layers:
-                self._hooks.add(layer, self._hook(layer.name))
+                self._hooks.add_at(self.point, layer, self._hook(layer.name))
         return self
 
     def detach(self) -> None:
@@ -124,7 +128,7 @@ class StatisticsCollector:
     def _hook(self, name: str):
         observers = self.observers[name]
 
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, output: torch.Tensor) -> None:
             replica = self._replica(output)
             with self._lock:
                 call = self._calls.get((name, replica), 0)
@@ -168,7 +172,7 @@ class StatisticsCollector:
         ]
         observers = [{"name": name, "granularity": self.granularity.label} for name in self.observer_names]
         full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": entries,
-                     "observers": observers}
+                     "observers": observers, "point": self.point}
 
         def write(staging: Path) -> None:
             if calibration is not None:
@@ -223,6 +227,11 @@ class Statistics:
     @property
     def layer_names(self) -> list[str]:
         return [layer["name"] for layer in self.meta["layers"]]
+
+    @property
+    def point(self) -> str:
+        """Which tensor of each layer was observed: "output" (the seed's, and every format-1 folder) or "input"."""
+        return self.meta.get("point", "output")
 
     @property
     def observers(self) -> dict[str, Granularity]:

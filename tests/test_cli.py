@@ -374,3 +374,16 @@ def test_half_range_through_the_driver(data_dir, stats_dir):
     one_sided = plan[plan["one_sided"]]
     assert 0 < len(one_sided) < len(plan) and (one_sided["offset"] == 0).all()
     assert "features.0.0" not in set(one_sided["module_name"])  # the stem conv feeds a Hardswish
+
+
+def test_input_placement_through_the_driver(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path, "-sm", "collect", "-cs", "4", "--act_point", "input") == 0
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "laplace", "--act_point", "input") == 0
+    row = last_result(tmp_path)
+    assert row["act_point"] == "input" and row["images"] == 4
+    plan = pd.read_csv(row["file"], index_col="name", keep_default_na=False)
+    assert plan.loc["conv0_activation", "bits"] == ""  # the image stays float
+    capsys.readouterr()
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "laplace") == 2
+    assert "--act_point output" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "--act_point", "input", "-hr") == 2
