@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-pz", "--preserve_zero", action="store_true", help="make 0.0 exactly representable")
     p.add_argument("-s", "--stochastic", action="store_true", help="stochastic rounding of activations")
     p.add_argument("-hs", "--hw_scale", action="store_true", help="round scales up to powers of two")
-    p.add_argument("-pcw", "--per_channel_weights", action="store_true", help="one weight grid per output channel")
+    p.add_argument("-pcw", "-pcq_w", "--per_channel_weights", action="store_true",
+                   help="one weight grid per output channel (-pcq_w is the follow-up's name)")
+    p.add_argument("-bcw", "--bias_correction", action="store_true",
+                   help="restore each output channel's weight mean after quantization (the follow-up's eq. 12)")
+    p.add_argument("-vcw", "--variance_correction", action="store_true",
+                   help="restore each output channel's centred weight norm after quantization (eq. 13)")
     p.add_argument("-hr", "--half_range", action="store_true",
                    help="one-sided grids [0, ...] for conv/linear outputs that only feed a ReLU/ReLU6 (found in the "
                         "model's graph): the follow-up's half range")
@@ -196,7 +201,8 @@ def config_from_args(args: argparse.Namespace):
         device=pick_device(args.device, args.device_ids), device_ids=args.device_ids, bits=args.qtype,
         weight_bits=weight_bits, threshold=args.threshold, stats_mode=args.stats_mode,
         stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
-        hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, half_range=args.half_range,
+        hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights,
+        bias_correction=args.bias_correction, variance_correction=args.variance_correction, half_range=args.half_range,
         act_point=args.act_point, sigma_estimator=args.sigma, edge_weight_bits=args.edge_weights,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,

@@ -29,6 +29,7 @@ from .models import build_model, fold_batchnorm, weights_fingerprint
 from .policy import mse_order, plan_table
 from .quantizer import ActivationQuantizer, QuantConfig
 from .stats import Statistics, StatisticsCollector, folder_fingerprint, load_statistics
+from .weights import weight_corrections
 
 log = logging.getLogger("pytorch_quantizer")
 
@@ -66,6 +67,8 @@ class RunConfig:
     stochastic: bool = False
     hw_scale: bool = False
     per_channel_weights: bool = False
+    bias_correction: bool = False  # -bcw: restore each output channel's weight mean after quantization
+    variance_correction: bool = False  # -vcw: restore each output channel's centred weight norm
     half_range: bool = False  # one-sided grids for ReLU-fed outputs (the follow-up's -hr)
     act_point: str = "output"  # quantize each conv/linear's output (the seed) or its input
     sigma_estimator: str = "range"
@@ -105,6 +108,7 @@ class RunConfig:
             weight_bits=self.weight_bits,
             bias_bits=self.weight_bits,
             edge_weight_bits=self.edge_weight_bits,
+            weight_corrections=weight_corrections(self.bias_correction, self.variance_correction),
             weight_per_channel=self.per_channel_weights,
             preserve_zero=self.preserve_zero,
             stochastic=self.stochastic,

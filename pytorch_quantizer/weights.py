@@ -34,6 +34,45 @@ class WeightCorrection(Protocol):
     def __call__(self, layer: ActivationLayer, original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor: ...
 
 
+def _per_channel(w: torch.Tensor) -> torch.Tensor:
+    """A weight as [output channels, fan-in] (a view when contiguous)."""
+    return w.reshape(w.shape[0], -1)
+
+
+class MeanCorrection:
+    """The follow-up's bias correction of weights (``-bcw``; Banner et al. 2019, eq. 12): quantization shifts the
+    mean of each output channel's weights, which shifts every output of that channel by the same amount times the
+    mean input; adding back mu_c = E[W_c] - E[Q(W_c)] restores each channel's mean exactly."""
+
+    def __call__(self, layer: ActivationLayer, original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        if original.dim() < 2:
+            return quantized
+        shift = _per_channel(original).double().mean(1) - _per_channel(quantized).double().mean(1)
+        return (_per_channel(quantized).double() + shift[:, None]).to(quantized.dtype).reshape(quantized.shape)
+
+
+class VarianceCorrection:
+    """The follow-up's variance correction (``-vcw``, eq. 13): rounding changes the spread of each output channel's
+    weights; scaling the channel's centred quantized weights by xi_c = ||W_c - E W_c|| / ||Q(W_c) - E Q(W_c)||
+    restores the norm (so the variance) of the centred weights, keeping their mean.  After ``MeanCorrection`` the
+    pair restores both.  The corrected weights leave the grid; a deployment folds xi_c into the channel's scale."""
+
+    def __call__(self, layer: ActivationLayer, original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        if original.dim() < 2:
+            return quantized
+        w, q = _per_channel(original).double(), _per_channel(quantized).double()
+        w_centred = w - w.mean(1, keepdim=True)
+        q_mean = q.mean(1, keepdim=True)
+        q_norm = (q - q_mean).norm(dim=1, keepdim=True)
+        xi = torch.where(q_norm > 0, w_centred.norm(dim=1, keepdim=True) / q_norm.clamp_min(1e-300), 1.0)
+        return ((q - q_mean) * xi + q_mean).to(quantized.dtype).reshape(quantized.shape)
+
+
+def weight_corrections(mean: bool, variance: bool) -> tuple[WeightCorrection, ...]:
+    """The corrections of ``-bcw`` / ``-vcw``, in the order that restores both the mean and the norm."""
+    return (*([MeanCorrection()] if mean else []), *([VarianceCorrection()] if variance else []))
+
+
 class WeightQuantizer:
     """Quantizes the weights (and biases) of ``layers`` in place while attached, and restores them exactly.
 

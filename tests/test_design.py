@@ -197,3 +197,28 @@ def test_narrow_weights_keep_the_edge_layers_at_8_bits(tiny_model):
     assert max(levels(QuantConfig(bits=8, weight_bits=4, edge_weight_bits=None))) <= 16
     same = QuantConfig(bits=8, weight_bits=8, edge_weight_bits=None)
     assert levels(QuantConfig(bits=8, weight_bits=8)) == levels(same)
+
+
+def test_bias_and_variance_correction_restore_each_channels_mean_and_norm(tiny_model):
+    from pytorch_quantizer.weights import weight_corrections
+
+    layers = activation_layers(tiny_model)
+    originals = {layer.name: layer.module.weight.detach().clone() for layer in layers}
+
+    def per_channel(t):
+        flat = t.reshape(t.shape[0], -1).double()
+        centred = flat - flat.mean(1, keepdim=True)
+        return flat.mean(1), centred.norm(dim=1)
+
+    for mean, variance in ((True, False), (False, True), (True, True)):
+        with WeightQuantizer(layers, bits=3, layer_bits={}, corrections=weight_corrections(mean, variance)):
+            for layer in layers:
+                (m0, n0), (m1, n1) = per_channel(originals[layer.name]), per_channel(layer.module.weight)
+                if mean:
+                    torch.testing.assert_close(m1, m0, rtol=0, atol=1e-6)
+                if variance:
+                    torch.testing.assert_close(n1, n0, rtol=1e-5, atol=1e-7)
+    with WeightQuantizer(layers, bits=3):  # without corrections 3-bit rounding moves both
+        m0, n0 = per_channel(originals["conv1_activation"])
+        m1, n1 = per_channel(tiny_model.features[3].weight)
+        assert (m1 - m0).abs().max() > 1e-4 and (n1 - n0).abs().max() > 1e-3
