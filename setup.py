@@ -1,21 +1,32 @@
-"""Installs pytorch_quantizer and its pinned requirements, and builds the fused quantization kernels.
+"""Installs pytorch_quantizer and its pinned requirements; builds the fused kernels in place when torch is here.
 
-The CPU kernel is built by default (``ACIQ_BUILD_CPU=0`` skips it).  The CUDA kernel is built when nvcc
-(CUDA_HOME) and a CUDA build of torch are present; ``ACIQ_BUILD_CUDA=1`` insists on it (a failure is then an
-error) and ``ACIQ_BUILD_CUDA=0`` skips it.  Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to
-"8.0;8.6;9.0+PTX".  A kernel that is not built only means the pure-PyTorch backend is used at run time.
+pip's isolated build has no torch (pyproject.toml does not ask for one: it would be a second ~6 GB copy), so a
+plain ``pip install -e .`` builds no kernel: ``pytorch_quantizer/kernel_build.py`` builds them on first use.  When
+torch is importable (``cd kernels && ./build_all.sh``, ``pip install --no-build-isolation``), the same sources and
+flags are built here, in place, and take precedence at run time.  ``ACIQ_BUILD_CPU=0`` / ``ACIQ_BUILD_CUDA=0`` skip
+a kernel, ``=1`` insists (a failure is then an error); unset, the CUDA kernel is built when nvcc (CUDA_HOME) and a
+CUDA build of torch are present.  Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to "8.0;8.6;9.0+PTX".
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 KERNEL_PACKAGE = "pytorch_quantizer"
-DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
+
+
+def _kernel_build():
+    """pytorch_quantizer/kernel_build.py alone (the package itself needs torch and its other requirements)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_PACKAGE, "kernel_build.py")
+    spec = importlib.util.spec_from_file_location("_aciq_kernel_build", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
 
 INSTALL_REQUIRES = [
     "torch==2.14.1",
@@ -26,6 +37,7 @@ INSTALL_REQUIRES = [
     "bokeh",
     "tqdm",
     "matplotlib",  # figures.py, mse_analysis.py
+    "ninja",  # torch.utils.cpp_extension builds the kernels with it on first use (kernel_build.py)
 ]
 
 EXTRAS = {
@@ -37,67 +49,38 @@ EXTRAS = {
 }
 
 
-def _flag(name: str) -> bool | None:
-    """True/False for an explicit 1/0-style environment setting, None when unset (automatic)."""
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return None
-    return value not in ("0", "false", "no", "off")
-
-
 def _extensions() -> tuple[list, dict]:
     """The kernel extensions to build and the build_ext command class (nothing when torch is missing)."""
-    want_cpu, want_cuda = _flag("ACIQ_BUILD_CPU"), _flag("ACIQ_BUILD_CUDA")
-    if want_cpu is False and want_cuda is False:
+    kb = _kernel_build()
+    want = {backend: kb.build_setting(backend) for backend in kb.KERNELS}
+    if all(setting is False for setting in want.values()):
         return [], {}
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-        # torch takes nvcc's grandparent folder as CUDA_HOME, which has no CUDA headers when nvcc is a
-        # wrapper script (/usr/local/bin/nvcc); the conventional /usr/local/cuda is right then.
-        nvcc = shutil.which("nvcc")
-        guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else ""
-        if not os.path.isfile(os.path.join(guess, "include", "cuda_runtime.h")):
-            if os.path.isfile("/usr/local/cuda/include/cuda_runtime.h"):
-                os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
-        import torch
-        from torch.utils import cpp_extension
+        cpp_extension = kb.cpp_extension()
     except ImportError:
-        if want_cpu or want_cuda:
-            raise
-        print("aciq: torch is not importable at build time, the kernels are not built", file=sys.stderr)
+        print("aciq: no torch at build time (pip's isolated build): kernels built on first use", file=sys.stderr)
         return [], {}
-
-    # One IEEE operation per step: no FMA contraction, no fast-math; -fno-trapping-math only lets GCC
-    # if-convert (vectorise) the per-channel pass-through select, it changes no result.
-    common = ["-O3", "-g0", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     exts, optional = [], set()
-    if want_cpu is not False:
+    for backend, kernel in kb.KERNELS.items():
+        if want[backend] is False:
+            continue
+        if kernel.cuda and want[backend] is None:
+            if kb.cuda_unavailable():
+                continue
+            optional.add(f"{KERNEL_PACKAGE}.{kernel.name}")
+        if kernel.cuda and (archs := kb.cuda_arch_list()):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        kind = cpp_extension.CUDAExtension if kernel.cuda else cpp_extension.CppExtension
+        args = {"cxx": kernel.cxx_flags, **({"nvcc": list(kb.NVCC_FLAGS)} if kernel.cuda else {})}
         exts.append(
-            cpp_extension.CppExtension(
-                f"{KERNEL_PACKAGE}._gemmlowp_cpu",
-                ["kernels/cpu_quantization.cpp"],
-                depends=["kernels/bindings.h", "kernels/common.h", "kernels/stats_math.h"],
-                extra_compile_args={"cxx": common + openmp},
-                extra_link_args=openmp,
+            kind(
+                f"{KERNEL_PACKAGE}.{kernel.name}",
+                [f"kernels/{source}" for source in kernel.sources],
+                depends=[f"kernels/{header}" for header in kernel.depends],
+                extra_compile_args=args,
+                extra_link_args=kernel.link_flags,
             )
         )
-    cuda_ready = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
-    if want_cuda or (want_cuda is None and cuda_ready):
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        exts.append(
-            cpp_extension.CUDAExtension(
-                f"{KERNEL_PACKAGE}._gemmlowp_cuda",
-                ["kernels/int_quantization.cpp", "kernels/gemmlowp.cu"],
-                depends=[
-                    "kernels/bindings.h", "kernels/common.h", "kernels/gemmlowp_device.cuh", "kernels/stats_math.h"
-                ],
-                extra_compile_args={"cxx": common, "nvcc": ["-O3", "--fmad=false"]},
-            )
-        )
-        if want_cuda is None:
-            optional.add(exts[-1].name)
 
     class BuildExt(cpp_extension.BuildExtension):
         """torch's BuildExtension, except that an automatically chosen CUDA build may fail without failing

@@ -2,9 +2,10 @@
 
 Three implementations give the same bits: the pure-PyTorch reference ("torch"), and two compiled, fused
 kernels that read and write each element once ("cpu": kernels/cpu_quantization.cpp, "cuda":
-kernels/gemmlowp.cu), built by ``pip install -e .`` or ``cd kernels && ./build_all.sh``.  ``select_backend``
-picks by the tensor's device unless a name is forced; a kernel that is not built is never an error, the
-reference is used instead, and the choice is logged once (logger "pytorch_quantizer").  Inside
+kernels/gemmlowp.cu), built from the checkout on first use (``kernel_build``) unless ``cd kernels &&
+./build_all.sh`` built them in place.  ``select_backend`` picks by the tensor's device unless a name is forced; a
+kernel that cannot be built is never an error (unless ``ACIQ_BUILD_<CPU|CUDA>=1`` insists), the reference is used
+instead, and the choice is logged once (logger "pytorch_quantizer").  Inside
 ``torch.compile`` the reference is always traced (an extension call would split the graph), so that Inductor
 fuses the quantization into the neighbouring element-wise ops; see ``inference.compiled``.
 """
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from types import ModuleType
 from typing import Protocol
 
 import torch
 
+from . import kernel_build
+
 BACKENDS = ("torch", "cpu", "cuda")
 KERNEL_MODULES = {"cpu": f"{__package__}._gemmlowp_cpu", "cuda": f"{__package__}._gemmlowp_cuda"}
-BUILD_HINT = "build it with `pip install -e .` or `cd kernels && ./build_all.sh`"
+BUILD_HINT = "it is built from kernels/ on first use, or by `cd kernels && ./build_all.sh`"
 
 _log = logging.getLogger("pytorch_quantizer")
 
@@ -121,18 +125,38 @@ _KERNEL_CLASSES = {"cpu": CpuKernelBackend, "cuda": CudaKernelBackend}
 _modules: dict[str, ModuleType | None] = {}
 _load_errors: dict[str, str] = {}
 _chosen: dict[tuple[str, str | None], Backend] = {}
+_loading = threading.Lock()
 
 
 def kernel_module(name: str) -> ModuleType | None:
-    """The compiled module behind backend ``name`` ("cpu" or "cuda"), or None when it is not built or cannot
-    load here (e.g. the CUDA one under a CPU-only torch); the reason is kept in ``kernel_load_error``."""
+    """The compiled module behind backend ``name`` ("cpu" or "cuda"), or None when it cannot be had here (e.g. no
+    compiler, or the CUDA one under a CPU-only torch); the reason is kept in ``kernel_load_error``.
+
+    A module built in place (``KERNEL_MODULES``, by build_all.sh or setup.py) comes first; otherwise the kernel is
+    built from the checkout's sources on first use, once per process (``kernel_build.load``)."""
     if name not in _modules:
-        try:
-            _modules[name] = importlib.import_module(KERNEL_MODULES[name])
-        except (ImportError, OSError) as exc:
-            _modules[name] = None
-            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        with _loading:
+            if name not in _modules:
+                _modules[name] = _load(name)
     return _modules[name]
+
+
+def _load(name: str) -> ModuleType | None:
+    reasons = []
+    try:
+        return importlib.import_module(KERNEL_MODULES[name])
+    except (ImportError, OSError) as exc:
+        if not (isinstance(exc, ModuleNotFoundError) and exc.name == KERNEL_MODULES[name]):  # one that does not load
+            reasons.append(f"the in-place build does not load: {type(exc).__name__}: {exc}")
+    try:
+        return kernel_build.load(kernel_build.KERNELS[name])
+    except Exception as exc:
+        if kernel_build.build_setting(name):
+            env = kernel_build.KERNELS[name].env
+            raise RuntimeError(f"{env}=1, but the GEMMLOWP {name} kernel cannot be built: {exc}") from exc
+        reasons.append(str(exc) if isinstance(exc, kernel_build.NotBuilt) else f"{type(exc).__name__}: {exc}")
+    _load_errors[name] = "; ".join(reasons)
+    return None
 
 
 def kernel_load_error(name: str) -> str | None:

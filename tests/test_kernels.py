@@ -3,7 +3,8 @@
 Every available kernel ("cpu" on CPU tensors, "cuda" on CUDA tensors) must give exactly the float32 bits of
 ``backend="torch"`` on the same device: random data of many shapes and layouts, all bit widths, the grid
 options, stochastic rounding with fixed noise, per-channel grids with pass-through channels, NaN, +-inf and
-empty tensors.  A kernel that is not built (or a GPU that is absent) skips its tests with the reason.
+empty tensors.  A kernel that is not built (or a GPU that is absent) skips its tests with the reason.  Last, how
+the kernels are found or built on first use (``kernel_build``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
 
-from pytorch_quantizer import backends, gemmlowp_quantize, gemmlowp_quantize_per_channel
+from pytorch_quantizer import backends, gemmlowp_quantize, gemmlowp_quantize_per_channel, kernel_build
 from pytorch_quantizer.quantize import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel
 
 KERNEL_DEVICES = {"cpu": "cpu", "cuda": "cuda"}
@@ -27,9 +32,7 @@ def _skip_reason(name: str) -> str | None:
     if name == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU here"
     if backends.kernel_module(name) is None:
-        return (
-            f"the {name} kernel is not built ({backends.kernel_load_error(name)}); run `cd kernels && ./build_all.sh`"
-        )
+        return f"the {name} kernel is not available ({backends.kernel_load_error(name)})"
     return None
 
 
@@ -407,16 +410,94 @@ def test_other_devices_and_unknown_names(fresh_selection):
         backends.select_backend(torch.device("cpu"), "triton")
 
 
-def _cuda_build_possible() -> bool:
-    """setup.py's automatic rule: a CUDA toolkit and a CUDA build of torch."""
-    from torch.utils.cpp_extension import CUDA_HOME
+# ------------------------------------------------------------------------------ building on first use
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+
+def _no_in_place_build(monkeypatch, name: str = "cpu") -> None:
+    monkeypatch.setitem(backends.KERNEL_MODULES, name, "pytorch_quantizer._no_such_kernel")
+
+
+def test_an_in_place_build_comes_first(fresh_selection, monkeypatch):
+    in_place = types.ModuleType("aciq_in_place_kernel")
+    monkeypatch.setitem(sys.modules, in_place.__name__, in_place)
+    monkeypatch.setitem(backends.KERNEL_MODULES, "cpu", in_place.__name__)
+    monkeypatch.setattr(kernel_build, "load", lambda *args: pytest.fail("built although built in place"))
+    backends._modules.pop("cpu", None)
+    assert backends.kernel_module("cpu") is in_place
+
+
+def test_build_switched_off(fresh_selection, monkeypatch):
+    _no_in_place_build(monkeypatch)
+    monkeypatch.setenv("ACIQ_BUILD_CPU", "0")
+    backends._modules.pop("cpu", None)
+    assert backends.kernel_module("cpu") is None
+    assert backends.kernel_load_error("cpu") == "ACIQ_BUILD_CPU=0"
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_a_failing_build_falls_back_unless_insisted_on(fresh_selection, monkeypatch, tmp_path, caplog):
+    """Automatic: the compiler's message is the reason, logged once; ACIQ_BUILD_CPU=1: it is an error."""
+    (tmp_path / "broken.cpp").write_text("#error aciq-broken-kernel\n")
+    monkeypatch.setitem(kernel_build.KERNELS, "cpu", kernel_build.Kernel("cpu", "_aciq_broken", ("broken.cpp",)))
+    monkeypatch.setattr(kernel_build, "KERNELS_DIR", tmp_path)
+    monkeypatch.setenv("ACIQ_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ACIQ_BUILD_CPU", raising=False)
+    _no_in_place_build(monkeypatch)
+    backends._modules.pop("cpu", None)
+    with caplog.at_level(logging.INFO, logger="pytorch_quantizer"):
+        for _ in range(2):
+            assert isinstance(backends.select_backend(torch.device("cpu")), backends.TorchBackend)
+    assert "aciq-broken-kernel" in backends.kernel_load_error("cpu")
+    said = [r.getMessage() for r in caplog.records if "not available" in r.getMessage()]
+    assert len(said) == 1 and "aciq-broken-kernel" in said[0]
+    backends._modules.pop("cpu")
+    monkeypatch.setenv("ACIQ_BUILD_CPU", "1")
+    with pytest.raises(RuntimeError, match="(?s)ACIQ_BUILD_CPU=1.*aciq-broken-kernel"):
+        backends.kernel_module("cpu")
+
+
+PROBE = """#include <Python.h>
+#define ACIQ_CAT(a, b) a##b
+#define ACIQ_INIT(name) ACIQ_CAT(PyInit_, name)
+#define ACIQ_STR(x) ACIQ_STR2(x)
+#define ACIQ_STR2(x) #x
+static PyObject* answer(PyObject*, PyObject*) { return PyLong_FromLong(ANSWER); }
+static PyMethodDef methods[] = {{"answer", answer, METH_NOARGS, nullptr}, {nullptr, nullptr, 0, nullptr}};
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, ACIQ_STR(TORCH_EXTENSION_NAME), nullptr, -1, methods};
+PyMODINIT_FUNC ACIQ_INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module); }
+"""
+PROBE_LOADER = """import sys
+from pathlib import Path
+from pytorch_quantizer import kernel_build
+probe = kernel_build.Kernel("cpu", "_aciq_probe", ("probe.cpp",))
+print("answer", kernel_build.load(probe, Path(sys.argv[1]), Path(sys.argv[2])).answer())
+"""
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_concurrent_first_uses_build_once_and_a_changed_source_rebuilds(tmp_path):
+    """Two processes load a (tiny) kernel at once into an empty cache: one compiles, the other waits for it and
+    finds it up to date; after a source change the next process rebuilds it."""
+    source = tmp_path / "probe.cpp"
+    source.write_text("#define ANSWER 41\n" + PROBE)
+    cache = tmp_path / "cache"
+    run = [sys.executable, "-c", PROBE_LOADER, str(tmp_path), str(cache)]
+
+    def compiles() -> int:
+        return (cache / "_aciq_probe" / ".ninja_log").read_text().count("probe.o")
+
+    loaders = [subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in loaders]
+    assert all(p.returncode == 0 and "answer 41" in out for p, out in zip(loaders, outputs, strict=True)), outputs
+    assert compiles() == 1
+    source.write_text("#define ANSWER 42\n" + PROBE)
+    assert "answer 42" in subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert compiles() == 2
 
 
 @pytest.mark.skipif(os.environ.get("CI", "").lower() != "true", reason="only CI insists on every build")
 def test_ci_built_every_kernel_it_can():
     """In CI a kernel that should have been built must load: a build break fails here, not as skipped tests."""
     assert backends.kernel_module("cpu") is not None, backends.kernel_load_error("cpu")
-    if _cuda_build_possible():
+    if kernel_build.cuda_unavailable() is None:
         assert backends.kernel_module("cuda") is not None, backends.kernel_load_error("cuda")
