@@ -21,4 +21,5 @@ for model in MV2 LITE; do
   run "${args[@]}" -sm use -th laplace -hr -ep -sf "$stats"         # + ReLU-aware (half range)
   run "${args[@]}" -sm use -th laplace --act_point input -ep -sf "${stats}_in"
 done
+run "${LITE[@]}" -sm use -th laplace -hr -pcw -ep -sf results/statistics/lite            # + per-channel weights
 run "${MV2[@]}" -sm use -th laplace -hr -qw int4 -pcw -ep -sf results/statistics/mv2   # W4 per channel
