@@ -43,7 +43,8 @@ class QuantConfig:
     preserve_zero: bool = False  # activations (the seed's -pz)
     weight_preserve_zero: bool = True  # weights keep exact zeros, as GEMMLOWP/TFLite weight grids do
     stochastic: bool = False
-    pow2_scale: bool = False
+    pow2_scale: bool = False  # activations (the seed's -hs)
+    weight_pow2_scale: bool = False  # weights and biases: -hs used to apply to them too, against its documentation
     sigma_estimator: str = "range"
     seed: int = 0
     backend: str | None = None
@@ -91,7 +92,7 @@ class QuantConfig:
         if self.weight_bits is not None and edge is not None and edge > self.weight_bits:
             layer_bits = {layers[i].module_name: edge for i in edge_layers(layers) if i is not None}
         return WeightQuantizer(layers, self.weight_bits, self.bias_bits, self.weight_per_channel,
-                               self.weight_preserve_zero, self.pow2_scale, self.weight_corrections, layer_bits)
+                               self.weight_preserve_zero, self.weight_pow2_scale, self.weight_corrections, layer_bits)
 
 
 class ActivationQuantizer:

@@ -222,3 +222,17 @@ def test_bias_and_variance_correction_restore_each_channels_mean_and_norm(tiny_m
         m0, n0 = per_channel(originals["conv1_activation"])
         m1, n1 = per_channel(tiny_model.features[3].weight)
         assert (m1 - m0).abs().max() > 1e-4 and (n1 - n0).abs().max() > 1e-3
+
+
+def test_hw_scale_is_for_activations_only(tiny_model):
+    """-hs (power-of-two scales) is documented for activations; on weights it made mobilenet_v2 W8 collapse to 2 %."""
+    layers = activation_layers(tiny_model)
+
+    def weights(config):
+        with config.weight_quantizer(layers):
+            return [layer.module.weight.detach().clone() for layer in layers]
+
+    plain, hs = weights(QuantConfig(8)), weights(QuantConfig(8, pow2_scale=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain, hs, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plain, weights(QuantConfig(8, weight_pow2_scale=True)),
+                                                    strict=True))
