@@ -97,6 +97,7 @@ def test_compiled_network_matches_eager_and_follows_the_hooks(device, tmp_path):
             model(dyadic_images(4, 0).to(device))
         stats = load_statistics(collector.save(tmp_path / "s", {"arch": "dyadic"}))
         config = QuantConfig(bits=3, threshold="laplace", weight_bits=4, bias_bits=4, pow2_scale=True,
+                             weight_pow2_scale=True,
                              preserve_zero=True)
         torch.compiler.reset()
         compiled = compile_model(model)
