@@ -187,8 +187,12 @@ class Experiment:
         if cfg.cal_set_size > total:
             raise DataError(f"-cs {cfg.cal_set_size} asks for more calibration images than the "
                             f"{total} in {self.cal_dataset.root}")
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(cfg.seed))
-        return sorted(order[: cfg.cal_set_size].tolist())
+        return sorted(self._seeded_order(total)[: cfg.cal_set_size])
+
+    def _seeded_order(self, total: int) -> list[int]:
+        """The one permutation of ``total`` images by ``--seed`` that calibration takes from the front of and
+        evaluation from the end of."""
+        return torch.randperm(total, generator=torch.Generator().manual_seed(self.cfg.seed)).tolist()
 
     def _evaluation_indices(self) -> list[int]:
         """The evaluation images: ``--data``'s val without the calibration images, ``--subset M`` of them drawn
@@ -203,8 +207,7 @@ class Experiment:
             held_out.update(self.calibration)
         if self.stats is not None:
             held_out.update(self._statistics_images())
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        pool = [i for i in order if i not in held_out]
+        pool = [i for i in self._seeded_order(total) if i not in held_out]
         if not pool:
             raise DataError(f"no image of {self.dataset.root} is left to evaluate on: all {total} were used for "
                             "calibration; collect with a smaller -cs N, or calibrate on another folder with --cal-data")
@@ -451,8 +454,8 @@ def run(cfg: RunConfig) -> list[dict]:
 
     stats = exp.stats
     passes = 1 + (len(PRECISION_SWEEP) if cfg.eval_precision else 0)
-    if cfg.custom_test:
-        passes += len(exp.mse_order(stats, cfg.bits)) + 1
+    order = exp.mse_order(stats, cfg.bits) if cfg.custom_test else []
+    passes += len(order) + 1 if cfg.custom_test else 0
     loader = exp.loader(calibration=False, passes=passes)
 
     if cfg.dump_dir is not None:
@@ -466,7 +469,7 @@ def run(cfg: RunConfig) -> list[dict]:
 
     if cfg.custom_test:
         path = out / "custom_test" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}_{settings}.csv"
-        _publish(_custom_test(exp, loader, stats, record, path), path, "layer-selection")
+        _publish(_custom_test(exp, loader, stats, order, record, path), path, "layer-selection")
         return rows
 
     if not cfg.quantizes:
@@ -475,14 +478,12 @@ def run(cfg: RunConfig) -> list[dict]:
         print(final_line(acc), flush=True)
         return rows
 
-    quantizer = ActivationQuantizer(exp.model, cfg.quant_config(), stats)
+    acc, seconds, quantizer = exp.quantized_pass(loader, cfg.quant_config(), stats, _qtype(cfg.bits))
     plan_path = None
     if quantizer.plan is not None:
         plan_path = out / "plans" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}_{settings}.csv"
         write_csv_atomic(plan_table(quantizer.plan), plan_path, index=True)
         log.info("per-layer plan written to %s", plan_path)
-    with quantizer:
-        acc, seconds = exp.run_pass(loader, _qtype(cfg.bits))
     record(acc, seconds, _qtype(cfg.bits), cfg.bits, cfg.weight_bits, file=plan_path)
     print(final_line(acc), flush=True)
     return rows
@@ -508,10 +509,10 @@ def _precision_sweep(exp: Experiment, loader: DataLoader, stats: Statistics | No
     )
 
 
-def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, record, path: Path
-                 ) -> pd.DataFrame:
-    """The seed's layer selection: keep the k layers with the largest estimated MSE at 8 bits, k = 0..L."""
-    order = exp.mse_order(stats, exp.cfg.bits)
+def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, order: list[str], record,
+                 path: Path) -> pd.DataFrame:
+    """The seed's layer selection: keep the k layers with the largest estimated MSE (``order``, from
+    ``Experiment.mse_order``) at 8 bits, k = 0..L."""
     out = []
     for k in range(len(order) + 1):
         kept = order[:k]

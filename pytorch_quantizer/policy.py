@@ -18,6 +18,7 @@ import pandas as pd
 from .clipping import check_bits
 from .layers import ActivationLayer
 from .methods import get_method
+from .observers import Observation
 from .stats import Statistics
 
 
@@ -31,6 +32,10 @@ class LayerSpec:
     one_sided: bool = False  # a grid over [0, ...]: the output only feeds a ReLU-like activation
     cap: float | None = None  # that activation's upper bound (ReLU6: 6), None when unbounded
     one_sided_if_nonnegative: bool = False  # one-sided when the observed minimum is >= 0 (post-ReLU inputs)
+
+    def one_sided_for(self, obs: Observation) -> bool:
+        """Whether this layer's grid starts at 0, given what was observed of it."""
+        return self.one_sided or (self.one_sided_if_nonnegative and obs.extreme[0] >= 0.0)
 
 
 class LayerPolicy(Protocol):
@@ -129,8 +134,7 @@ def plan_layers(
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))
             continue
         obs = statistics.observation(layer.name)
-        one_sided = spec.one_sided or (spec.one_sided_if_nonnegative and obs.extreme[0] >= 0.0)
-        grid = methods[spec.method].grid(obs, spec.bits, one_sided, spec.cap)
+        grid = methods[spec.method].grid(obs, spec.bits, spec.one_sided_for(obs), spec.cap)
         plans.append(LayerPlan(layer.name, layer.module_name, spec.role, spec.bits, grid.method, grid.alpha,
                                grid.delta, grid.offset, grid.predicted_mse, grid.one_sided, spec.cap))
     return plans

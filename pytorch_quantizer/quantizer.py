@@ -178,8 +178,7 @@ class ActivationQuantizer:
 
         def dynamic_hook(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             obs = Observation.of_tensor(layer.name, x, need_spread)
-            one_sided = spec.one_sided or (spec.one_sided_if_nonnegative and obs.extreme[0] >= 0.0)
-            grid = method.grid(obs, bits, one_sided, spec.cap)
+            grid = method.grid(obs, bits, spec.one_sided_for(obs), spec.cap)
             return quantize(x, gemmlowp_qparams(grid.delta, grid.offset, bits, cfg.preserve_zero, cfg.pow2_scale))
 
         return dynamic_hook
