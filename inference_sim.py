@@ -50,6 +50,14 @@ def qtype(text: str) -> int | None:
 qweight = qtype  # the same names: intN, or f32 for float weights
 
 
+def qtype_list(text: str) -> tuple[int | None, ...]:
+    """A comma list of qtypes, e.g. ``int8,int6,int4``; each name once."""
+    values = tuple(qtype(part) for part in text.split(","))
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"each type once, got {text!r}")
+    return values
+
+
 def edge_weights(text: str) -> int | None:
     """``intN`` → N, ``same`` → None (no exception for the first and last layers)."""
     if text.strip().lower() == "same":
@@ -114,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-th", "--threshold", choices=methods, default="no", metavar="METHOD",
                    help="clipping method: " + "; ".join(f"{m}: {get_method(m).summary}" for m in methods)
                         + " (default: %(default)s)")
+    p.add_argument("-thw", "--weight_threshold", choices=methods, default="no", metavar="METHOD",
+                   help="clipping method of the weights, per tensor or per channel with -pcw, from each weight's own "
+                        "moments (one needing only moments: no, laplace, gaus, mix) (default: no, their min/max)")
     p.add_argument("-sm", "--stats_mode", choices=("collect", "use", "no"), default="no",
                    help="collect statistics, use saved ones, or take ranges from each live tensor (default: no)")
     p.add_argument("-sf", "--stats_folder", type=Path, default=None,
@@ -127,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore each output channel's weight mean after quantization (the follow-up's eq. 12)")
     p.add_argument("-vcw", "--variance_correction", action="store_true",
                    help="restore each output channel's centred weight norm after quantization (eq. 13)")
+    p.add_argument("-bca", "--act_bias_correction", action="store_true",
+                   help="measure on the calibration images each layer's per-channel output mean shift that "
+                        "quantization causes and fold it into the bias (the follow-up's -bca; bias_correction.py)")
+    p.add_argument("--bca_rounds", type=positive, default=2,
+                   help="-bca measuring passes: each corrects what the previous corrections left (default: 2)")
     p.add_argument("-hr", "--half_range", action="store_true",
                    help="one-sided grids [0, ...] for conv/linear outputs that only feed a ReLU/ReLU6 (found in the "
                         "model's graph): the follow-up's half range")
@@ -138,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gaussian sigma estimate: from the range (the seed's) or the sample std (default: range)")
     p.add_argument("--no_fold_bn", action="store_true", help="keep BatchNorm layers instead of folding them")
     p.add_argument("-ep", "--eval_precision", action="store_true", help="FP32, then int8..int4 in one run")
+    p.add_argument("-ep_a", "--ep_qtypes", type=qtype_list, default=None, metavar="intN,...",
+                   help="-ep's activation types (default: int8,int7,int6,int5,int4)")
+    p.add_argument("-ep_w", "--ep_qweights", type=qtype_list, default=None, metavar="intN,...",
+                   help="-ep's weight types: every (weights, activations) pair is evaluated, rows named W<w>A<a> "
+                        "(f32: float weights) (default: -qw alone)")
     p.add_argument("-ct", "--custom_test", action="store_true",
                    help="keep the k layers with the largest estimated MSE at 8 bits, k = 0..L")
     p.add_argument("-dd", "--dump_dir", type=Path, default=None, help="dump one batch's activations here")
@@ -186,9 +207,18 @@ def config_from_args(args: argparse.Namespace):
     if args.custom_test and args.qtype is None:
         raise ValueError("-ct keeps layers at 8 bits among the others at --qtype: give it, e.g. --qtype int4")
     sweeps = args.eval_precision or args.custom_test
+    if (args.ep_qtypes or args.ep_qweights) and not args.eval_precision:
+        raise ValueError("-ep_a and -ep_w choose the widths of the -ep sweep: give -ep too")
+    if args.ep_qtypes and None in args.ep_qtypes:
+        raise ValueError("-ep_a lists activation widths intN; the sweep's FP32 row comes first anyway")
+    if args.act_bias_correction and args.stats_mode == "collect":
+        raise ValueError("-bca corrects a quantized network: run it with -sm use or -sm no, not with -sm collect")
     weight_bits = args.qweight
     if weight_bits is AUTO:
         weight_bits = 8 if args.qtype is not None or sweeps else None
+    if args.act_bias_correction and args.qtype is None and weight_bits is None and not sweeps:
+        raise ValueError("-bca corrects the mean shift that quantization causes, but nothing is quantized: "
+                         "give --qtype intN or -qw intN")
     if args.stats_mode == "collect" and (args.eval_precision or args.custom_test or args.dump_dir):
         raise ValueError("-sm collect only collects statistics; run -ep, -ct or -dd with -sm use or -sm no")
     if args.compile and (args.stats_mode != "use" or args.stochastic or len(args.device_ids) > 1):
@@ -201,10 +231,13 @@ def config_from_args(args: argparse.Namespace):
         device=pick_device(args.device, args.device_ids), device_ids=args.device_ids, bits=args.qtype,
         weight_bits=weight_bits, threshold=args.threshold, stats_mode=args.stats_mode,
         stats_folder=args.stats_folder, preserve_zero=args.preserve_zero, stochastic=args.stochastic,
-        hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights,
+        hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, weight_threshold=args.weight_threshold,
         bias_correction=args.bias_correction, variance_correction=args.variance_correction, half_range=args.half_range,
+        act_bias_correction=args.act_bias_correction, bca_rounds=args.bca_rounds,
         act_point=args.act_point, sigma_estimator=args.sigma, edge_weight_bits=args.edge_weights,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
+        **({"sweep_bits": args.ep_qtypes} if args.ep_qtypes else {}),
+        sweep_weight_bits=args.ep_qweights or (),
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
         cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,
         cache=args.cache, compile=args.compile,

@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import write_csv_atomic
+from .bias_correction import ChannelMeans, ShiftRecorder, bias_shifts, check_biases
 from .compiled import compile_model
 from .data import CachedDataset, DataError, imagenet_val_dataset, make_loader, relative_paths, wnid_folder_dataset
 from .dumps import write_dump
+from .graph import relu_fed_layers
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
 from .policy import mse_order, plan_table
@@ -67,13 +69,18 @@ class RunConfig:
     stochastic: bool = False
     hw_scale: bool = False
     per_channel_weights: bool = False
+    weight_threshold: str = "no"  # -thw: clipping method of the weights ("no": their min/max)
     bias_correction: bool = False  # -bcw: restore each output channel's weight mean after quantization
     variance_correction: bool = False  # -vcw: restore each output channel's centred weight norm
+    act_bias_correction: bool = False  # -bca: fold each channel's measured mean shift into its bias
+    bca_rounds: int = 2  # measuring passes of -bca over the calibration images (bias_correction.py)
     half_range: bool = False  # one-sided grids for ReLU-fed outputs (the follow-up's -hr)
     act_point: str = "output"  # quantize each conv/linear's output (the seed) or its input
     sigma_estimator: str = "range"
     fold_bn: bool = True
     eval_precision: bool = False
+    sweep_bits: tuple[int, ...] = PRECISION_SWEEP  # -ep's activation widths (-ep_a)
+    sweep_weight_bits: tuple[int | None, ...] = ()  # -ep's weight widths (-ep_w); empty: -qw alone
     custom_test: bool = False
     dump_dir: Path | None = None
     cal_set_size: int | None = None
@@ -101,15 +108,20 @@ class RunConfig:
         """Use mode reads saved statistics only for passes that quantize activations."""
         return self.stats_mode == "use" and (self.bits is not None or self.eval_precision or self.custom_test)
 
-    def quant_config(self, bits: int | None = None, keep_8bit: Iterable[str] = ()) -> QuantConfig:
+    def quant_config(self, bits: int | None = None, keep_8bit: Iterable[str] = (),
+                     weight_bits: int | None | str = "run") -> QuantConfig:
+        """The quantizer's settings; ``bits`` / ``weight_bits`` override the run's widths for one pass of a sweep
+        (``weight_bits`` None: float weights; "run": the run's ``-qw``)."""
+        weight_bits = self.weight_bits if weight_bits == "run" else weight_bits
         return QuantConfig(
             bits=self.bits if bits is None else bits,
             threshold=self.threshold,
-            weight_bits=self.weight_bits,
-            bias_bits=self.weight_bits,
+            weight_bits=weight_bits,
+            bias_bits=weight_bits,
             edge_weight_bits=self.edge_weight_bits,
             weight_corrections=weight_corrections(self.bias_correction, self.variance_correction),
             weight_per_channel=self.per_channel_weights,
+            weight_threshold=self.weight_threshold,
             preserve_zero=self.preserve_zero,
             stochastic=self.stochastic,
             pow2_scale=self.hw_scale,
@@ -174,6 +186,10 @@ class Experiment:
         self.stats = self._load_statistics()
         self.stats_fingerprint = folder_fingerprint(self.stats.folder) if self.stats is not None else ""
         self.evaluation = self._evaluation_indices() if cfg.stats_mode != "collect" else []
+        self._correction: DataLoader | None = None
+        if cfg.act_bias_correction:
+            check_biases(self.layers)
+            self._correction_images()  # fail before any pass when there are none
         log.info("%s on %s (%d CPU threads); %d BatchNorm layers folded", cfg.arch, self.device,
                  torch.get_num_threads(), len(pairs))
 
@@ -232,9 +248,38 @@ class Experiment:
         names = set(self.stats.calibration_images())
         return [i for i, name in enumerate(relative_paths(self.dataset)) if name in names]
 
-    def loader(self, calibration: bool, passes: int = 1) -> DataLoader:
+    def _correction_images(self) -> tuple[Dataset, list[int]]:
+        """The images ``-bca`` measures its shifts on: those the loaded statistics were collected on (they are
+        held out of evaluation), else this run's ``-cs`` / ``--cal-data`` calibration images."""
         cfg = self.cfg
+        if self.stats is not None:
+            record = self.stats.meta.get("calibration")
+            if record is None:
+                raise DataError(f"-bca measures on the calibration images, but the statistics in {self.stats.folder} "
+                                "do not list theirs (an older release); collect them again")
+            folder = Path(record["folder"])
+            source = next((d for d in (self.cal_dataset, self.dataset) if Path(d.root).resolve() == folder), None)
+            if source is None:
+                source = wnid_folder_dataset(folder, self.preprocess.decode_transform(),
+                                             what="folder the statistics were collected on")
+            index = {name: i for i, name in enumerate(relative_paths(source))}
+            names = self.stats.calibration_images()
+            missing = [name for name in names if name not in index]
+            if missing:
+                raise DataError(f"-bca: {len(missing)} calibration images of {self.stats.folder} are no longer in "
+                                f"{folder} (first: {missing[0]})")
+            return source, sorted(index[name] for name in names)
+        if cfg.cal_set_size is None and cfg.cal_data is None:
+            raise DataError("-bca measures each layer's mean shift on calibration images held out of evaluation: "
+                            "give -cs N or --cal-data DIR, or use statistics (-sm use)")
+        return self.cal_dataset, self.calibration
+
+    def loader(self, calibration: bool, passes: int = 1) -> DataLoader:
         source, indices = (self.cal_dataset, self.calibration) if calibration else (self.dataset, self.evaluation)
+        return self._loader(source, indices, passes)
+
+    def _loader(self, source: Dataset, indices: list[int], passes: int) -> DataLoader:
+        cfg = self.cfg
         dataset = source if len(indices) == len(source) else Subset(source, indices)
         cache = cfg.cache if cfg.cache is not None else passes > 1 and len(dataset) <= 5000
         normalize = self.preprocess.normalize_transform()
@@ -244,14 +289,16 @@ class Experiment:
         return make_loader(_Mapped(dataset, normalize), cfg.batch_size, workers=cfg.workers)
 
     # -- passes --------------------------------------------------------------------------------------------
-    def run_pass(self, loader: DataLoader, desc: str, check_outputs: bool = True) -> tuple[Accuracy, float]:
+    def run_pass(self, loader: DataLoader, desc: str, check_outputs: bool = True, compile: bool = True
+                 ) -> tuple[Accuracy, float]:
         """Top-1/top-5 over ``loader``; non-finite outputs stop the run (collect mode names the layer itself).
 
-        With ``compile`` the model is compiled afresh for the hooks attached now; the time includes compiling."""
+        With ``compile`` (and the run's ``--compile``) the model is compiled afresh for the hooks attached now; the
+        time includes compiling."""
         acc = Accuracy()
         start = time.perf_counter()
         runner = self.runner
-        if self.cfg.compile:
+        if self.cfg.compile and compile:
             torch.compiler.reset()  # drop the graphs traced with the previous pass's hooks
             runner = compile_model(self.runner)
         bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
@@ -307,10 +354,30 @@ class Experiment:
     def quantized_pass(
         self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None, desc: str
     ) -> tuple[Accuracy, float, ActivationQuantizer]:
-        quantizer = ActivationQuantizer(self.model, quant, stats)
+        shifts = self.bias_shifts(quant, stats) if self.cfg.act_bias_correction else None
+        quantizer = ActivationQuantizer(self.model, quant, stats, shifts)
         with quantizer:
             acc, seconds = self.run_pass(loader, desc)
         return acc, seconds, quantizer
+
+    def bias_shifts(self, quant: QuantConfig, stats: Statistics | None) -> ChannelMeans:
+        """``-bca``: each layer's per-channel mean shift under ``quant``, measured on the calibration images in
+        ``bca_rounds`` quantized passes (``bias_correction``)."""
+        start = time.perf_counter()
+        if self._correction is None:
+            self._correction = self._loader(*self._correction_images(), passes=2)
+        loader = self._correction
+
+        def quantized_run(shifts: ChannelMeans, recorder: ShiftRecorder) -> None:
+            with ActivationQuantizer(self.model, quant, stats, shifts), recorder:
+                self.run_pass(loader, "bca", check_outputs=False, compile=False)
+
+        example = torch.randn(2, *self.preprocess.input_size, generator=torch.Generator().manual_seed(self.cfg.seed))
+        relu_caps = relu_fed_layers(self.model, example.to(self.device))
+        shifts = bias_shifts(self.layers, quantized_run, self.cfg.bca_rounds, relu_caps)
+        log.info("-bca: mean shifts of %d layers measured on %d images in %.1f s (%d rounds)", len(shifts),
+                 len(loader.dataset), time.perf_counter() - start, self.cfg.bca_rounds)
+        return shifts
 
     def mse_order(self, stats: Statistics | None, bits: int) -> list[str]:
         """Layers quantized at ``bits`` ordered by estimated quantization MSE, largest first (for ``-ct``).
@@ -453,7 +520,7 @@ def run(cfg: RunConfig) -> list[dict]:
         return rows
 
     stats = exp.stats
-    passes = 1 + (len(PRECISION_SWEEP) if cfg.eval_precision else 0)
+    passes = 1 + (len(cfg.sweep_bits) * max(len(cfg.sweep_weight_bits), 1) if cfg.eval_precision else 0)
     order = exp.mse_order(stats, cfg.bits) if cfg.custom_test else []
     passes += len(order) + 1 if cfg.custom_test else 0
     loader = exp.loader(calibration=False, passes=passes)
@@ -497,16 +564,24 @@ def _publish(table: pd.DataFrame, path: Path, what: str) -> None:
 
 def _precision_sweep(exp: Experiment, loader: DataLoader, stats: Statistics | None, record, path: Path
                      ) -> pd.DataFrame:
-    """FP32, then int8 .. int4 activations (weights at -qw), one row each."""
+    """FP32, then each activation width of ``sweep_bits`` (the seed's int8 .. int4) with the weights at -qw, one
+    row each; with ``sweep_weight_bits`` every (weights, activations) pair, labelled ``W<w>A<a>``."""
+    cfg = exp.cfg
     acc, seconds = exp.run_pass(loader, "fp32")
     entries = [("fp32", acc, record(acc, seconds, "fp32", None, None, file=path))]
-    for bits in PRECISION_SWEEP:
-        acc, seconds, _ = exp.quantized_pass(loader, exp.cfg.quant_config(bits), stats, f"int{bits}")
-        entries.append((f"int{bits}", acc, record(acc, seconds, f"int{bits}", bits, exp.cfg.weight_bits, file=path)))
+    for weight_bits in cfg.sweep_weight_bits or (cfg.weight_bits,):
+        for bits in cfg.sweep_bits:
+            name = f"W{_width(weight_bits)}A{bits}" if cfg.sweep_weight_bits else f"int{bits}"
+            acc, seconds, _ = exp.quantized_pass(loader, cfg.quant_config(bits, weight_bits=weight_bits), stats, name)
+            entries.append((name, acc, record(acc, seconds, name, bits, weight_bits, file=path)))
     return pd.DataFrame(
-        [{"precision": name, "top1": row["top1"], "top5": row["top5"], "images": acc.images} for name, acc, row in
-         entries]
+        [{"precision": name, "qweight": row["qweight"], "qtype": row["qtype"], "top1": row["top1"],
+          "top5": row["top5"], "images": acc.images} for name, acc, row in entries]
     )
+
+
+def _width(bits: int | None) -> str:
+    return "32" if bits is None else str(bits)
 
 
 def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, order: list[str], record,

@@ -9,6 +9,7 @@ computed by the same method from each live tensor instead (the seed's ``-sm no``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ class QuantConfig:
     bias_bits: int | None = 8
     edge_weight_bits: int | None = 8  # first conv and classifier weights when weight_bits is lower (None: no exception)
     weight_per_channel: bool = False  # one grid per output channel instead of per tensor
+    weight_threshold: str = "no"  # clipping method of the weights (moment-based; "no": min/max)
     first_layer_bits: int | None = 8  # the first conv's activation
     classifier_bits: int | None = 8  # the last layer's output, min of mins .. max of maxes, never clipped
     keep_8bit: frozenset[str] = field(default_factory=frozenset)  # layer names kept at ``kept_bits``
@@ -58,6 +60,7 @@ class QuantConfig:
             if bits is not None:
                 check_bits(bits)
         get_method(self.threshold)  # an unknown name lists the registered ones
+        get_method(self.weight_threshold)
         if self.sigma_estimator not in SIGMA_ESTIMATORS:
             raise ValueError(
                 f"unknown sigma estimator {self.sigma_estimator!r}: expected one of {', '.join(SIGMA_ESTIMATORS)}"
@@ -84,7 +87,8 @@ class QuantConfig:
                           classifier_bits=self.classifier_bits, kept=self.keep_8bit, kept_bits=self.kept_bits,
                           one_sided=one_sided, one_sided_if_nonnegative=inputs)
 
-    def weight_quantizer(self, layers: list[ActivationLayer]) -> WeightQuantizer:
+    def weight_quantizer(self, layers: list[ActivationLayer],
+                         bias_shifts: Mapping[str, torch.Tensor] | None = None) -> WeightQuantizer:
         """Weights at ``weight_bits``; the first conv's and the classifier's at ``edge_weight_bits`` when that is
         wider (the follow-up quantizes the other layers to 4 bits and keeps these two at 8)."""
         layer_bits = {}
@@ -92,22 +96,25 @@ class QuantConfig:
         if self.weight_bits is not None and edge is not None and edge > self.weight_bits:
             layer_bits = {layers[i].module_name: edge for i in edge_layers(layers) if i is not None}
         return WeightQuantizer(layers, self.weight_bits, self.bias_bits, self.weight_per_channel,
-                               self.weight_preserve_zero, self.weight_pow2_scale, self.weight_corrections, layer_bits)
+                               self.weight_preserve_zero, self.weight_pow2_scale, self.weight_corrections, layer_bits,
+                               bias_shifts, get_method(self.weight_threshold, self.sigma_estimator))
 
 
 class ActivationQuantizer:
     """Attaches GEMMLOWP quantization of weights and activations to a model, and removes it exactly.
 
     With ``statistics`` the grids come from them (use mode); without, from each live tensor (no-stats mode).
+    ``bias_shifts`` are added to the layers' quantized biases (the activations' bias correction, ``bias_correction``).
     """
 
-    def __init__(self, model: nn.Module, config: QuantConfig, statistics: Statistics | None = None) -> None:
+    def __init__(self, model: nn.Module, config: QuantConfig, statistics: Statistics | None = None,
+                 bias_shifts: Mapping[str, torch.Tensor] | None = None) -> None:
         self.model = model
         self.config = config
         self.layers = activation_layers(model)
         self.policy = config.policy(model)
         self.specs = self.policy.specs(self.layers)
-        self.weights = config.weight_quantizer(self.layers)
+        self.weights = config.weight_quantizer(self.layers, bias_shifts)
         self.plan: list[LayerPlan] | None = None
         self._qparams: dict[str, QParams | None] = {}
         if statistics is not None:

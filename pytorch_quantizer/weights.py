@@ -3,21 +3,53 @@ apply a list of corrections, and put the exact original tensors back on ``detach
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
 
-from .clipping import check_bits
+from .clipping import TensorStats, check_bits
 from .layers import ActivationLayer
+from .methods import ClippingMethod
+from .observers import Observation
 from .quantize import gemmlowp_quantize, gemmlowp_quantize_per_channel
 
 
+def clipped_ranges(rows: torch.Tensor, bits: int, method: ClippingMethod) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, offset) per row of a weight (one row per output channel, or one for the whole tensor) from a
+    moment-based clipping method, as the activations get them: the row's min, max, mean, mean |x - mean| and std
+    are its "statistics" (a weight is one sample, so nothing is averaged).  float64 on the CPU."""
+    if any(name != "moments" for name in method.requires):
+        raise ValueError(f"weight clipping takes a method that needs only moments; {method.name!r} needs "
+                         f"{', '.join(method.requires)} of the activations")
+    rows = rows.detach().double().cpu()
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    mean = rows.mean(dim=1, keepdim=True)
+    b = (rows - mean).abs().mean(dim=1)
+    std = (rows - mean).square().mean(dim=1).sqrt()
+    grids = [
+        method.grid(Observation.of_moments(TensorStats(*map(float, values), max(rows.shape[1], 2))), bits)
+        for values in zip(lo.tolist(), hi.tolist(), mean.squeeze(1).tolist(), b.tolist(), std.tolist(), strict=True)
+    ]
+    return (torch.tensor([g.delta for g in grids], dtype=torch.float64),
+            torch.tensor([g.offset for g in grids], dtype=torch.float64))
+
+
 def quantize_parameter(
-    w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool
+    w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool,
+    method: ClippingMethod | None = None,
 ) -> torch.Tensor:
-    """Min/max GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0)."""
-    if per_channel and w.dim() > 1:
+    """GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0), over its min/max range
+    or, with a clipping ``method`` (``-thw``), over the range that method chooses (``clipped_ranges``)."""
+    channels = per_channel and w.dim() > 1
+    if method is not None and method.name not in ("no", "minmax"):
+        delta, offset = clipped_ranges(w.reshape(w.shape[0], -1) if channels else w.reshape(1, -1), bits, method)
+        if channels:
+            return gemmlowp_quantize_per_channel(w, delta, offset, bits, dim=0, preserve_zero=preserve_zero,
+                                                 pow2_scale=pow2_scale)
+        return gemmlowp_quantize(w, delta.item(), offset.item(), bits, preserve_zero=preserve_zero,
+                                 pow2_scale=pow2_scale)
+    if channels:
         flat = w.reshape(w.shape[0], -1)
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
         return gemmlowp_quantize_per_channel(
@@ -78,7 +110,10 @@ class WeightQuantizer:
 
     ``bits`` None keeps weights in float (``bias_bits`` likewise for biases).  ``layer_bits`` overrides the weight
     width of single layers by seed name or module path (None: float).  Each correction is applied in order to
-    every quantized weight (not to biases)."""
+    every quantized weight (not to biases).  ``method`` clips the weights (``-thw``; None: their min/max range).
+    ``bias_shifts`` (module path -> one value per output channel, the activations' bias correction ``-bca``) are
+    added to the biases after they are quantized: a deployment keeps biases in int32 at the accumulator's scale,
+    fine enough for the correction."""
 
     def __init__(
         self,
@@ -90,6 +125,8 @@ class WeightQuantizer:
         pow2_scale: bool = False,
         corrections: Sequence[WeightCorrection] = (),
         layer_bits: dict[str, int | None] | None = None,
+        bias_shifts: Mapping[str, torch.Tensor] | None = None,
+        method: ClippingMethod | None = None,
     ) -> None:
         for b in (bits, bias_bits, *(layer_bits or {}).values()):
             if b is not None:
@@ -99,6 +136,8 @@ class WeightQuantizer:
         self.per_channel, self.preserve_zero, self.pow2_scale = per_channel, preserve_zero, pow2_scale
         self.corrections = list(corrections)
         self.layer_bits = dict(layer_bits or {})
+        self.bias_shifts = dict(bias_shifts or {})
+        self.method = method  # clipping of the weights (not of biases); None: min/max
         self._originals: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -117,19 +156,22 @@ class WeightQuantizer:
         with torch.no_grad():
             for layer in self.layers:
                 weight, bias = layer.module.weight, getattr(layer.module, "bias", None)
-                for param, bits, per_channel, corrections in (
-                    (weight, self.weight_bits(layer), self.per_channel, self.corrections),
-                    (bias, self.bias_bits, False, ()),
+                shift = self.bias_shifts.get(layer.module_name)
+                for param, bits, per_channel, corrections, add, method in (
+                    (weight, self.weight_bits(layer), self.per_channel, self.corrections, None, self.method),
+                    (bias, self.bias_bits, False, (), shift, None),
                 ):
-                    if param is None or bits is None:
+                    if param is None or (bits is None and add is None):
                         continue
                     original = param.detach().clone()
                     self._originals.append((param, original))
-                    quantized = quantize_parameter(
-                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale
+                    quantized = original if bits is None else quantize_parameter(
+                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale, method
                     )
                     for correct in corrections:
                         quantized = correct(layer, original, quantized)
+                    if add is not None:
+                        quantized = (quantized.double() + add.to(quantized.device)).to(quantized.dtype)
                     param.copy_(quantized)
         return self
 
