@@ -34,6 +34,13 @@ error is largest.  The heavier rounding noise favours a smaller alpha: minimisin
 wider steps' noise (column ``alpha_steps_model``) moves the optimum -14.7 % / -11.3 %, most of the measured
 -18.7 % / -12.8 %.  From 4 bits on all of this is small enough that the analytical alpha is as good as the best.
 
+The exact-grid model (``clipping.optimal_alpha_grid``: 2^M levels, 2^M - 1 steps, each cell's rounding error
+integrated under the density) accounts for all of this: its alpha is the measured optimum to the sweep's
+resolution at 2-4 bits (alpha/b 2.307 vs best 2.309 at 2 bits Laplace, alpha/sigma 1.494 vs 1.494 Gaussian; 10^6
+samples, seed 0, sweep 0.6-1.4 with 241 points), its MSE is the measured minimum (excess 0.00 % against the paper
+alpha's 9.8 % / 6.3 %), and its model is within 0.5 % of the measured MSE there.  From 5 bits on the two alphas
+differ by under 1 % and so do their MSEs (columns ``alpha_grid``, ``excess_at_grid``, ``mse_grid_model``).
+
 On real activations (``--dumps``) the gap is dominated by how poorly a Laplace or Gaussian fits the layer
 (skew, heavy tails, a spike at zero), not by the grid.
 """
