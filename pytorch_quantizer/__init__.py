@@ -5,8 +5,10 @@ from .clipping import (
     aciq_range,
     gaus_sigma_from_range,
     mse_gaus,
+    mse_grid,
     mse_laplace,
     optimal_alpha,
+    optimal_alpha_grid,
 )
 from .methods import ClippingMethod, Grid, choose_clipping, get_method, method_names, register
 from .quantize import (
@@ -34,9 +36,11 @@ __all__ = [
     "gemmlowp_quantize",
     "gemmlowp_quantize_per_channel",
     "mse_gaus",
+    "mse_grid",
     "method_names",
     "mse_laplace",
     "optimal_alpha",
+    "optimal_alpha_grid",
     "quantize_per_channel_with_qparams",
     "quantize_with_qparams",
     "register",

@@ -14,14 +14,15 @@ the plan table, a column of the report and a value of the results CSV; nothing e
 
 The built-in entries are the seed's: ``no`` (the observed range), ``laplace`` and ``gaus`` (the analytical
 optimum of the paper's MSE model for that prior), ``mix`` (the prior whose predicted MSE is smaller), and
-``minmax`` (min of minima to max of maxima: the seed's rule for the classifier, never clipped).
+``minmax`` (min of minima to max of maxima: the seed's rule for the classifier, never clipped); then
+``laplace-grid`` and ``gaus-grid``, the same priors with the MSE model of the real GEMMLOWP grid.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from .clipping import (
@@ -32,6 +33,7 @@ from .clipping import (
     TensorStats,
     aciq_range,
     check_bits,
+    grid_clipping,
     no_clip_mse,
     prior_clipping,
     quantization_noise,
@@ -71,6 +73,13 @@ class ClippingMethod(ABC):
     def clip(self, obs: Observation, bits: int) -> ClipDecision:
         """Alpha (0: no clipping) and the predicted MSE at ``bits``."""
 
+    def clip_one_sided(self, obs: Observation, bits: int) -> ClipDecision:
+        """alpha+ of a one-sided grid [0, alpha+] and its predicted MSE: by default the clip at ``bits + 1`` and
+        half its MSE (the paper's model: ``clipping.optimal_alpha_half``); a method with its own half-grid model
+        overrides it."""
+        decision = self.clip(obs, min(bits + 1, MAX_BITS))
+        return replace(decision, predicted_mse=decision.predicted_mse / 2.0)
+
     def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
         """The seed's range rule around the layer's moments (``aciq_range``); ``one_sided`` for a layer whose
         output only feeds a ReLU (``cap``: ReLU6's 6), the follow-up's half range (``one_sided_grid``)."""
@@ -88,18 +97,19 @@ def one_sided_grid(method: ClippingMethod, obs: Observation, bits: int, cap: flo
     """The grid [0, min(max(mean, 0) + alpha+, max, cap)] of a ReLU-fed layer (the follow-up's "half range").
 
     Values below 0 are what the ReLU sets to 0, so the grid spends no level on them; the ReLU's cap (6 for ReLU6)
-    and the observed maximum bound it from above.  alpha+ is the method's clip at ``bits + 1``: for the paper's
-    model the half-distribution MSE at M bits is half the two-sided MSE at M + 1 bits, so both have the same
-    minimiser (``clipping.optimal_alpha_half`` derives it) and the predicted MSE is half of it; a method that is
-    not model-based gets the same rule, a grid as fine as its two-sided one at one bit more.  (At 16 bits the clip
-    is asked at 16: the grid is then finer than any float32 activation needs.)"""
-    decision = method.clip(obs, min(bits + 1, MAX_BITS))
+    and the observed maximum bound it from above.  alpha+ is ``method.clip_one_sided``: by default the method's
+    clip at ``bits + 1``: for the paper's model the half-distribution MSE at M bits is half the two-sided MSE at
+    M + 1 bits, so both have the same minimiser (``clipping.optimal_alpha_half`` derives it) and the predicted MSE
+    is half of it; a method that is not model-based gets the same rule, a grid as fine as its two-sided one at one
+    bit more.  (At 16 bits the clip is asked at 16: the grid is then finer than any float32 activation needs.)
+    The exact-grid methods solve the one-sided grid's own model instead (``clipping.optimal_alpha_grid_half``)."""
+    decision = method.clip_one_sided(obs, bits)
     stats = obs.moments
     ceiling = stats.max if cap is None else min(stats.max, cap)
     upper = ceiling if decision.alpha <= 0.0 else min(max(stats.mean, 0.0) + decision.alpha, ceiling)
     upper = max(upper, 0.0)
     name = decision.method if decision.alpha > 0.0 and upper < ceiling else "no"
-    return Grid(name, decision.alpha, upper, 0.0, decision.predicted_mse / 2.0, one_sided=True)
+    return Grid(name, decision.alpha, upper, 0.0, decision.predicted_mse, one_sided=True)
 
 
 _REGISTRY: dict[str, type[ClippingMethod]] = {}
@@ -195,6 +205,34 @@ class MinMax(ClippingMethod):
             # half the mass rounded with bins hi / 2**bits wide; the zeros are exact
             return Grid("minmax", 0.0, hi, 0.0, 0.5 * quantization_noise(hi / 2.0, check_bits(bits)), one_sided=True)
         return Grid("minmax", 0.0, hi - lo, lo, self.clip(obs, check_bits(bits)).predicted_mse)
+
+
+class _GridPrior(ClippingMethod):
+    """ACIQ with the MSE model of the grid GEMMLOWP uses (2**M levels, 2**M - 1 steps; ``clipping.mse_grid``).
+
+    Named ``<prior>-grid`` rather than "exact": the grid is modelled exactly, the tensor still only by its prior."""
+
+    prior: ClassVar[str]
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        return grid_clipping(obs.moments, self.prior, bits, self.sigma_estimator)
+
+    def clip_one_sided(self, obs: Observation, bits: int) -> ClipDecision:
+        return grid_clipping(obs.moments, self.prior, bits, self.sigma_estimator, one_sided=True)
+
+
+@register
+class LaplaceGrid(_GridPrior):
+    prior = "laplace"
+    name = "laplace-grid"
+    summary = "ACIQ for the real grid: alpha minimising the exact MSE of 2^M levels (2^M - 1 steps), Laplace(b) prior"
+
+
+@register
+class GaussGrid(_GridPrior):
+    prior = "gaus"
+    name = "gaus-grid"
+    summary = "ACIQ for the real grid: alpha minimising the exact MSE of 2^M levels (2^M - 1 steps), Gaussian prior"
 
 
 def choose_clipping(stats: TensorStats, method: str, bits: int, sigma_estimator: str = "range") -> ClipDecision:

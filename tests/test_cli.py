@@ -57,7 +57,7 @@ def test_collect_writes_statistics_and_prints_seed_line(data_dir, tmp_path, caps
     assert row["stats_mode"] == "collect" and row["images"] == 8 and row["qtype"] == "fp32"
 
 
-@pytest.mark.parametrize("threshold", ["no", "laplace", "gaus", "mix"])
+@pytest.mark.parametrize("threshold", ["no", "laplace", "gaus", "mix", "laplace-grid", "gaus-grid"])
 def test_use_every_threshold(data_dir, stats_dir, threshold, capsys):
     assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", threshold) == 0
     out = capsys.readouterr().out
