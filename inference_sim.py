@@ -244,16 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         from pytorch_quantizer.experiment import run
 
         ctx = distributed.setup(cfg.device, cfg.device_ids, cfg.dist_timeout)
-        try:
-            run(cfg, ctx)
-        finally:
-            ctx.close()
+        run(cfg, ctx)
     except (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError) as err:
         report_error(parser.prog, err, ctx)
+        if ctx is not None and isinstance(err, distributed.RankFailure):
+            ctx.end_together(err)  # rank 0 has printed before any rank exits (torchrun then stops the rest)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted (statistics are saved only by a completed collect pass)", file=sys.stderr)
         return 130
+    finally:
+        if ctx is not None:
+            ctx.close()
     return 0
 
 

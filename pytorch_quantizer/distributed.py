@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 log = logging.getLogger("pytorch_quantizer")
 
@@ -171,6 +172,16 @@ class DistContext:
         dist.gather_object(obj, out, dst=0, group=self.control)
         return out
 
+    def end_together(self, failure: RankFailure) -> None:
+        """After a failure every rank agreed on: rank 0 records it in torchrun's error file (so that torchrun's
+        own failure summary shows the message), then all ranks meet once more, so that none exits (and makes
+        torchrun stop the others) before rank 0 has printed the run's error line."""
+        if not self.active:
+            return
+        if self.is_main:
+            ErrorHandler().record_exception(failure)
+        dist.barrier(group=self.control)
+
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
@@ -189,7 +200,7 @@ def setup(device: str, device_ids: Sequence[int] = (), timeout_minutes: float = 
     if not launched_by_torchrun(environ):
         return DistContext()
     try:
-        rank, world, local = (int(environ[name]) for name in LAUNCH_VARIABLES)
+        world, rank, local = (int(environ[name]) for name in LAUNCH_VARIABLES)
         local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
     except ValueError as err:
         raise DistributedError(f"torchrun's launch variables are not integers ({err})") from None
