@@ -194,3 +194,12 @@ def test_an_observer_without_state_cannot_be_collected_across_processes():
 
     with pytest.raises(NotImplementedError, match="counting observer cannot be collected under torchrun"):
         Counting().state()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_rank_that_cannot_see_its_gpu(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU visible, two processes
+    proc = collect(2, data_dir, tmp_path, "--device", "cuda")
+    errors = driver_errors(proc)
+    assert proc.returncode != 0 and len(errors) == 1 and "rank 1 of 2: cuda:1 is not visible" in errors[0]
+    assert not (tmp_path / "stats").exists()
