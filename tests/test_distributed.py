@@ -203,3 +203,25 @@ def test_a_rank_that_cannot_see_its_gpu(data_dir, tmp_path, monkeypatch):
     errors = driver_errors(proc)
     assert proc.returncode != 0 and len(errors) == 1 and "rank 1 of 2: cuda:1 is not visible" in errors[0]
     assert not (tmp_path / "stats").exists()
+
+
+def test_real_images_give_the_counts_of_one_process(shared_data, tmp_path):
+    """Random weights on random images hit no class; real weights on real photographs make the top-1 / top-5
+    counts something that can differ (7 images, 2 processes, 6-bit activations from live ranges)."""
+    val = shared_data / "imagenet-sample" / "val"
+    for folder in sorted(val.iterdir())[::140][:IMAGES]:
+        image = next(folder.iterdir())
+        (tmp_path / "data" / "val" / folder.name).mkdir(parents=True)
+        (tmp_path / "data" / "val" / folder.name / image.name).symlink_to(image)
+    weights = shared_data / "weights" / "mobilenet_v2_tflite_quant.pth"
+    tables = []
+    for nproc in (None, 2):
+        out = tmp_path / f"run{nproc}"
+        out.mkdir()
+        proc = launch(nproc, "--data", str(tmp_path / "data"), "-a", "mobilenet_v2", "--weights", str(weights),
+                      "-b", "2", "-sm", "no", "-th", "laplace", "--qtype", "int6",
+                      "--results", str(out / "results.csv"), cwd=out)
+        assert proc.returncode == 0, proc.stderr
+        tables.append(pd.read_csv(out / "results.csv", keep_default_na=False)[MEASURED])
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    assert tables[0]["top5"].max() > 0 and (tables[0]["images"] == IMAGES).all()
