@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = distributed.setup(cfg.device, cfg.device_ids, cfg.dist_timeout)
         run(cfg, ctx)
-    except (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError) as err:
-        report_error(parser.prog, err, ctx)
+    except (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError, torch.distributed.DistError) as err:
+        report_error(parser.prog, err, ctx)  # DistError: a collective timed out or lost a peer
         if ctx is not None and isinstance(err, distributed.RankFailure):
             ctx.end_together(err)  # rank 0 has printed before any rank exits (torchrun then stops the rest)
         return EXIT_USAGE

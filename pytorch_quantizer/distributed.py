@@ -25,7 +25,8 @@ Why the results are those of one process, bit for bit:
   launch either.
 
 Failures: every step that could fail on some ranks only (setting up, each pass, saving) runs inside
-``DistContext.together()``, which ends with an exchange of every rank's status over a gloo group; if any rank
+``DistContext.together()``, which ends with an exchange of every rank's status over a gloo group (a rank that
+fails first marks the group's store, and the others leave their pass at the next batch); if any rank
 failed, every rank raises ``RankFailure`` naming the lowest failed rank and its message, rank 0 prints it as the
 run's one error line, and every process exits with 2.  A rank therefore never waits for a rank that has already
 given up, and rank 0 never writes statistics when some rank failed.  Anything else (an interrupted process, a lost
@@ -54,6 +55,13 @@ DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's own default: a rank waits this long fo
 
 class DistributedError(ValueError):
     """A torchrun launch that cannot work as asked (bad environment, GPUs, world size)."""
+
+
+FAILED_KEY = "aciq/failed"  # set in the group's store by the first rank that fails, read by the others per batch
+
+
+class StoppedForPeer(Exception):
+    """This rank stopped its pass early because another rank failed (not a failure of its own)."""
 
 
 class RankFailure(ValueError):
@@ -134,9 +142,18 @@ class DistContext:
         error: Exception | None = None
         try:
             yield
+        except StoppedForPeer:
+            pass  # the failed rank reports its own error in the exchange
         except Exception as err:  # noqa: BLE001 - reported to every rank below, then raised again
             error = err
+            _store().set(FAILED_KEY, "1")  # the others stop at their next batch instead of finishing the pass
         self.raise_failures(error)
+
+    def stop_if_peer_failed(self) -> None:
+        """Called between batches: leave the pass (``StoppedForPeer``) when another rank has failed, so that the
+        failed rank does not wait a whole pass (or the timeout) for the exchange."""
+        if self.active and _store().check([FAILED_KEY]):
+            raise StoppedForPeer
 
     def raise_failures(self, error: Exception | None) -> None:
         """Exchange statuses; raise on every rank when any rank failed."""
@@ -185,6 +202,11 @@ class DistContext:
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _store() -> dist.Store:
+    """The key-value store of the default process group (torchrun's rendezvous store): one round trip per call."""
+    return dist.distributed_c10d._get_default_store()
 
 
 def setup(device: str, device_ids: Sequence[int] = (), timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,

@@ -274,6 +274,7 @@ class Experiment:
                        disable=None if self.dist.is_main else True)
             with torch.inference_mode():
                 for i, (images, target) in enumerate(bar):
+                    self.dist.stop_if_peer_failed()
                     logits = runner(images.to(self.device, non_blocking=True))
                     if check_outputs and not torch.isfinite(logits).all():
                         raise FloatingPointError(

@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
-from pytorch_quantizer.distributed import DistContext
+from pytorch_quantizer.distributed import DistContext, RankFailure, StoppedForPeer
 from pytorch_quantizer.observers import Observer
 from pytorch_quantizer.stats import StatisticsCollector
 
@@ -158,6 +159,19 @@ def test_shards_are_whole_batches_covering_every_item_once(items, batch, world):
     shards = [DistContext(rank=r, world_size=world, backend="gloo").shard(items, batch) for r in range(world)]
     assert [i for shard in shards for i in shard] == list(range(items))  # in order, each once: no padding
     assert all(shard.start % batch == 0 for shard in shards if shard)  # the batches of one process
+
+
+def test_a_failure_marks_the_store_so_peers_stop_at_their_next_batch(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = DistContext(backend="gloo", device=torch.device("cpu"))
+        ctx.stop_if_peer_failed()  # nothing has failed yet
+        with pytest.raises(RankFailure, match="disk full"), ctx.together():
+            raise OSError("disk full")
+        with pytest.raises(StoppedForPeer):
+            ctx.stop_if_peer_failed()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_merged_collectors_write_the_folder_of_one(tiny_model, tmp_path):
