@@ -199,6 +199,18 @@ class DistContext:
             ErrorHandler().record_exception(failure)
         dist.barrier(group=self.control)
 
+    def claim_device(self) -> None:
+        """Make the rank's GPU current, or fail (naming it) when this process cannot see it.  Called inside the
+        run's first ``together`` step, so that a rank without its GPU ends every rank with one line."""
+        if self.device is None or self.device.type != "cuda":
+            return
+        visible = torch.cuda.device_count()
+        if self.device.index >= visible:
+            raise DistributedError(
+                f"{self.device} is not visible to this process ({visible} GPU(s) visible, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        torch.cuda.set_device(self.device)
+
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
@@ -215,8 +227,9 @@ def setup(device: str, device_ids: Sequence[int] = (), timeout_minutes: float = 
 
     ``device`` is the run's ``--device`` ("cpu", "cuda" or "cuda:i"): CUDA → NCCL with the rank on
     ``cuda:LOCAL_RANK`` (or ``cuda:device_ids[LOCAL_RANK]``), CPU → gloo.  ``--device_ids`` under torchrun lists
-    one GPU per process of this node, so its length must be torchrun's ``--nproc_per_node``.  The GPU check runs
-    after the group is formed, through ``together``, so a rank that cannot see its GPU ends every rank with one line.
+    one GPU per process of this node, so its length must be torchrun's ``--nproc_per_node``.  Whether the rank
+    sees its GPU is checked later, by ``claim_device`` inside the run's first step (NCCL touches no GPU before the
+    first collective).
     """
     environ = os.environ if environ is None else environ
     if not launched_by_torchrun(environ):
@@ -240,18 +253,6 @@ def setup(device: str, device_ids: Sequence[int] = (), timeout_minutes: float = 
     index = device_ids[local] if device_ids else local
     ctx = DistContext(rank, world, local, local_world, backend,
                       torch.device("cuda", index) if cuda else torch.device("cpu"), control)
-    try:
-        with ctx.together():
-            if cuda:
-                visible = torch.cuda.device_count()
-                if index >= visible:
-                    raise DistributedError(
-                        f"cuda:{index} is not visible to this process ({visible} GPU(s) visible, "
-                        f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-                torch.cuda.set_device(index)
-    except BaseException:
-        ctx.close()
-        raise
     log.info("torchrun: rank %d of %d (local %d of %d) on %s, %s", rank, world, local, local_world, ctx.device,
              backend)
     return ctx

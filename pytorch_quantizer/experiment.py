@@ -462,6 +462,7 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     writing them)."""
     dist = dist if dist is not None else DistContext()
     with dist.together():
+        dist.claim_device()
         exp = Experiment(cfg, dist)
     rows: list[dict] = []
     out = cfg.results.parent
