@@ -23,7 +23,7 @@ from . import __version__
 from .atomic import write_csv_atomic
 from .compiled import compile_model
 from .data import CachedDataset, DataError, imagenet_val_dataset, make_loader, relative_paths, wnid_folder_dataset
-from .distributed import DistContext
+from .distributed import DEFAULT_TIMEOUT_MINUTES, DistContext
 from .dumps import write_dump
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
@@ -84,7 +84,7 @@ class RunConfig:
     cache: bool | None = None  # None: cache decoded images when several passes run over a small set
     compile: bool = False  # each pass under torch.compile (inference.compiled; use mode, round-to-nearest)
     world_size: int = 1  # processes torchrun started (each pass sharded over them; the numbers do not change)
-    dist_timeout: float = 30.0  # minutes a rank waits for a lost peer at a collective (torchrun only)
+    dist_timeout: float = DEFAULT_TIMEOUT_MINUTES  # how long a rank waits for a lost peer (torchrun only)
 
     def statistics_path(self, fingerprint: str) -> Path:
         """``-sf``, or by default a folder keyed by architecture, weights fingerprint and BatchNorm folding, so that
