@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from pytorch_quantizer import distributed
 from pytorch_quantizer.clipping import MAX_BITS, MIN_BITS, SIGMA_ESTIMATORS
 from pytorch_quantizer.layers import ACT_POINTS
 from pytorch_quantizer.methods import get_method, method_names
@@ -26,10 +28,12 @@ AUTO = object()  # -qw not given: int8 weights when anything else is quantized (
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line on stderr (no usage dump), exit code 2."""
+    """argparse that reports a bad flag in one line on stderr (no usage dump), exit code 2; under torchrun only
+    rank 0 prints it (every rank parses the same flags)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        quiet = distributed.environment_rank() != 0
+        self.exit(EXIT_USAGE, None if quiet else f"{self.prog}: error: {message}\n")
 
 
 FLOAT_NAMES = ("f32", "fp32", "float", "none")
@@ -176,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the forward under torch.compile, quantization fused (-sm use, no -s; see README)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep decoded images in memory between passes (default: when several passes run)")
+    p.add_argument("--dist_timeout", type=float, default=distributed.DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="under torchrun, how long a rank waits for a lost peer at a collective (default: %(default)s)")
     return p
 
 
@@ -221,7 +227,8 @@ def config_from_args(args: argparse.Namespace):
                          "give --qtype intN or -qw intN")
     if args.stats_mode == "collect" and (args.eval_precision or args.custom_test or args.dump_dir):
         raise ValueError("-sm collect only collects statistics; run -ep, -ct or -dd with -sm use or -sm no")
-    if args.compile and (args.stats_mode != "use" or args.stochastic or len(args.device_ids) > 1):
+    several = len(args.device_ids) > 1 and not distributed.launched_by_torchrun()  # DataParallel
+    if args.compile and (args.stats_mode != "use" or args.stochastic or several):
         raise ValueError("--compile runs -sm use with round-to-nearest on one device (collection, live statistics, "
                          "-s and several GPUs would split the compiled graph at every layer)")
     return RunConfig(
@@ -241,25 +248,47 @@ def config_from_args(args: argparse.Namespace):
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
         cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,
         cache=args.cache, compile=args.compile,
+        world_size=int(os.environ["WORLD_SIZE"]) if distributed.launched_by_torchrun() else 1,
+        dist_timeout=args.dist_timeout,
     )
+
+
+def report_error(prog: str, err: BaseException, ctx: distributed.DistContext | None) -> None:
+    """The run's one error line.  Under torchrun: a failure every rank agreed on (``RankFailure``) and any error
+    before the process group exists (every rank parses the same flags and environment) are printed by rank 0
+    alone; an error only one rank met outside those steps by that rank, naming itself."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    rank = distributed.environment_rank()
+    if rank != 0:
+        if isinstance(err, distributed.RankFailure) or ctx is None or not ctx.active:
+            return
+        message = f"rank {rank}: {message}"
+    print(f"{prog}: error: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    quiet = distributed.environment_rank() != 0  # under torchrun, rank 0 alone logs what is not a warning
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    ctx = None
     try:
         cfg = config_from_args(args)
         from pytorch_quantizer.experiment import run
 
-        run(cfg)
-    except (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        ctx = distributed.setup(cfg.device, cfg.device_ids, cfg.dist_timeout)
+        run(cfg, ctx)
+    except (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError, torch.distributed.DistError) as err:
+        report_error(parser.prog, err, ctx)  # DistError: a collective timed out or lost a peer
+        if ctx is not None and isinstance(err, distributed.RankFailure):
+            ctx.end_together(err)  # rank 0 has printed before any rank exits (torchrun then stops the rest)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted (statistics are saved only by a completed collect pass)", file=sys.stderr)
         return 130
+    finally:
+        if ctx is not None:
+            ctx.close()
     return 0
 
 

@@ -110,9 +110,15 @@ class ShiftRecorder:
             handle.remove()
         self._handles.clear()
 
-    def shifts(self) -> ChannelMeans:
-        """The measured ``d_lc`` of every layer that ran (CPU, float64)."""
-        return {name: (total / self._counts[name]).cpu() for name, total in self._sums.items()}
+    def shifts(self, reduce: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+               ) -> ChannelMeans:
+        """The measured ``d_lc`` of every layer that ran (CPU, float64); ``reduce`` sums the per-channel sums and
+        the counts over processes first (torchrun: ``DistContext.sum_tensors``; every rank runs every layer)."""
+        sums = {name: total.cpu() for name, total in self._sums.items()}
+        counts = {name: torch.tensor(float(n), dtype=torch.float64) for name, n in self._counts.items()}
+        if reduce is not None:
+            sums, counts = reduce(sums), reduce(counts)
+        return {name: total / counts[name] for name, total in sums.items()}
 
 
 def _float_twin(module: nn.Module) -> nn.Module:
@@ -136,12 +142,13 @@ def bias_shifts(
     quantized_run: Callable[[Mapping[str, torch.Tensor], ShiftRecorder], None],
     rounds: int,
     relu_caps: Mapping[str, float | None] | None = None,
+    reduce: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> ChannelMeans:
     """The accumulated shifts after ``rounds`` rounds (see the module docstring).
 
     ``quantized_run(shifts, recorder)`` runs one calibration pass of the quantized network with ``shifts`` folded
     into the biases, entering ``recorder`` once the quantizer is attached.  ``relu_caps``: the layers that only
-    feed a ReLU, measured after it (``ShiftRecorder``)."""
+    feed a ReLU, measured after it (``ShiftRecorder``); ``reduce``: see ``ShiftRecorder.shifts``."""
     if rounds < 1:
         raise ValueError(f"-bca needs at least one round, got {rounds}")
     check_biases(layers)
@@ -150,6 +157,6 @@ def bias_shifts(
     for _ in range(rounds):
         recorder.reset()
         quantized_run(shifts, recorder)
-        for name, step in recorder.shifts().items():
+        for name, step in recorder.shifts(reduce).items():
             shifts[name] = shifts[name] + step if name in shifts else step
     return shifts

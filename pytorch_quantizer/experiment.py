@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from .atomic import write_csv_atomic
 from .bias_correction import ChannelMeans, ShiftRecorder, bias_shifts, check_biases
 from .compiled import compile_model
 from .data import CachedDataset, DataError, imagenet_val_dataset, make_loader, relative_paths, wnid_folder_dataset
+from .distributed import DEFAULT_TIMEOUT_MINUTES, DistContext
 from .dumps import write_dump
 from .graph import relu_fed_layers
 from .layers import activation_layers
@@ -43,7 +44,7 @@ PASS_COLUMNS = ("arch", "weights", "pass", "qtype", "qweight", "threshold", "top
 IDENTITY_COLUMNS = ("weights_fingerprint", "stats_folder", "stats_fingerprint", "cal_images", "eval_images",
                     "settings", "version")
 # Settings that cannot change any number or file content a run produces (only where its rows go and how it logs).
-NOT_SHAPING = ("results", "print_freq")
+NOT_SHAPING = ("results", "print_freq", "world_size", "dist_timeout")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class RunConfig:
     results: Path = Path("results/results.csv")
     cache: bool | None = None  # None: cache decoded images when several passes run over a small set
     compile: bool = False  # each pass under torch.compile (inference.compiled; use mode, round-to-nearest)
+    world_size: int = 1  # processes torchrun started (each pass sharded over them; the numbers do not change)
+    dist_timeout: float = DEFAULT_TIMEOUT_MINUTES  # how long a rank waits for a lost peer (torchrun only)
 
     def statistics_path(self, fingerprint: str) -> Path:
         """``-sf``, or by default a folder keyed by architecture, weights fingerprint and BatchNorm folding, so that
@@ -159,11 +162,15 @@ class Accuracy:
 class Experiment:
     """Model, data and the passes of one run."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        """Validates everything a run needs (data, model, statistics, image sets) before any pass starts."""
+    def __init__(self, cfg: RunConfig, dist: DistContext | None = None) -> None:
+        """Validates everything a run needs (data, model, statistics, image sets) before any pass starts.
+
+        ``dist`` (under torchrun, ``distributed.setup``): this process's rank; every pass then runs on the rank's
+        shard and is reduced over the ranks (``run_pass``), statistics are gathered to rank 0 (``collect``)."""
         self.cfg = cfg
+        self.dist = dist if dist is not None else DistContext()
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        self.device = self.dist.device if self.dist.device is not None else torch.device(cfg.device)
         original, self.preprocess = build_model(cfg.arch, cfg.weights)
         decode = self.preprocess.decode_transform()
         self.dataset = imagenet_val_dataset(cfg.data, decode)
@@ -179,7 +186,7 @@ class Experiment:
         self.model = model.to(self.device).eval()
         # several GPUs: replicas share the hooks and parameters of self.model, which the quantizer edits
         self.runner: nn.Module = self.model
-        if self.device.type == "cuda" and len(cfg.device_ids) > 1:
+        if self.device.type == "cuda" and len(cfg.device_ids) > 1 and not self.dist.active:
             self.runner = nn.DataParallel(self.model, device_ids=list(cfg.device_ids))
         self.layers = activation_layers(self.model)
         self.calibration = self._calibration_indices()
@@ -189,7 +196,11 @@ class Experiment:
         self._correction: DataLoader | None = None
         if cfg.act_bias_correction:
             check_biases(self.layers)
-            self._correction_images()  # fail before any pass when there are none
+            self.dist.check_items(len(self._correction_images()[1]), cfg.batch_size, "-bca calibration")
+        if cfg.stats_mode == "collect":
+            self.dist.check_items(len(self.calibration), cfg.batch_size, "calibration")
+        else:
+            self.dist.check_items(len(self.evaluation), cfg.batch_size, "evaluation")
         log.info("%s on %s (%d CPU threads); %d BatchNorm layers folded", cfg.arch, self.device,
                  torch.get_num_threads(), len(pairs))
 
@@ -279,7 +290,9 @@ class Experiment:
         return self._loader(source, indices, passes)
 
     def _loader(self, source: Dataset, indices: list[int], passes: int) -> DataLoader:
+        """This rank's shard of ``indices`` in ``source`` (all of them in one process), cached for several passes."""
         cfg = self.cfg
+        indices = [indices[i] for i in self.dist.shard(len(indices), cfg.batch_size)]
         dataset = source if len(indices) == len(source) else Subset(source, indices)
         cache = cfg.cache if cfg.cache is not None else passes > 1 and len(dataset) <= 5000
         normalize = self.preprocess.normalize_transform()
@@ -294,24 +307,31 @@ class Experiment:
         """Top-1/top-5 over ``loader``; non-finite outputs stop the run (collect mode names the layer itself).
 
         With ``compile`` (and the run's ``--compile``) the model is compiled afresh for the hooks attached now; the
-        time includes compiling."""
+        time includes compiling.
+        Under torchrun ``loader`` holds this rank's shard; the counts are summed over the ranks (exact integers),
+        and a rank that fails stops every rank here (``DistContext.together``).  The progress bar shows rank 0's
+        shard."""
         acc = Accuracy()
         start = time.perf_counter()
-        runner = self.runner
-        if self.cfg.compile and compile:
-            torch.compiler.reset()  # drop the graphs traced with the previous pass's hooks
-            runner = compile_model(self.runner)
-        bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
-        with torch.inference_mode():
-            for i, (images, target) in enumerate(bar):
-                logits = runner(images.to(self.device, non_blocking=True))
-                if check_outputs and not torch.isfinite(logits).all():
-                    raise FloatingPointError(
-                        f"{desc}: the model produced non-finite outputs; run with -sm no to find the layer"
-                    )
-                acc.add(logits.cpu(), target)
-                if self.cfg.print_freq and i % self.cfg.print_freq == 0:
-                    bar.set_postfix(prec1=f"{acc.prec1:.2f}", prec5=f"{acc.prec5:.2f}")
+        with self.dist.together():
+            runner = self.runner
+            if self.cfg.compile and compile:
+                torch.compiler.reset()  # drop the graphs traced with the previous pass's hooks
+                runner = compile_model(self.runner)
+            bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                       disable=None if self.dist.is_main else True)
+            with torch.inference_mode():
+                for i, (images, target) in enumerate(bar):
+                    self.dist.stop_if_peer_failed()
+                    logits = runner(images.to(self.device, non_blocking=True))
+                    if check_outputs and not torch.isfinite(logits).all():
+                        raise FloatingPointError(
+                            f"{desc}: the model produced non-finite outputs; run with -sm no to find the layer"
+                        )
+                    acc.add(logits.cpu(), target)
+                    if self.cfg.print_freq and i % self.cfg.print_freq == 0:
+                        bar.set_postfix(prec1=f"{acc.prec1:.2f}", prec5=f"{acc.prec5:.2f}")
+        acc = Accuracy(*self.dist.sum_counts([acc.images, acc.top1, acc.top5]))
         return acc, time.perf_counter() - start
 
     def collect(self) -> tuple[Accuracy, float]:
@@ -321,6 +341,18 @@ class Experiment:
                  self.cal_dataset.root)
         with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point) as collector:
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
+        if self.dist.active:  # every rank's per-sample rows to rank 0, in rank (= sample) order
+            with self.dist.together():
+                state = collector.state()
+            states = self.dist.gather(state)
+        with self.dist.together():  # the others wait here: rank 0 writing also ends every rank if it fails
+            if self.dist.is_main:
+                if self.dist.active:
+                    collector.merge(states)
+                self._save(collector)
+        return acc, seconds
+
+    def _save(self, collector: StatisticsCollector) -> None:
         names = relative_paths(self.cal_dataset)
         images = [names[i] for i in self.calibration]
         meta = {**self.model_meta(), "calibration": {
@@ -328,7 +360,6 @@ class Experiment:
         collector.save(self.stats_path, meta, calibration=images)
         self.stats_fingerprint = folder_fingerprint(self.stats_path)
         log.info("statistics of %d images saved to %s", collector.samples, self.stats_path)
-        return acc, seconds
 
     def model_meta(self) -> dict:
         return {
@@ -354,6 +385,8 @@ class Experiment:
     def quantized_pass(
         self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None, desc: str
     ) -> tuple[Accuracy, float, ActivationQuantizer]:
+        if quant.stochastic and self.dist.rank > 0:  # rank 0 keeps the seed's stream, the others their own
+            quant = replace(quant, seed=rank_seed(quant.seed, self.dist.rank))
         shifts = self.bias_shifts(quant, stats) if self.cfg.act_bias_correction else None
         quantizer = ActivationQuantizer(self.model, quant, stats, shifts)
         with quantizer:
@@ -374,7 +407,7 @@ class Experiment:
 
         example = torch.randn(2, *self.preprocess.input_size, generator=torch.Generator().manual_seed(self.cfg.seed))
         relu_caps = relu_fed_layers(self.model, example.to(self.device))
-        shifts = bias_shifts(self.layers, quantized_run, self.cfg.bca_rounds, relu_caps)
+        shifts = bias_shifts(self.layers, quantized_run, self.cfg.bca_rounds, relu_caps, self.dist.sum_tensors)
         log.info("-bca: mean shifts of %d layers measured on %d images in %.1f s (%d rounds)", len(shifts),
                  len(loader.dataset), time.perf_counter() - start, self.cfg.bca_rounds)
         return shifts
@@ -436,6 +469,13 @@ def _record(model: nn.Module, layers, images: torch.Tensor) -> dict[str, np.ndar
     return seen
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The stochastic-rounding seed of ``rank`` > 0 under torchrun: a stream of its own (60 bits of sha256 of
+    seed and rank), so that shards do not repeat each other's noise.  One process draws the noise of all batches
+    from one stream, so ``-s`` results depend on the world size (equally random, reproducible for each)."""
+    return int(hashlib.sha256(f"{seed}/{rank}".encode()).hexdigest()[:15], 16)
+
+
 def append_result(path: Path, row: dict) -> None:
     """Append one row to the results CSV (rewritten atomically, so an interrupted run cannot truncate it).
 
@@ -482,9 +522,16 @@ def settings_hash(cfg: RunConfig, weights_fingerprint: str, stats_fingerprint: s
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def run(cfg: RunConfig) -> list[dict]:
-    """Carry out one invocation; returns the result rows it appended (the last one is the headline)."""
-    exp = Experiment(cfg)
+def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
+    """Carry out one invocation; returns the result rows it appended (the last one is the headline).
+
+    Under torchrun (``dist`` from ``distributed.setup``) every rank runs this with the same configuration, each
+    pass on its shard; only rank 0 prints, appends rows and writes files (the others return the same rows without
+    writing them)."""
+    dist = dist if dist is not None else DistContext()
+    with dist.together():
+        dist.claim_device()
+        exp = Experiment(cfg, dist)
     rows: list[dict] = []
     out = cfg.results.parent
     settings = settings_hash(cfg, exp.fingerprint, exp.stats_fingerprint)
@@ -509,14 +556,15 @@ def run(cfg: RunConfig) -> list[dict]:
         }
         row.update({k: v for k, v in config_columns(cfg).items() if k not in row})
         row.update(identity())
-        append_result(cfg.results, row)
+        if dist.is_main:
+            append_result(cfg.results, row)
         rows.append(row)
         return row
 
     if cfg.stats_mode == "collect":
         acc, seconds = exp.collect()
         record(acc, seconds, "collect", None, None, file=exp.stats_path)
-        print(final_line(acc), flush=True)
+        _say(dist, final_line(acc))
         return rows
 
     stats = exp.stats
@@ -526,37 +574,48 @@ def run(cfg: RunConfig) -> list[dict]:
     loader = exp.loader(calibration=False, passes=passes)
 
     if cfg.dump_dir is not None:
-        folder = exp.dump(loader, cfg.quant_config(), stats)
-        log.info("activations of one batch dumped to %s", folder)
+        with dist.together():  # rank 0's first batch is the first batch of one process
+            if dist.is_main:
+                folder = exp.dump(loader, cfg.quant_config(), stats)
+                log.info("activations of one batch dumped to %s", folder)
 
     if cfg.eval_precision:
         path = out / "precision" / f"{cfg.arch}_{cfg.threshold}_clipping_{settings}.csv"
-        _publish(_precision_sweep(exp, loader, stats, record, path), path, "precision")
+        _publish(dist, _precision_sweep(exp, loader, stats, record, path), path, "precision")
         return rows
 
     if cfg.custom_test:
         path = out / "custom_test" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}_{settings}.csv"
-        _publish(_custom_test(exp, loader, stats, order, record, path), path, "layer-selection")
+        _publish(dist, _custom_test(exp, loader, stats, order, record, path), path, "layer-selection")
         return rows
 
     if not cfg.quantizes:
         acc, seconds = exp.run_pass(loader, "fp32")
         record(acc, seconds, "fp32", None, None)
-        print(final_line(acc), flush=True)
+        _say(dist, final_line(acc))
         return rows
 
     acc, seconds, quantizer = exp.quantized_pass(loader, cfg.quant_config(), stats, _qtype(cfg.bits))
     plan_path = None
     if quantizer.plan is not None:
         plan_path = out / "plans" / f"{cfg.arch}_{_qtype(cfg.bits)}_{cfg.threshold}_{settings}.csv"
-        write_csv_atomic(plan_table(quantizer.plan), plan_path, index=True)
-        log.info("per-layer plan written to %s", plan_path)
+        if dist.is_main:  # the same plan on every rank
+            write_csv_atomic(plan_table(quantizer.plan), plan_path, index=True)
+            log.info("per-layer plan written to %s", plan_path)
     record(acc, seconds, _qtype(cfg.bits), cfg.bits, cfg.weight_bits, file=plan_path)
-    print(final_line(acc), flush=True)
+    _say(dist, final_line(acc))
     return rows
 
 
-def _publish(table: pd.DataFrame, path: Path, what: str) -> None:
+def _say(dist: DistContext, text: str) -> None:
+    """Print on rank 0 only (one process: always)."""
+    if dist.is_main:
+        print(text, flush=True)
+
+
+def _publish(dist: DistContext, table: pd.DataFrame, path: Path, what: str) -> None:
+    if not dist.is_main:
+        return
     write_csv_atomic(table, path)
     print(table.to_string(index=False), flush=True)
     log.info("%s table written to %s", what, path)

@@ -12,6 +12,14 @@ set per sample and channel).  ``MomentsObserver`` is the seed's statistics (min,
 CSV layout of the previous releases, byte for byte.  New observers (histograms, ...) are a class here plus
 ``register_observer``.
 
+Distributed collect (``torchrun``, see ``distributed``): each rank observes a contiguous shard of the calibration
+images; rank 0 gathers every rank's ``state()`` (in rank order, which is sample order) and ``merge``s them into
+its own observer before ``export``.  A new observer must provide both: ``state`` a picklable CPU object of what it
+saw on this rank, ``merge`` the state one process would have after seeing all the ranks' samples in that order
+(per-sample rows concatenated; integer counts summed over one shared binning; never a float sum that one process
+would have accumulated in another order), and ``export`` must compute anything over samples (summaries) from the
+merged state.  Without them the observer still collects in one process; under torchrun it fails with a message.
+
 ``Observation`` is what a method sees of one layer: the reduced moments (the seed took the mean over samples),
 the extreme range, per-channel moments where collected, and the state of any other observer by name.
 """
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -152,6 +160,16 @@ class Observer(ABC):
     def load(cls, folder: Path, layer: str, granularity: Granularity) -> Any:
         """The state ``export`` wrote, as the object clipping methods read (``Observation.extra[name]``)."""
 
+    def state(self) -> Any:
+        """What this rank observed, picklable and on the CPU (distributed collect; see the module docstring)."""
+        raise NotImplementedError(f"the {self.name} observer cannot be collected under torchrun: it defines no "
+                                  "state()/merge(); collect it in one process")
+
+    def merge(self, states: Sequence[Any]) -> None:
+        """Become the observer of every rank's samples, ``states`` in rank (= sample) order."""
+        raise NotImplementedError(f"the {self.name} observer cannot be collected under torchrun: it defines no "
+                                  "state()/merge(); collect it in one process")
+
 
 OBSERVERS: dict[str, type[Observer]] = {}
 
@@ -202,6 +220,18 @@ class MomentsObserver(Observer):
     def table(self) -> torch.Tensor:
         """[rows, 7] on the CPU in sample order (rows: samples, or (sample, channel) pairs sample-major)."""
         return torch.cat([self.records[key].cpu() for key in sorted(self.records)])
+
+    def state(self) -> tuple[int, torch.Tensor] | None:
+        """(channels, this rank's table in sample order), or None when the layer saw nothing here (an idle rank)."""
+        return (self.channels, self.table()) if self.records else None
+
+    def merge(self, states: Sequence[tuple[int, torch.Tensor] | None]) -> None:
+        """The rank tables one after the other: rows are per sample, so concatenation in sample order gives the
+        very table one process builds (the summaries are computed from it afterwards, in ``export``)."""
+        seen = [state for state in states if state is not None]
+        self.records = {(i, 0): table for i, (_, table) in enumerate(seen)}
+        if seen:
+            self.channels = seen[0][0]
 
     def export(self, folder: Path, layer: str) -> None:
         table = self.table()

@@ -152,6 +152,25 @@ class StatisticsCollector:
             raise StatisticsError("no statistics were collected: the model never ran with the hooks attached")
         return [layer for layer in self.layers if layer.name in self._samples]
 
+    def state(self) -> dict[str, Any]:
+        """What this process collected, picklable and on the CPU: rank 0 ``merge``s every rank's (torchrun)."""
+        return {"samples": dict(self._samples), "numel": dict(self.numel),
+                "observers": {name: [o.state() for o in observers] for name, observers in self.observers.items()}}
+
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        """Become the collector of all the ranks' samples, ``states`` in rank order: the sample order of one
+        process, since each rank collected a contiguous shard (``distributed.DistContext.shard``).  Each observer
+        merges its own part (``Observer.merge``); sample counts add up."""
+        samples: dict[str, int] = {}
+        for state in states:
+            for name, count in state["samples"].items():
+                samples[name] = samples.get(name, 0) + count
+            self.numel.update(state["numel"])
+        self._samples = samples
+        for name, observers in self.observers.items():
+            for i, observer in enumerate(observers):
+                observer.merge([state["observers"][name][i] for state in states])
+
     def frames(self) -> dict[str, pd.DataFrame]:
         """Per-layer per-sample moment tables collected so far (per tensor), for the layers that ran."""
         frames = {}
