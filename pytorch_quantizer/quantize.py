@@ -144,5 +144,6 @@ def quantize_per_channel_with_qparams(
     if x.numel() == 0:
         return x if inplace else x.clone()
     impl = select_backend(x.device, backend)
-    qp = QParams(*(t.to(x.device) for t in (qp.scale, qp.inv_scale, qp.offset)), qp.qmax)
+    qmax = qp.qmax.to(x.device) if isinstance(qp.qmax, torch.Tensor) else qp.qmax
+    qp = QParams(*(t.to(x.device) for t in (qp.scale, qp.inv_scale, qp.offset)), qmax)
     return _run(x, inplace, lambda t: impl.quantize_per_channel_(t, qp, dim, noise))
