@@ -115,10 +115,12 @@ def gemmlowp_quantize_per_channel(
     inplace: bool = False,
     noise: torch.Tensor | None = None,
     backend: str | None = None,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-channel variant: one (delta, offset) per index of ``x`` along ``dim``."""
+    """Per-channel variant: one (delta, offset) per index of ``x`` along ``dim``, and with ``levels`` one level
+    count per channel (bit allocation) instead of ``2**bits``."""
     _check_tensor(x)
-    qp = gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale)
+    qp = gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale, levels)
     dim = _channel_dim(x, qp, dim)
     if noise is None and stochastic and x.numel() > 0:
         noise = uniform_noise(x, generator)

@@ -8,15 +8,47 @@ from typing import Protocol
 
 import torch
 
-from .clipping import check_bits
+from .clipping import TensorStats, aciq_range, allocated_alpha, check_bits
 from .layers import ActivationLayer
 from .quantize import gemmlowp_quantize, gemmlowp_quantize_per_channel
 
 
+def weight_channel_stats(w: torch.Tensor) -> list[TensorStats]:
+    """The moments of each output channel's weights (dim 0), as the clipping rules read them."""
+    flat = w.detach().reshape(w.shape[0], -1).double()
+    mean = flat.mean(1, keepdim=True)
+    centred = flat - mean
+    lo, hi = flat.amin(1), flat.amax(1)
+    b, std = centred.abs().mean(1), centred.square().mean(1).sqrt()
+    numel = max(flat.shape[1], 2)
+    return [TensorStats(float(lo[c]), float(hi[c]), float(mean[c, 0]), float(b[c]), float(std[c]), numel)
+            for c in range(flat.shape[0])]
+
+
+def allocated_weight_grid(w: torch.Tensor, bits: int, allocation, regular: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(delta, offset, levels) per output channel under bit allocation (``-baw``): the channels share the level quota
+    by the 2/3 law of their prior scale (``policy.BitAllocation``) and each is clipped at the optimum for its level
+    count, ``aciq_range`` around its mean (never beyond its own min/max)."""
+    stats = weight_channel_stats(w)
+    levels = allocation.levels(stats, bits, regular)
+    grids = [aciq_range(s.min, s.max, s.mean, allocated_alpha(allocation.prior, allocation.scale(s), n))
+             for s, n in zip(stats, levels, strict=True)]
+    delta = torch.tensor([g[0] for g in grids], dtype=torch.float64)
+    offset = torch.tensor([g[1] for g in grids], dtype=torch.float64)
+    return delta, offset, torch.tensor(levels, dtype=torch.float64)
+
+
 def quantize_parameter(
-    w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool
+    w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool,
+    allocation=None, regular: bool = True,
 ) -> torch.Tensor:
-    """Min/max GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0)."""
+    """Min/max GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0); with
+    ``allocation`` (a ``policy.BitAllocation``) a weight gets per-channel level counts and clipping instead."""
+    if allocation is not None and w.dim() > 1:
+        delta, offset, levels = allocated_weight_grid(w, bits, allocation, regular)
+        return gemmlowp_quantize_per_channel(w, delta, offset, bits, dim=0, preserve_zero=preserve_zero,
+                                             pow2_scale=pow2_scale, levels=levels)
     if per_channel and w.dim() > 1:
         flat = w.reshape(w.shape[0], -1)
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
@@ -90,6 +122,7 @@ class WeightQuantizer:
         pow2_scale: bool = False,
         corrections: Sequence[WeightCorrection] = (),
         layer_bits: dict[str, int | None] | None = None,
+        allocation=None,
     ) -> None:
         for b in (bits, bias_bits, *(layer_bits or {}).values()):
             if b is not None:
@@ -99,6 +132,7 @@ class WeightQuantizer:
         self.per_channel, self.preserve_zero, self.pow2_scale = per_channel, preserve_zero, pow2_scale
         self.corrections = list(corrections)
         self.layer_bits = dict(layer_bits or {})
+        self.allocation = allocation  # policy.BitAllocation over each weight's output channels (-baw), or None
         self._originals: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -117,16 +151,17 @@ class WeightQuantizer:
         with torch.no_grad():
             for layer in self.layers:
                 weight, bias = layer.module.weight, getattr(layer.module, "bias", None)
-                for param, bits, per_channel, corrections in (
-                    (weight, self.weight_bits(layer), self.per_channel, self.corrections),
-                    (bias, self.bias_bits, False, ()),
+                regular = self.weight_bits(layer) == self.bits  # edge layers are allocated at their own width
+                for param, bits, per_channel, corrections, allocation in (
+                    (weight, self.weight_bits(layer), self.per_channel, self.corrections, self.allocation),
+                    (bias, self.bias_bits, False, (), None),
                 ):
                     if param is None or bits is None:
                         continue
                     original = param.detach().clone()
                     self._originals.append((param, original))
                     quantized = quantize_parameter(
-                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale
+                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale, allocation, regular
                     )
                     for correct in corrections:
                         quantized = correct(layer, original, quantized)

@@ -62,7 +62,8 @@ class CudaEmulator:
         i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
         lib.emulate_per_tensor.argtypes = [_FLOAT_P, _FLOAT_P, i64, f32, f32, f32, f32, i32, i64]
         lib.emulate_per_tensor.restype = i32
-        lib.emulate_per_channel.argtypes = [_FLOAT_P, _FLOAT_P, i64, i64, i64, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, i32,
+        lib.emulate_per_channel.argtypes = [_FLOAT_P, _FLOAT_P, i64, i64, i64, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P,
+                                            i32,
                                             i64, i32]
         lib.emulate_per_channel.restype = i32
         lib.emulate_per_sample_stats.argtypes = [_FLOAT_P, i64, i64, _DOUBLE_P, i32, i64]
