@@ -1,4 +1,5 @@
 """Per-channel activation grids (-pcq_a) and bit allocation (-baa / -baw): the law, the plans, the hooks, the CLI."""
+# ruff: noqa: F811  (the synthetic-ImageFolder fixtures are imported from test_cli and named as test arguments)
 
 from __future__ import annotations
 
