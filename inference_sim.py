@@ -220,6 +220,8 @@ def config_from_args(args: argparse.Namespace):
     if args.per_channel_activations and args.stats_mode == "no":
         raise ValueError("-pcq_a takes per-channel grids from statistics: collect them with -sm collect -pcq_a, then "
                          "run -sm use -pcq_a")
+    if args.bit_alloc_weight and args.qweight is not AUTO and args.qweight is None:
+        raise ValueError("-baw allocates the levels of quantized weights: not with -qw f32")
     if args.bit_alloc_target_act is not None and not args.bit_alloc_act:
         raise ValueError("-bata is the target of -baa: give -baa too")
     if args.bit_alloc_target_weight is not None and not args.bit_alloc_weight:
