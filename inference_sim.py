@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pytorch_quantizer import distributed
-from pytorch_quantizer.clipping import MAX_BITS, MIN_BITS, SIGMA_ESTIMATORS
+from pytorch_quantizer.clipping import ALLOCATION_MODES, MAX_BITS, MIN_BITS, PRIORS, SIGMA_ESTIMATORS
 from pytorch_quantizer.layers import ACT_POINTS
 from pytorch_quantizer.methods import get_method, method_names
 
@@ -83,6 +83,18 @@ def non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def alloc_bits(text: str) -> float:
+    """A bit-allocation target: average bits a channel, 1..16 (2 to 65536 levels on average)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits, got {text!r}") from None
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"a bit-allocation target must be {MIN_BITS}..{MAX_BITS} bits on average "
+                                         f"(each channel needs at least 2 levels), got {text}")
     return value
 
 
@@ -154,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize (and, with -sm collect, observe) each conv/linear's output, as the seed does, or its "
                         "input, what an integer GEMM reads; inputs never below 0 get one-sided grids, the image stays "
                         "float (default: %(default)s)")
+    p.add_argument("-pcq_a", "--per_channel_activations", action="store_true",
+                   help="one activation grid per channel (dim 1 of the quantized tensor); with -sm collect, collect "
+                        "per-channel moments beside the per-tensor ones")
+    p.add_argument("-baa", "--bit_alloc_act", action="store_true",
+                   help="bit allocation over each activation's channels: levels proportional to scale^(2/3) under "
+                        "the quota of 2^M levels a channel (needs -pcq_a)")
+    p.add_argument("-baw", "--bit_alloc_weight", action="store_true",
+                   help="bit allocation over each weight's output channels, clipped at the optimum for their levels")
+    p.add_argument("-bata", "--bit_alloc_target_act", type=alloc_bits, default=None, metavar="BITS",
+                   help="average bits of the allocated activations of regular layers (default: each layer's width)")
+    p.add_argument("-batw", "--bit_alloc_target_weight", type=alloc_bits, default=None, metavar="BITS",
+                   help="average bits of the allocated weights of regular layers (default: each layer's width)")
+    p.add_argument("-bam", "--bit_alloc_mode", choices=ALLOCATION_MODES, default="round",
+                   help="level counts rounded keeping the quota exactly (round), or each rounded up as the follow-up "
+                        "does, exceeding it by under one level a channel (ceil) (default: %(default)s)")
+    p.add_argument("-bap", "--bit_alloc_prior", choices=PRIORS, default=None,
+                   help="prior whose scale and optimal alpha bit allocation uses (default: -th's, laplace or gaus)")
     p.add_argument("--sigma", choices=SIGMA_ESTIMATORS, default="range",
                    help="Gaussian sigma estimate: from the range (the seed's) or the sample std (default: range)")
     p.add_argument("--no_fold_bn", action="store_true", help="keep BatchNorm layers instead of folding them")
@@ -212,6 +241,18 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("-ep and -ct are two different sweeps: run them one at a time")
     if args.custom_test and args.qtype is None:
         raise ValueError("-ct keeps layers at 8 bits among the others at --qtype: give it, e.g. --qtype int4")
+    if args.bit_alloc_act and not args.per_channel_activations:
+        raise ValueError("-baa shares levels among the channels of an activation: it needs -pcq_a (and statistics "
+                         "collected with -sm collect -pcq_a)")
+    if args.per_channel_activations and args.stats_mode == "no":
+        raise ValueError("-pcq_a takes per-channel grids from statistics: collect them with -sm collect -pcq_a, then "
+                         "run -sm use -pcq_a")
+    if args.bit_alloc_weight and args.qweight is not AUTO and args.qweight is None:
+        raise ValueError("-baw allocates the levels of quantized weights: not with -qw f32")
+    if args.bit_alloc_target_act is not None and not args.bit_alloc_act:
+        raise ValueError("-bata is the target of -baa: give -baa too")
+    if args.bit_alloc_target_weight is not None and not args.bit_alloc_weight:
+        raise ValueError("-batw is the target of -baw: give -baw too")
     sweeps = args.eval_precision or args.custom_test
     if (args.ep_qtypes or args.ep_qweights) and not args.eval_precision:
         raise ValueError("-ep_a and -ep_w choose the widths of the -ep sweep: give -ep too")
@@ -241,7 +282,11 @@ def config_from_args(args: argparse.Namespace):
         hw_scale=args.hw_scale, per_channel_weights=args.per_channel_weights, weight_threshold=args.weight_threshold,
         bias_correction=args.bias_correction, variance_correction=args.variance_correction, half_range=args.half_range,
         act_bias_correction=args.act_bias_correction, bca_rounds=args.bca_rounds,
-        act_point=args.act_point, sigma_estimator=args.sigma, edge_weight_bits=args.edge_weights,
+        act_point=args.act_point, per_channel_activations=args.per_channel_activations,
+        alloc_activations=args.bit_alloc_act, alloc_weights=args.bit_alloc_weight,
+        alloc_act_bits=args.bit_alloc_target_act, alloc_weight_bits=args.bit_alloc_target_weight,
+        alloc_mode=args.bit_alloc_mode, alloc_prior=args.bit_alloc_prior, sigma_estimator=args.sigma,
+        edge_weight_bits=args.edge_weights,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
         **({"sweep_bits": args.ep_qtypes} if args.ep_qtypes else {}),
         sweep_weight_bits=args.ep_qweights or (),

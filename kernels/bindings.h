@@ -20,7 +20,8 @@ void bind_kernels(py::module_& m, const std::string& device, Quantize quantize_,
         ("In-place per-tensor GEMMLOWP fake quantization (float32, " + device + ")").c_str(), py::arg("x"),
         py::arg("noise"), py::arg("scale"), py::arg("inv_scale"), py::arg("offset"), py::arg("qmax"));
   m.def("quantize_per_channel_", quantize_per_channel_,
-        "In-place per-channel GEMMLOWP fake quantization along `dim`; channels with scale 0 pass through",
+        "In-place per-channel GEMMLOWP fake quantization along `dim`, one qmax per channel (float32); channels "
+        "with scale 0 pass through",
         py::arg("x"), py::arg("noise"), py::arg("scale"), py::arg("inv_scale"), py::arg("offset"), py::arg("dim"),
         py::arg("qmax"));
   m.def("per_sample_stats", per_sample_stats,

@@ -65,10 +65,10 @@ void quantize_run(float* __restrict x, const float* __restrict noise, int64_t n,
 template <bool kNoise>
 void quantize_channels(float* __restrict x, const float* __restrict noise, int64_t channels,
                        const float* __restrict scale, const float* __restrict inv_scale,
-                       const float* __restrict offset, float qmax) {
+                       const float* __restrict offset, const float* __restrict qmax) {
   for (int64_t c = 0; c < channels; ++c) {
     const float xc = x[c], s = scale[c];
-    const float y = fake_quant(xc, kNoise ? noise[c] : 0.0f, kNoise, s, inv_scale[c], offset[c], qmax);
+    const float y = fake_quant(xc, kNoise ? noise[c] : 0.0f, kNoise, s, inv_scale[c], offset[c], qmax[c]);
     x[c] = s == 0.0f ? xc : y;
   }
 }
@@ -104,7 +104,7 @@ void per_tensor(float* x, const float* noise, int64_t n, float scale, float inv_
 
 template <bool kNoise>
 void per_channel(float* x, const float* noise, int64_t outer, int64_t channels, int64_t inner, const float* scale,
-                 const float* inv_scale, const float* offset, float qmax) {
+                 const float* inv_scale, const float* offset, const float* qmax) {
   if (inner == 1) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1));
     at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
@@ -125,7 +125,7 @@ void per_channel(float* x, const float* noise, int64_t outer, int64_t channels, 
       if (scale[c] == 0.0f) continue;  // pass-through channel
       const int64_t base = r * inner;
       quantize_run<kNoise>(x + base, kNoise ? noise + base : nullptr, inner, scale[c], inv_scale[c], offset[c],
-                           qmax);
+                           qmax[c]);
     }
   });
 }
@@ -150,7 +150,8 @@ at::Tensor quantize_(at::Tensor x, const std::optional<at::Tensor>& noise, doubl
 }
 
 at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& noise, const at::Tensor& scale,
-                                 const at::Tensor& inv_scale, const at::Tensor& offset, int64_t dim, double qmax) {
+                                 const at::Tensor& inv_scale, const at::Tensor& offset, int64_t dim,
+                                 const at::Tensor& qmax) {
   check_tensor(x, "x");
   check_noise(x, noise);
   dim = channel_dim(kPrefix, x, dim);
@@ -158,15 +159,17 @@ at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& 
   check_param(scale, "scale", channels, dim);
   check_param(inv_scale, "inv_scale", channels, dim);
   check_param(offset, "offset", channels, dim);
+  check_param(qmax, "qmax", channels, dim);
   mark_modified(x);
   if (x.numel() == 0) return x;
   Work w = prepare(x, noise, dim);
   const at::Tensor s = scale.contiguous(), inv = inv_scale.contiguous(), off = offset.contiguous();
+  const at::Tensor qmc = qmax.contiguous();
   int64_t outer = 1, inner = 1;
   for (int64_t d = 0; d < w.dim; ++d) outer *= w.x.size(d);
   for (int64_t d = w.dim + 1; d < w.x.dim(); ++d) inner *= w.x.size(d);
   float* data = w.x.data_ptr<float>();
-  const auto qm = static_cast<float>(qmax);
+  const float* qm = qmc.data_ptr<float>();
   if (w.noise.defined()) {
     per_channel<true>(data, w.noise.data_ptr<float>(), outer, channels, inner, s.data_ptr<float>(),
                       inv.data_ptr<float>(), off.data_ptr<float>(), qm);

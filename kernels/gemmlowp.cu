@@ -44,7 +44,7 @@ template <bool kNoise, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     per_channel_kernel(float* __restrict__ x, const float* __restrict__ noise, index_t n, index_t channels,
                        index_t inner, const float* __restrict__ scale, const float* __restrict__ inv_scale,
-                       const float* __restrict__ offset, float qmax) {
+                       const float* __restrict__ offset, const float* __restrict__ qmax) {
   per_channel_thread<kNoise, index_t>(this_thread(), x, noise, n, channels, inner, scale, inv_scale, offset, qmax);
 }
 
@@ -103,7 +103,7 @@ void gemmlowp_cuda_per_tensor(float* x, const float* noise, int64_t n, float sca
 }
 
 void gemmlowp_cuda_per_channel(float* x, const float* noise, int64_t n, int64_t channels, int64_t inner,
-                               const float* scale, const float* inv_scale, const float* offset, float qmax,
+                               const float* scale, const float* inv_scale, const float* offset, const float* qmax,
                                int device) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const int64_t grid = strided_grid(n, multiprocessors(device));

@@ -152,19 +152,20 @@ ACIQ_DEVICE void per_tensor_scalar_thread(Thread t, float* __restrict__ x, const
 inline bool fits_uint32(int64_t n, int64_t grid) { return n + grid * kThreads < (int64_t{1} << 32); }
 
 // Per channel over a contiguous (outer, channels, inner) layout, index_t = uint32_t when fits_uint32 (cheaper
-// division).  Channels with scale == 0 are left as they are.
+// division).  Channels with scale == 0 are left as they are; each channel has its own qmax (bit allocation gives
+// channels different level counts).
 template <bool kNoise, typename index_t>
 ACIQ_DEVICE void per_channel_thread(Thread t, float* __restrict__ x, const float* __restrict__ noise, index_t n,
                                     index_t channels, index_t inner, const float* __restrict__ scale,
                                     const float* __restrict__ inv_scale, const float* __restrict__ offset,
-                                    float qmax) {
+                                    const float* __restrict__ qmax) {
   const index_t stride = static_cast<index_t>(t.grid) * kThreads;
   for (index_t i = static_cast<index_t>(t.block) * kThreads + t.thread; i < n; i += stride) {
     const index_t c = (i / inner) % channels;
     const float s = ACIQ_LDG(scale + c);
     if (s == 0.0f) continue;
     x[i] = fake_quant(x[i], kNoise ? noise[i] : 0.0f, kNoise, s, ACIQ_LDG(inv_scale + c), ACIQ_LDG(offset + c),
-                      qmax);
+                      ACIQ_LDG(qmax + c));
   }
 }
 

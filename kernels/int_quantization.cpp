@@ -19,7 +19,7 @@
 void gemmlowp_cuda_per_tensor(float* x, const float* noise, int64_t n, float scale, float inv_scale, float offset,
                               float qmax, int device);
 void gemmlowp_cuda_per_channel(float* x, const float* noise, int64_t n, int64_t channels, int64_t inner,
-                               const float* scale, const float* inv_scale, const float* offset, float qmax,
+                               const float* scale, const float* inv_scale, const float* offset, const float* qmax,
                                int device);
 
 int64_t gemmlowp_cuda_stats_workspace_bytes(int64_t rows, int64_t m);
@@ -70,7 +70,8 @@ at::Tensor quantize_(at::Tensor x, const std::optional<at::Tensor>& noise, doubl
 }
 
 at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& noise, const at::Tensor& scale,
-                                 const at::Tensor& inv_scale, const at::Tensor& offset, int64_t dim, double qmax) {
+                                 const at::Tensor& inv_scale, const at::Tensor& offset, int64_t dim,
+                                 const at::Tensor& qmax) {
   check_tensor(x, x, "x");
   check_noise(x, noise);
   dim = channel_dim(kPrefix, x, dim);
@@ -78,16 +79,18 @@ at::Tensor quantize_per_channel_(at::Tensor x, const std::optional<at::Tensor>& 
   check_param(scale, x, "scale", channels, dim);
   check_param(inv_scale, x, "inv_scale", channels, dim);
   check_param(offset, x, "offset", channels, dim);
+  check_param(qmax, x, "qmax", channels, dim);
   mark_modified(x);
   if (x.numel() == 0) return x;
   const c10::cuda::CUDAGuard guard(x.device());
   Work w = prepare(x, noise, dim);
   const at::Tensor s = scale.contiguous(), inv = inv_scale.contiguous(), off = offset.contiguous();
+  const at::Tensor qm = qmax.contiguous();
   int64_t inner = 1;
   for (int64_t d = w.dim + 1; d < w.x.dim(); ++d) inner *= w.x.size(d);
   gemmlowp_cuda_per_channel(w.x.data_ptr<float>(), w.noise.defined() ? w.noise.data_ptr<float>() : nullptr,
                             w.x.numel(), channels, inner, s.data_ptr<float>(), inv.data_ptr<float>(),
-                            off.data_ptr<float>(), static_cast<float>(qmax), x.get_device());
+                            off.data_ptr<float>(), qm.data_ptr<float>(), x.get_device());
   if (w.copied) x.copy_(w.x);
   return x;
 }

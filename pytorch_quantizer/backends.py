@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
@@ -59,13 +60,21 @@ class TorchBackend:
         from .grid import QParams, reference_quantize_
 
         scale = _broadcast(qp.scale, x, dim)
-        shaped = QParams(scale, _broadcast(qp.inv_scale, x, dim), _broadcast(qp.offset, x, dim), qp.qmax)
+        shaped = QParams(scale, _broadcast(qp.inv_scale, x, dim), _broadcast(qp.offset, x, dim),
+                         _broadcast(_channel_qmax(qp, x.shape[dim]), x, dim))
         passthrough = scale == 0
         if not passthrough.any():
             return reference_quantize_(x, shaped, noise)
         original = x.clone()
         reference_quantize_(x, shaped, noise)
         return x.copy_(torch.where(passthrough, original, x))
+
+
+def _channel_qmax(qp, channels: int) -> torch.Tensor:
+    """The per-channel qmax as a float32 tensor (a scalar qmax, one level count for all, is expanded)."""
+    if isinstance(qp.qmax, torch.Tensor):
+        return qp.qmax.float()
+    return torch.full((channels,), float(qp.qmax), dtype=torch.float32, device=qp.scale.device)
 
 
 def _expand_noise(noise: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -105,7 +114,8 @@ class _KernelBackend:
         if _needs_reference(x, noise):
             return TorchBackend().quantize_per_channel_(x, qp, dim, noise)
         noise = _expand_noise(noise, x)
-        return self.module.quantize_per_channel_(x, noise, qp.scale, qp.inv_scale, qp.offset, dim, qp.qmax)
+        qmax = _channel_qmax(qp, x.shape[dim]).to(x.device)
+        return self.module.quantize_per_channel_(x, noise, qp.scale, qp.inv_scale, qp.offset, dim, qmax)
 
 
 class CpuKernelBackend(_KernelBackend):
@@ -144,7 +154,11 @@ def kernel_module(name: str) -> ModuleType | None:
 def _load(name: str) -> ModuleType | None:
     reasons = []
     try:
-        return importlib.import_module(KERNEL_MODULES[name])
+        module = importlib.import_module(KERNEL_MODULES[name])
+        # an editable install's finder can hand out another checkout's build: only this package's own counts
+        if Path(module.__file__).resolve().parent == Path(__file__).resolve().parent:
+            return module
+        reasons.append(f"the in-place build at {module.__file__} belongs to another checkout")
     except (ImportError, OSError) as exc:
         if not (isinstance(exc, ModuleNotFoundError) and exc.name == KERNEL_MODULES[name]):  # one that does not load
             reasons.append(f"the in-place build does not load: {type(exc).__name__}: {exc}")

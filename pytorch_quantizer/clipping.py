@@ -365,3 +365,76 @@ def aciq_range(vmin: float, vmax: float, mean: float, alpha: float) -> tuple[flo
     if alpha <= 0.0 or alpha >= (vmax - vmin) / 2.0:
         return vmax - vmin, vmin
     return 2.0 * alpha, max(vmin, mean - alpha)
+
+
+# -- bit allocation (the follow-up's section 4) ----------------------------------------------------------------
+ALLOCATION_MODES = ("round", "ceil")
+MAX_CHANNEL_LEVELS = 2**22  # grid.MAX_CHANNEL_LEVELS: what the kernels round exactly
+
+
+def allocation_quota(channels: int, target_bits: float) -> int:
+    """The level quota of ``channels`` channels at ``target_bits`` on average: round(C * 2**target_bits).
+
+    Targets below 1 bit (fewer than 2 levels a channel) or above 16 bits cannot be met: ValueError."""
+    if not (isinstance(target_bits, int | float) and MIN_BITS <= target_bits <= MAX_BITS):
+        raise ValueError(f"bit-allocation target must be {MIN_BITS}..{MAX_BITS} bits on average, got {target_bits!r}")
+    return round(channels * 2.0**target_bits)
+
+
+def allocate_levels(scales, quota: int, mode: str = "round", min_levels: int = 2,
+                    max_levels: int = MAX_CHANNEL_LEVELS) -> list[int]:
+    """Levels per channel minimising the total predicted rounding MSE under a level quota (the follow-up's 2/3 law).
+
+    Derivation.  Channel i is clipped at alpha_i and rounded onto L_i levels; its rounding noise is
+    (2 alpha_i / L_i)^2 / 12 = alpha_i^2 / (3 L_i^2) per element (the paper's alpha^2 / (3 * 4^M) with L = 2^M).
+    With the ACIQ alpha proportional to the channel's scale s_i (alpha_i = a * s_i, a fixed by the prior), minimise
+
+        sum_i alpha_i^2 / L_i^2    subject to    sum_i L_i = Q        (Q = C * 2^M: the nominal 2^M levels a channel).
+
+    Lagrange: d/dL_i [alpha_i^2 / L_i^2 + lambda L_i] = -2 alpha_i^2 / L_i^3 + lambda = 0, so L_i^3 is proportional to
+    alpha_i^2: L_i = Q s_i^(2/3) / sum_j s_j^(2/3).  (The objective is convex in L > 0, so this is the minimum.)
+    Channels whose share falls below ``min_levels`` (2: a grid needs two ends) or above ``max_levels`` are fixed at
+    that bound and the rest of the quota is shared again by the same law among the others (the KKT conditions of
+    the bounded problem), until no share leaves the bounds.
+
+    Rounding to whole level counts: ``round`` keeps the quota exactly — each channel gets floor(L_i) and the
+    remaining levels go one each to the largest fractional parts (largest-remainder; ties to the lower index);
+    ``ceil`` gives every channel ceil(L_i), as the follow-up's code does, so the total exceeds the quota by fewer
+    than C levels (never by more than one level a channel).  Level counts need not be powers of two.
+    """
+    if mode not in ALLOCATION_MODES:
+        raise ValueError(f"unknown allocation rounding {mode!r}: expected one of {', '.join(ALLOCATION_MODES)}")
+    weights = [max(float(s), 0.0) ** (2.0 / 3.0) for s in scales]
+    channels = len(weights)
+    if channels == 0:
+        return []
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError("channel scales must be finite")
+    if not channels * min_levels <= quota <= channels * max_levels:
+        raise ValueError(f"a quota of {quota} levels cannot give {channels} channels {min_levels}..{max_levels} each")
+    fixed: dict[int, float] = {}
+    while True:
+        free = [i for i in range(channels) if i not in fixed]
+        left = quota - sum(fixed.values())
+        total = sum(weights[i] for i in free)
+        share = {i: left * weights[i] / total if total > 0 else left / len(free) for i in free}
+        low = {i: float(min_levels) for i, v in share.items() if v < min_levels}
+        high = {i: float(max_levels) for i, v in share.items() if v > max_levels}
+        if not low and not high:
+            break
+        fixed.update(low if low else high)  # fix the lower bounds first: that frees quota for the others
+    levels = [fixed.get(i, share.get(i, 0.0)) for i in range(channels)]
+    if mode == "ceil":
+        return [min(max(math.ceil(v - 1e-9), min_levels), max_levels) for v in levels]
+    whole = [min(max(math.floor(v + 1e-9), min_levels), max_levels) for v in levels]
+    extra = quota - sum(whole)
+    order = sorted(range(channels), key=lambda i: (-(levels[i] - whole[i]), i))
+    for i in order[:max(extra, 0)]:
+        whole[i] += 1
+    return whole
+
+
+def allocated_alpha(prior: str, scale: float, levels: float) -> float:
+    """The clipping value of a channel of scale ``scale`` (b or sigma) given ``levels`` levels by bit allocation:
+    the paper's optimum for that (real) number of bins, ``optimal_alpha_for_bins(prior, levels) * scale``."""
+    return optimal_alpha_for_bins(check_prior(prior), float(levels)) * scale if scale > 0 else 0.0

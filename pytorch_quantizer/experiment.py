@@ -22,6 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from .atomic import write_csv_atomic
 from .bias_correction import ChannelMeans, ShiftRecorder, bias_shifts, check_biases
+from .clipping import PRIORS
 from .compiled import compile_model
 from .data import CachedDataset, DataError, imagenet_val_dataset, make_loader, relative_paths, wnid_folder_dataset
 from .distributed import DEFAULT_TIMEOUT_MINUTES, DistContext
@@ -29,9 +30,10 @@ from .dumps import write_dump
 from .graph import relu_fed_layers
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
-from .policy import mse_order, plan_table
+from .observers import PER_CHANNEL
+from .policy import BitAllocation, channel_plan_table, mse_order, plan_table
 from .quantizer import ActivationQuantizer, QuantConfig
-from .stats import Statistics, StatisticsCollector, folder_fingerprint, load_statistics
+from .stats import Statistics, StatisticsCollector, StatisticsError, folder_fingerprint, load_statistics
 from .weights import weight_corrections
 
 log = logging.getLogger("pytorch_quantizer")
@@ -77,6 +79,13 @@ class RunConfig:
     bca_rounds: int = 2  # measuring passes of -bca over the calibration images (bias_correction.py)
     half_range: bool = False  # one-sided grids for ReLU-fed outputs (the follow-up's -hr)
     act_point: str = "output"  # quantize each conv/linear's output (the seed) or its input
+    per_channel_activations: bool = False  # -pcq_a: collect per-channel moments too / use per-channel grids
+    alloc_activations: bool = False  # -baa: bit allocation over each activation's channels (needs -pcq_a)
+    alloc_weights: bool = False  # -baw: bit allocation over each weight's output channels
+    alloc_act_bits: float | None = None  # -bata: average bits of the allocated activations (None: the layer's)
+    alloc_weight_bits: float | None = None  # -batw: average bits of the allocated weights (None: the layer's)
+    alloc_mode: str = "round"  # -bam: round (quota kept exactly) or ceil (the follow-up's, may exceed it)
+    alloc_prior: str | None = None  # -bap: laplace or gaus (None: the -th method's prior)
     sigma_estimator: str = "range"
     fold_bn: bool = True
     eval_precision: bool = False
@@ -111,6 +120,14 @@ class RunConfig:
         """Use mode reads saved statistics only for passes that quantize activations."""
         return self.stats_mode == "use" and (self.bits is not None or self.eval_precision or self.custom_test)
 
+    def allocation(self, target_bits: float | None) -> BitAllocation:
+        """-baa / -baw settings: the prior from -bap, else from -th (laplace or gaus)."""
+        prior = self.alloc_prior or (self.threshold if self.threshold in PRIORS else None)
+        if prior is None:
+            raise ValueError(f"bit allocation needs a prior for the channels' scales: give -bap laplace|gaus (-th "
+                             f"{self.threshold} is not one)")
+        return BitAllocation(prior, target_bits, self.alloc_mode, self.sigma_estimator)
+
     def quant_config(self, bits: int | None = None, keep_8bit: Iterable[str] = (),
                      weight_bits: int | None | str = "run") -> QuantConfig:
         """The quantizer's settings; ``bits`` / ``weight_bits`` override the run's widths for one pass of a sweep
@@ -131,6 +148,9 @@ class RunConfig:
             sigma_estimator=self.sigma_estimator,
             half_range=self.half_range,
             act_point=self.act_point,
+            per_channel_activations=self.per_channel_activations,
+            act_allocation=self.allocation(self.alloc_act_bits) if self.alloc_activations else None,
+            weight_allocation=self.allocation(self.alloc_weight_bits) if self.alloc_weights else None,
             keep_8bit=frozenset(keep_8bit),
             seed=self.seed,
         )
@@ -191,6 +211,11 @@ class Experiment:
         self.layers = activation_layers(self.model)
         self.calibration = self._calibration_indices()
         self.stats = self._load_statistics()
+        if cfg.stats_mode != "collect":
+            cfg.quant_config()  # bad allocation settings are refused before any pass runs
+        if cfg.per_channel_activations and self.stats is not None and not self.stats.has_channel_moments:
+            raise StatisticsError(f"-pcq_a needs per-channel statistics, but {self.stats.folder} holds per-tensor ones "
+                                  "only; collect them with -sm collect -pcq_a")
         self.stats_fingerprint = folder_fingerprint(self.stats.folder) if self.stats is not None else ""
         self.evaluation = self._evaluation_indices() if cfg.stats_mode != "collect" else []
         self._correction: DataLoader | None = None
@@ -339,7 +364,9 @@ class Experiment:
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
         log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
                  self.cal_dataset.root)
-        with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point) as collector:
+        observers = ("moments", ("moments", PER_CHANNEL)) if self.cfg.per_channel_activations else ("moments",)
+        with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point,
+                                 observers=observers) as collector:
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
         if self.dist.active:  # every rank's per-sample rows to rank 0, in rank (= sample) order
             with self.dist.together():
@@ -602,6 +629,10 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
         if dist.is_main:  # the same plan on every rank
             write_csv_atomic(plan_table(quantizer.plan), plan_path, index=True)
             log.info("per-layer plan written to %s", plan_path)
+            if any(p.channels for p in quantizer.plan):
+                channel_path = plan_path.with_name(f"{plan_path.stem}_channels.csv")
+                write_csv_atomic(channel_plan_table(quantizer.plan), channel_path)
+                log.info("per-channel plan written to %s", channel_path)
     record(acc, seconds, _qtype(cfg.bits), cfg.bits, cfg.weight_bits, file=plan_path)
     _say(dist, final_line(acc))
     return rows

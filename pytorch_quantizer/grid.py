@@ -28,12 +28,13 @@ from .clipping import check_bits
 
 @dataclass(frozen=True)
 class QParams:
-    """Float32 grid parameters for one tensor (floats) or one per channel (1-D float32 tensors)."""
+    """Float32 grid parameters for one tensor (floats) or one per channel (1-D float32 tensors, ``qmax`` too: bit
+    allocation gives each channel its own number of levels, ``qmax + 1``)."""
 
     scale: float | torch.Tensor
     inv_scale: float | torch.Tensor
     offset: float | torch.Tensor
-    qmax: float
+    qmax: float | torch.Tensor
 
 
 def _as_float(value: float | torch.Tensor, what: str) -> float:
@@ -48,10 +49,9 @@ def _as_float(value: float | torch.Tensor, what: str) -> float:
 
 
 def _grid(
-    delta: torch.Tensor, offset: torch.Tensor, bits: int, preserve_zero: bool, pow2_scale: bool
+    delta: torch.Tensor, offset: torch.Tensor, qmax: float | torch.Tensor, preserve_zero: bool, pow2_scale: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale, inv_scale, offset) as float32 tensors from float64 delta/offset; delta must be > 0."""
-    qmax = float(2**bits - 1)
+    """(scale, inv_scale, offset) as float32 tensors from float64 delta/offset over ``qmax`` steps; delta > 0."""
     scale = delta / qmax
     if pow2_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
@@ -78,14 +78,31 @@ def gemmlowp_qparams(
     if delta <= 0.0:
         return None
     delta64, offset64 = torch.tensor(delta, dtype=torch.float64), torch.tensor(offset, dtype=torch.float64)
-    scale, inv_scale, off = _grid(delta64, offset64, bits, preserve_zero, pow2_scale)
+    scale, inv_scale, off = _grid(delta64, offset64, float(2**bits - 1), preserve_zero, pow2_scale)
     return QParams(scale.item(), inv_scale.item(), off.item(), float(2**bits - 1))
 
 
+MAX_CHANNEL_LEVELS = 2**22  # the CPU kernel's round-half-even trick is exact for 0 <= v < 2**22
+
+
+def check_levels(levels: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per-channel level counts as float64: whole numbers in 2..2**22, one per channel."""
+    levels = torch.as_tensor(levels, dtype=torch.float64).flatten().cpu()
+    if levels.numel() != channels:
+        raise ValueError(f"{levels.numel()} level counts for {channels} channels")
+    if not bool(((levels == levels.round()) & (levels >= 2) & (levels <= MAX_CHANNEL_LEVELS)).all()):
+        raise ValueError(f"per-channel level counts must be whole numbers in 2..{MAX_CHANNEL_LEVELS}")
+    return levels
+
+
 def gemmlowp_qparams_per_channel(
-    delta: torch.Tensor, offset: torch.Tensor, bits: int, preserve_zero: bool = True, pow2_scale: bool = False
+    delta: torch.Tensor, offset: torch.Tensor, bits: int, preserve_zero: bool = True, pow2_scale: bool = False,
+    levels: torch.Tensor | None = None,
 ) -> QParams:
-    """Per-channel grid parameters.  Channels with ``delta <= 0`` get scale 0: they pass through unchanged."""
+    """Per-channel grid parameters.  Channels with ``delta <= 0`` get scale 0: they pass through unchanged.
+
+    ``levels`` (bit allocation) gives each channel its own number of levels instead of ``2**bits``: channel c then
+    has ``qmax_c = levels_c - 1`` steps of ``delta_c / qmax_c``; ``qmax`` is a float32 tensor either way."""
     bits = check_bits(bits)
     delta = torch.as_tensor(delta, dtype=torch.float64).flatten().cpu()
     offset = torch.as_tensor(offset, dtype=torch.float64).flatten().cpu()
@@ -93,10 +110,11 @@ def gemmlowp_qparams_per_channel(
         raise ValueError(f"delta and offset must have one value per channel, got {delta.numel()} and {offset.numel()}")
     if not (torch.isfinite(delta).all() and torch.isfinite(offset).all()):
         raise ValueError("per-channel delta and offset must be finite")
+    qmax = torch.full_like(delta, float(2**bits - 1)) if levels is None else check_levels(levels, delta.numel()) - 1
     live = delta > 0
-    scale, inv_scale, off = _grid(torch.where(live, delta, 1.0), offset, bits, preserve_zero, pow2_scale)
+    scale, inv_scale, off = _grid(torch.where(live, delta, 1.0), offset, qmax, preserve_zero, pow2_scale)
     zero = torch.zeros_like(scale)
-    return QParams(torch.where(live, scale, zero), torch.where(live, inv_scale, zero), off, float(2**bits - 1))
+    return QParams(torch.where(live, scale, zero), torch.where(live, inv_scale, zero), off, qmax.float())
 
 
 def uniform_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -106,9 +124,12 @@ def uniform_noise(like: torch.Tensor, generator: torch.Generator | None = None) 
 
 def reference_quantize_(x: torch.Tensor, qp: QParams, noise: torch.Tensor | None = None) -> torch.Tensor:
     """The definition in plain PyTorch, in place on a float32 tensor (per tensor, or per channel when the
-    qparams are tensors already shaped to broadcast against ``x``)."""
+    qparams, ``qmax`` included, are tensors already shaped to broadcast against ``x``)."""
     x.sub_(qp.offset).mul_(qp.inv_scale)
     if noise is not None:
         x.add_(noise)
-    x.clamp_(0.0, qp.qmax).round_()
+    if isinstance(qp.qmax, torch.Tensor):
+        x.clamp_(min=0.0).clamp_(max=qp.qmax).round_()  # clamp takes a tensor bound only with a tensor bound
+    else:
+        x.clamp_(0.0, qp.qmax).round_()
     return x.mul_(qp.scale).add_(qp.offset)

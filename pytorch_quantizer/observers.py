@@ -295,6 +295,14 @@ class Observation:
     extreme: tuple[float, float]
     channel_moments: tuple[TensorStats, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    channel_extremes: tuple[tuple[float, float], ...] | None = None  # per channel: min of minima, max of maxima
+
+    def channel(self, c: int) -> Observation:
+        """What a method sees of channel ``c`` alone (per-channel moments and extremes must have been collected)."""
+        if self.channel_moments is None or self.channel_extremes is None:
+            raise ObserverError("no per-channel moments were collected for this layer")
+        stats = self.channel_moments[c]
+        return Observation(stats.numel, stats, self.channel_extremes[c])
 
     @classmethod
     def of_tensor(cls, name: str, x: torch.Tensor, need_spread: bool = True) -> Observation:

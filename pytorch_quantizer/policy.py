@@ -9,17 +9,29 @@ placement) is another class with a ``specs`` method.
 
 from __future__ import annotations
 
+import statistics as pystats
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Protocol
 
 import pandas as pd
 
-from .clipping import check_bits
+from .clipping import (
+    ALLOCATION_MODES,
+    SIGMA_ESTIMATORS,
+    ClipDecision,
+    allocate_levels,
+    allocated_alpha,
+    allocation_quota,
+    check_bits,
+    check_prior,
+    clipping_noise,
+)
 from .layers import ActivationLayer
-from .methods import get_method
+from .methods import ClippingMethod, Grid, get_method
 from .observers import Observation
-from .stats import Statistics
+from .stats import Statistics, StatisticsError
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,61 @@ class SeedPolicy:
 
 
 @dataclass(frozen=True)
+class BitAllocation:
+    """The follow-up's bit allocation over the channels of a layer (``-baa`` / ``-baw``): ``prior`` (laplace or gaus)
+    gives each channel's scale and its alpha for the allocated level count; ``target_bits`` is the average width of
+    the regular layers (None: each layer's own width; first, kept and classifier layers always use theirs);
+    ``mode`` rounds the level counts (``clipping.allocate_levels``)."""
+
+    prior: str = "laplace"
+    target_bits: float | None = None
+    mode: str = "round"
+    sigma_estimator: str = "range"
+
+    def __post_init__(self) -> None:
+        check_prior(self.prior)
+        if self.mode not in ALLOCATION_MODES:
+            raise ValueError(f"unknown allocation rounding {self.mode!r}: expected "
+                             f"{' or '.join(ALLOCATION_MODES)}")
+        if self.sigma_estimator not in SIGMA_ESTIMATORS:
+            raise ValueError(f"unknown sigma estimator {self.sigma_estimator!r}")
+        if self.target_bits is not None:
+            allocation_quota(1, self.target_bits)  # the range check
+
+    def scale(self, stats) -> float:
+        """The channel's prior scale: Laplace b, or Gaussian sigma; alpha is proportional to it."""
+        return stats.b if self.prior == "laplace" else stats.sigma(self.sigma_estimator)
+
+    def levels(self, channel_stats, bits: int, regular: bool) -> list[int]:
+        """Level counts of the channels of one tensor, at ``target_bits`` on average for a regular layer, else at its
+        own ``bits``."""
+        target = self.target_bits if regular and self.target_bits is not None else bits
+        return allocate_levels([self.scale(c) for c in channel_stats],
+                               allocation_quota(len(channel_stats), target), self.mode)
+
+
+class AllocatedPrior(ClippingMethod):
+    """The analytical clip of one channel given ``levels`` levels at the layer's ``bits`` (bit allocation):
+    alpha = optimal_alpha_for_bins(prior, bins) * scale.  Asked at another width (``one_sided_grid`` asks at
+    bits + 1, the one-sided grid's equivalence with the two-sided one at twice the bins), bins double per bit."""
+
+    name = "allocated"
+
+    def __init__(self, allocation: BitAllocation, levels: int, bits: int) -> None:
+        super().__init__(allocation.sigma_estimator)
+        self.allocation, self.levels, self.bits = allocation, levels, bits
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        bins = self.levels * 2.0 ** (bits - self.bits)
+        scale = self.allocation.scale(obs.moments)
+        if scale <= 0.0:
+            return ClipDecision(self.allocation.prior, 0.0, 0.0)
+        alpha = allocated_alpha(self.allocation.prior, scale, bins)
+        predicted = clipping_noise(self.allocation.prior, alpha, scale) + alpha**2 / (3.0 * bins * bins)
+        return ClipDecision(self.allocation.prior, alpha, predicted)
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """The quantization decided for one layer's output (a row of the plan table)."""
 
@@ -115,12 +182,78 @@ class LayerPlan:
     predicted_mse: float
     one_sided: bool = False  # the grid starts at 0 (a ReLU-fed output)
     cap: float | None = None
+    # per channel (-pcq_a): one grid per channel; alpha, delta and offset above are then their medians
+    channel_method: tuple[str, ...] = ()
+    channel_alpha: tuple[float, ...] = ()
+    channel_delta: tuple[float, ...] = ()
+    channel_offset: tuple[float, ...] = ()
+    channel_levels: tuple[int, ...] = ()
+
+    @property
+    def channels(self) -> int:
+        """0 for a per-tensor grid, else the number of channels."""
+        return len(self.channel_delta)
+
+
+CHANNEL_FIELDS = ("channel_method", "channel_alpha", "channel_delta", "channel_offset", "channel_levels")
+
+
+def layer_channels(layer: ActivationLayer, point: str) -> int | None:
+    """Channels (dim 1) of the tensor quantized at ``point``: a conv's out/in channels, a linear's features."""
+    module = layer.module
+    attr = {("conv", "output"): "out_channels", ("conv", "input"): "in_channels",
+            ("linear", "output"): "out_features", ("linear", "input"): "in_features"}[(layer.kind, point)]
+    return getattr(module, attr, None)
+
+
+def _channel_plan(layer: ActivationLayer, spec: LayerSpec, obs: Observation, method: ClippingMethod,
+                  allocation: BitAllocation | None, statistics: Statistics) -> LayerPlan:
+    """One grid per channel of the quantized tensor: the layer's method (or, under bit allocation, the clip for the
+    channel's allocated level count) applied to that channel's moments; one-sidedness is decided for the layer."""
+    channels = layer_channels(layer, statistics.point)
+    if obs.channel_moments is None:
+        raise StatisticsError(f"the statistics in {statistics.folder} hold no per-channel moments; collect them with "
+                              "-sm collect -pcq_a")
+    if channels is not None and len(obs.channel_moments) != channels:
+        raise StatisticsError(f"the statistics in {statistics.folder} have {len(obs.channel_moments)} channels for "
+                              f"{layer.name}, whose {statistics.point} has {channels}; collect them again with "
+                              "-sm collect -pcq_a")
+    one_sided = spec.one_sided_for(obs)
+    count = len(obs.channel_moments)
+    if allocation is not None and spec.role != "classifier":
+        levels = allocation.levels(obs.channel_moments, spec.bits, spec.role == "")
+        grids = [AllocatedPrior(allocation, levels[c], spec.bits).grid(obs.channel(c), spec.bits, one_sided, spec.cap)
+                 for c in range(count)]
+    else:
+        levels = [2**spec.bits] * count
+        grids = [method.grid(obs.channel(c), spec.bits, one_sided, spec.cap) for c in range(count)]
+    return LayerPlan(
+        layer.name, layer.module_name, spec.role, spec.bits, Counter(g.method for g in grids).most_common(1)[0][0],
+        pystats.median(g.alpha for g in grids), pystats.median(g.delta for g in grids),
+        pystats.median(g.offset for g in grids), sum(g.predicted_mse for g in grids) / count, one_sided, spec.cap,
+        tuple(g.method for g in grids), tuple(g.alpha for g in grids), tuple(g.delta for g in grids),
+        tuple(g.offset for g in grids), tuple(levels))
+
+
+def _tensor_plan(layer: ActivationLayer, spec: LayerSpec, grid: Grid) -> LayerPlan:
+    return LayerPlan(layer.name, layer.module_name, spec.role, spec.bits, grid.method, grid.alpha, grid.delta,
+                     grid.offset, grid.predicted_mse, grid.one_sided, spec.cap)
 
 
 def plan_layers(
-    layers: list[ActivationLayer], statistics: Statistics, policy: LayerPolicy, sigma_estimator: str = "range"
+    layers: list[ActivationLayer], statistics: Statistics, policy: LayerPolicy, sigma_estimator: str = "range",
+    per_channel: bool = False, allocation: BitAllocation | None = None,
 ) -> list[LayerPlan]:
-    """Each layer's grid from the saved observations, its policy spec and its method (computed once)."""
+    """Each layer's grid from the saved observations, its policy spec and its method (computed once).
+
+    ``per_channel`` (-pcq_a) gives every quantized layer one grid per channel of its quantized tensor (dim 1, at
+    output or input placement alike), from the per-channel moments; ``allocation`` (-baa, needs ``per_channel``)
+    shares the levels among a layer's channels (the classifier keeps its never-clipped rule)."""
+    if allocation is not None and not per_channel:
+        raise ValueError("bit allocation of activations shares levels among channels: it needs -pcq_a")
+    if per_channel and not statistics.has_channel_moments:
+        raise StatisticsError(f"the statistics in {statistics.folder} hold no per-channel moments; collect them with "
+                              "-sm collect -pcq_a")
     statistics.check_layers(layers)
     specs = policy.specs(layers)
     methods = {name: get_method(name, sigma_estimator) for name in dict.fromkeys(s.method for s in specs)}
@@ -134,15 +267,38 @@ def plan_layers(
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))
             continue
         obs = statistics.observation(layer.name)
-        grid = methods[spec.method].grid(obs, spec.bits, spec.one_sided_for(obs), spec.cap)
-        plans.append(LayerPlan(layer.name, layer.module_name, spec.role, spec.bits, grid.method, grid.alpha,
-                               grid.delta, grid.offset, grid.predicted_mse, grid.one_sided, spec.cap))
+        method = methods[spec.method]
+        if per_channel:
+            plans.append(_channel_plan(layer, spec, obs, method, allocation, statistics))
+        else:
+            plans.append(_tensor_plan(layer, spec, method.grid(obs, spec.bits, spec.one_sided_for(obs), spec.cap)))
     return plans
 
 
 def plan_table(plans: list[LayerPlan]) -> pd.DataFrame:
-    """The per-layer decisions as a table (printable, and saved beside results)."""
-    return pd.DataFrame([asdict(p) for p in plans]).set_index("name")
+    """The per-layer decisions as a table (printable, and saved beside results).
+
+    Per-channel plans add summary columns (``channels``; min/median/max of the channels' alpha; min/max and total of
+    their level counts), the median being the row's ``alpha``/``delta``/``offset``; the per-channel values are in
+    ``channel_plan_table``.  Per-tensor plans give the table of the previous releases, column for column."""
+    scalar = [f.name for f in fields(LayerPlan) if f.name not in CHANNEL_FIELDS]
+    frame = pd.DataFrame([{k: asdict(p)[k] for k in scalar} for p in plans]).set_index("name")
+    if any(p.channels for p in plans):
+        frame["channels"] = [p.channels for p in plans]
+        frame["alpha_min"] = [min(p.channel_alpha) if p.channels else p.alpha for p in plans]
+        frame["alpha_max"] = [max(p.channel_alpha) if p.channels else p.alpha for p in plans]
+        frame["levels_min"] = [min(p.channel_levels) if p.channels else "" for p in plans]
+        frame["levels_max"] = [max(p.channel_levels) if p.channels else "" for p in plans]
+        frame["levels_total"] = [sum(p.channel_levels) if p.channels else "" for p in plans]
+    return frame
+
+
+def channel_plan_table(plans: list[LayerPlan]) -> pd.DataFrame:
+    """One row per (layer, channel) of the per-channel plans: method, alpha, delta, offset and level count."""
+    rows = [{"name": p.name, "channel": c, "method": p.channel_method[c], "alpha": p.channel_alpha[c],
+             "delta": p.channel_delta[c], "offset": p.channel_offset[c], "levels": p.channel_levels[c]}
+            for p in plans for c in range(p.channels)]
+    return pd.DataFrame(rows, columns=["name", "channel", "method", "alpha", "delta", "offset", "levels"])
 
 
 def mse_order(layers: list[ActivationLayer], statistics: Statistics, policy: SeedPolicy,

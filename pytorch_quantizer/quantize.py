@@ -115,10 +115,12 @@ def gemmlowp_quantize_per_channel(
     inplace: bool = False,
     noise: torch.Tensor | None = None,
     backend: str | None = None,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-channel variant: one (delta, offset) per index of ``x`` along ``dim``."""
+    """Per-channel variant: one (delta, offset) per index of ``x`` along ``dim``, and with ``levels`` one level
+    count per channel (bit allocation) instead of ``2**bits``."""
     _check_tensor(x)
-    qp = gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale)
+    qp = gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale, levels)
     dim = _channel_dim(x, qp, dim)
     if noise is None and stochastic and x.numel() > 0:
         noise = uniform_noise(x, generator)
@@ -144,5 +146,6 @@ def quantize_per_channel_with_qparams(
     if x.numel() == 0:
         return x if inplace else x.clone()
     impl = select_backend(x.device, backend)
-    qp = QParams(*(t.to(x.device) for t in (qp.scale, qp.inv_scale, qp.offset)), qp.qmax)
+    qmax = qp.qmax.to(x.device) if isinstance(qp.qmax, torch.Tensor) else qp.qmax
+    qp = QParams(*(t.to(x.device) for t in (qp.scale, qp.inv_scale, qp.offset)), qmax)
     return _run(x, inplace, lambda t: impl.quantize_per_channel_(t, qp, dim, noise))

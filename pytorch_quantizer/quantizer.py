@@ -17,12 +17,12 @@ from torch import nn
 
 from .clipping import SIGMA_ESTIMATORS, check_bits
 from .graph import relu_fed_layers
-from .grid import QParams, gemmlowp_qparams, uniform_noise
+from .grid import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel, uniform_noise
 from .layers import ACT_POINTS, ActivationLayer, HookSet, activation_layers
 from .methods import get_method
 from .observers import Observation
-from .policy import LayerPlan, LayerSpec, SeedPolicy, edge_layers, plan_layers
-from .quantize import quantize_with_qparams
+from .policy import BitAllocation, LayerPlan, LayerSpec, SeedPolicy, edge_layers, plan_layers
+from .quantize import quantize_per_channel_with_qparams, quantize_with_qparams
 from .stats import Statistics, StatisticsError
 from .weights import WeightCorrection, WeightQuantizer
 
@@ -53,6 +53,9 @@ class QuantConfig:
     weight_corrections: tuple[WeightCorrection, ...] = ()
     half_range: bool = False  # one-sided grids for outputs that only feed a ReLU (the follow-up's -hr)
     act_point: str = "output"  # quantize each layer's output (the seed) or its input (what an integer GEMM reads)
+    per_channel_activations: bool = False  # -pcq_a: one grid per channel (dim 1) from per-channel statistics
+    act_allocation: BitAllocation | None = None  # -baa: levels shared among each layer's channels (needs -pcq_a)
+    weight_allocation: BitAllocation | None = None  # -baw: levels shared among each weight's output channels
 
     def __post_init__(self) -> None:
         for bits in (self.bits, self.weight_bits, self.bias_bits, self.first_layer_bits, self.classifier_bits,
@@ -70,6 +73,8 @@ class QuantConfig:
         if self.half_range and self.act_point == "input":
             raise ValueError("half range marks outputs that feed a ReLU; with input placement every non-negative "
                              "input gets a one-sided grid already")
+        if self.act_allocation is not None and not self.per_channel_activations:
+            raise ValueError("-baa shares levels among the channels of an activation: it needs -pcq_a")
         object.__setattr__(self, "keep_8bit", frozenset(self.keep_8bit))
 
     def policy(self, model: nn.Module | None = None) -> SeedPolicy:
@@ -97,7 +102,8 @@ class QuantConfig:
             layer_bits = {layers[i].module_name: edge for i in edge_layers(layers) if i is not None}
         return WeightQuantizer(layers, self.weight_bits, self.bias_bits, self.weight_per_channel,
                                self.weight_preserve_zero, self.weight_pow2_scale, self.weight_corrections, layer_bits,
-                               bias_shifts, get_method(self.weight_threshold, self.sigma_estimator))
+                               bias_shifts, get_method(self.weight_threshold, self.sigma_estimator),
+                               self.weight_allocation)
 
 
 class ActivationQuantizer:
@@ -123,15 +129,25 @@ class ActivationQuantizer:
                     f"the statistics in {statistics.folder} were collected at the layers' {statistics.point}s, but "
                     f"this run quantizes their {config.act_point}s; collect them with --act_point {config.act_point}"
                 )
-            self.plan = plan_layers(self.layers, statistics, self.policy, config.sigma_estimator)
-            self._qparams = {
-                p.name: None if p.bits is None else gemmlowp_qparams(
-                    p.delta, p.offset, p.bits, config.preserve_zero, config.pow2_scale
-                )
-                for p in self.plan
-            }
+            self.plan = plan_layers(self.layers, statistics, self.policy, config.sigma_estimator,
+                                    config.per_channel_activations, config.act_allocation)
+            self._qparams = {p.name: self._plan_qparams(p) for p in self.plan}
+        elif config.per_channel_activations:
+            raise ValueError("-pcq_a takes its per-channel grids from statistics: collect them with -sm collect -pcq_a "
+                             "and run with -sm use")
         self._hooks = HookSet()
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _plan_qparams(self, p: LayerPlan) -> QParams | None:
+        """A layer's grid parameters, once: per tensor, or per channel with each channel's level count."""
+        cfg = self.config
+        if p.bits is None:
+            return None
+        if not p.channels:
+            return gemmlowp_qparams(p.delta, p.offset, p.bits, cfg.preserve_zero, cfg.pow2_scale)
+        return gemmlowp_qparams_per_channel(
+            torch.tensor(p.channel_delta, dtype=torch.float64), torch.tensor(p.channel_offset, dtype=torch.float64),
+            p.bits, cfg.preserve_zero, cfg.pow2_scale, torch.tensor(p.channel_levels, dtype=torch.float64))
 
     # -- attaching -----------------------------------------------------------------------------------------
     def attach(self) -> ActivationQuantizer:
@@ -173,12 +189,25 @@ class ActivationQuantizer:
         inplace = cfg.act_point == "output"
 
         def quantize(x: torch.Tensor, qp: QParams | None) -> torch.Tensor | None:
-            y = quantize_with_qparams(x, qp, inplace=inplace, noise=self._noise(x), backend=cfg.backend)
+            if qp is not None and isinstance(qp.scale, torch.Tensor):  # one grid per channel, dim 1
+                y = quantize_per_channel_with_qparams(x, qp, 1, inplace=inplace, noise=self._noise(x),
+                                                      backend=cfg.backend)
+            else:
+                y = quantize_with_qparams(x, qp, inplace=inplace, noise=self._noise(x), backend=cfg.backend)
             return None if inplace else y
 
         if self.plan is not None:
             qp = self._qparams[layer.name]
-            return lambda module, x: quantize(x, qp)
+            on_device: dict[torch.device, QParams] = {}
+
+            def planned_hook(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+                grid = qp
+                if grid is not None and isinstance(grid.scale, torch.Tensor):  # copied to the device once, not per call
+                    grid = on_device.get(x.device) or on_device.setdefault(
+                        x.device, QParams(*(t.to(x.device) for t in (qp.scale, qp.inv_scale, qp.offset, qp.qmax))))
+                return quantize(x, grid)
+
+            return planned_hook
 
         method = get_method(spec.method, cfg.sigma_estimator)
         need_spread = spec.method not in ("no", "minmax")

@@ -79,20 +79,24 @@ class StatisticsCollector:
     """
 
     def __init__(self, model: nn.Module, fused: bool = True, devices: Sequence[torch.device | str] = (),
-                 observers: Iterable[str] = ("moments",), granularity: Granularity = PER_TENSOR,
-                 point: str = "output") -> None:
+                 observers: Iterable[str | tuple[str, Granularity]] = ("moments",),
+                 granularity: Granularity = PER_TENSOR, point: str = "output") -> None:
         if point not in ACT_POINTS:
             raise ValueError(f"unknown activation point {point!r}: expected one of {', '.join(ACT_POINTS)}")
         self.point = point
         self.fused = fused
         self.granularity = granularity
-        self.observer_names = tuple(dict.fromkeys(observers))
+        # (name, granularity) pairs: a plain name is at ``granularity``; the same observer may be collected at two
+        # granularities (-pcq_a: per-channel moments beside the per-tensor ones, whose files stay as they were)
+        self.observer_specs = tuple(dict.fromkeys(
+            (o, granularity) if isinstance(o, str) else (o[0], o[1]) for o in observers))
+        self.observer_names = tuple(dict.fromkeys(name for name, _ in self.observer_specs))
         for name in self.observer_names:
             observer_class(name)
         self.layers: list[ActivationLayer] = activation_layers(model)
         self.devices = [torch.device(d) for d in devices]
         self.observers: dict[str, list[Observer]] = {
-            layer.name: [self._make(name) for name in self.observer_names] for layer in self.layers
+            layer.name: [self._make(name, g) for name, g in self.observer_specs] for layer in self.layers
         }
         self._calls: dict[tuple[str, int], int] = {}
         self._samples: dict[str, int] = {}
@@ -100,11 +104,11 @@ class StatisticsCollector:
         self.numel: dict[str, int] = {}
         self._hooks = HookSet()
 
-    def _make(self, name: str) -> Observer:
+    def _make(self, name: str, granularity: Granularity) -> Observer:
         cls = observer_class(name)
         if cls is MomentsObserver:
-            return MomentsObserver(self.granularity, fused=self.fused)
-        return cls(self.granularity)
+            return MomentsObserver(granularity, fused=self.fused)
+        return cls(granularity)
 
     def attach(self) -> StatisticsCollector:
         if not self._hooks.attached:
@@ -175,7 +179,8 @@ class StatisticsCollector:
         """Per-layer per-sample moment tables collected so far (per tensor), for the layers that ran."""
         frames = {}
         for layer in self.observed():
-            moments = next(o for o in self.observers[layer.name] if isinstance(o, MomentsObserver))
+            moments = next(o for o in self.observers[layer.name]
+                           if isinstance(o, MomentsObserver) and o.granularity.axis is None)
             frames[layer.name] = pd.DataFrame(moments.table().numpy(), columns=list(STAT_COLUMNS))
         return frames
 
@@ -189,7 +194,7 @@ class StatisticsCollector:
             {"name": layer.name, "module": layer.module_name, "kind": layer.kind, "numel": self.numel[layer.name]}
             for layer in layers
         ]
-        observers = [{"name": name, "granularity": self.granularity.label} for name in self.observer_names]
+        observers = [{"name": name, "granularity": g.label} for name, g in self.observer_specs]
         full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": entries,
                      "observers": observers, "point": self.point}
 
@@ -257,6 +262,12 @@ class Statistics:
         """The observers this folder holds, with their granularity."""
         return {o["name"]: Granularity.parse(o["granularity"]) for o in self.meta.get("observers", FORMAT_1_OBSERVERS)}
 
+    @property
+    def has_channel_moments(self) -> bool:
+        """Whether per-channel moments were collected (``-sm collect -pcq_a``)."""
+        return any(o["name"] == "moments" and Granularity.parse(o["granularity"]).axis is not None
+                   for o in self.meta.get("observers", FORMAT_1_OBSERVERS))
+
     def require(self, observers: Iterable[str], why: str) -> None:
         """Refuse, naming what to collect, when ``why`` (a method) needs an observer this folder lacks."""
         missing = [name for name in observers if name not in self.observers]
@@ -293,15 +304,20 @@ class Statistics:
     def observation(self, name: str) -> Observation:
         """What a clipping method sees of layer ``name``."""
         moments = self._moments(name)
-        channels = None
+        channels = extremes = None
         if moments.channel_summary is not None:
-            rows = moments.channel_summary.loc["mean"]
-            numel = self.numel(name) // max(len(rows), 1)
+            summary = moments.channel_summary
+            rows = summary.loc["mean"]
+            numel = max(self.numel(name) // max(len(rows), 1), 2)
             channels = tuple(stats_from_row(row, numel) for _, row in rows.iterrows())
+            extremes = tuple(zip(summary.loc["min"]["min"].astype(float), summary.loc["max"]["max"].astype(float),
+                                 strict=True))
         extra = {key: state for key, state in self.states[name].items() if key != "moments"}
         if moments.summary is None:
-            return Observation(self.numel(name), channels[0], (channels[0].min, channels[0].max), channels, extra)
-        return Observation(self.numel(name), self.tensor_stats(name), self.extreme_range(name), channels, extra)
+            return Observation(self.numel(name), channels[0], (channels[0].min, channels[0].max), channels, extra,
+                               extremes)
+        return Observation(self.numel(name), self.tensor_stats(name), self.extreme_range(name), channels, extra,
+                           extremes)
 
     def check_model(self, expected: dict[str, Any]) -> None:
         """Refuse statistics of another model: every key of ``expected`` must match the recorded meta."""
@@ -332,6 +348,15 @@ class Statistics:
         return path.read_text().split("\n")[:-1] if path.is_file() else []
 
 
+def _merge(first: Any, second: Any) -> Any:
+    """One observer collected at two granularities: per-tensor and per-channel moments make one ``Moments``."""
+    if isinstance(first, Moments) and isinstance(second, Moments):
+        return Moments(summary=first.summary if first.summary is not None else second.summary,
+                       channel_summary=first.channel_summary if first.channel_summary is not None
+                       else second.channel_summary)
+    raise ObserverError(f"observer state {type(first).__name__} is listed twice")
+
+
 def folder_fingerprint(folder: str | os.PathLike) -> str:
     """Short sha256 over a statistics folder's files (names and bytes): which statistics a result came from."""
     digest = hashlib.sha256()
@@ -357,11 +382,13 @@ def load_statistics(folder: str | os.PathLike) -> Statistics:
             )
         observers = [(o["name"], Granularity.parse(o["granularity"]))
                      for o in meta.get("observers", FORMAT_1_OBSERVERS)]
-        states = {
-            layer["name"]: {name: observer_class(name).load(folder, layer["name"], granularity)
-                            for name, granularity in observers}
-            for layer in meta["layers"]
-        }
+        states = {}
+        for layer in meta["layers"]:
+            loaded: dict[str, Any] = {}
+            for name, granularity in observers:
+                state = observer_class(name).load(folder, layer["name"], granularity)
+                loaded[name] = _merge(loaded[name], state) if name in loaded else state
+            states[layer["name"]] = loaded
     except StatisticsError:
         raise
     except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:

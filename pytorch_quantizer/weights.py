@@ -8,42 +8,67 @@ from typing import Protocol
 
 import torch
 
-from .clipping import TensorStats, check_bits
+from .clipping import TensorStats, aciq_range, allocated_alpha, check_bits
 from .layers import ActivationLayer
 from .methods import ClippingMethod
 from .observers import Observation
 from .quantize import gemmlowp_quantize, gemmlowp_quantize_per_channel
 
 
-def clipped_ranges(rows: torch.Tensor, bits: int, method: ClippingMethod) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta, offset) per row of a weight (one row per output channel, or one for the whole tensor) from a
-    moment-based clipping method, as the activations get them: the row's min, max, mean, mean |x - mean| and std
+def weight_channel_stats(w: torch.Tensor) -> list[TensorStats]:
+    """The moments of each output channel's weights (dim 0), as the clipping rules read them."""
+    flat = w.detach().reshape(w.shape[0], -1).double()
+    mean = flat.mean(1, keepdim=True)
+    centred = flat - mean
+    lo, hi = flat.amin(1), flat.amax(1)
+    b, std = centred.abs().mean(1), centred.square().mean(1).sqrt()
+    numel = max(flat.shape[1], 2)
+    return [TensorStats(float(lo[c]), float(hi[c]), float(mean[c, 0]), float(b[c]), float(std[c]), numel)
+            for c in range(flat.shape[0])]
+
+
+def allocated_weight_grid(w: torch.Tensor, bits: int, allocation, regular: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(delta, offset, levels) per output channel under bit allocation (``-baw``): the channels share the level quota
+    by the 2/3 law of their prior scale (``policy.BitAllocation``) and each is clipped at the optimum for its level
+    count, ``aciq_range`` around its mean (never beyond its own min/max)."""
+    stats = weight_channel_stats(w)
+    levels = allocation.levels(stats, bits, regular)
+    grids = [aciq_range(s.min, s.max, s.mean, allocated_alpha(allocation.prior, allocation.scale(s), n))
+             for s, n in zip(stats, levels, strict=True)]
+    delta = torch.tensor([g[0] for g in grids], dtype=torch.float64)
+    offset = torch.tensor([g[1] for g in grids], dtype=torch.float64)
+    return delta, offset, torch.tensor(levels, dtype=torch.float64)
+
+
+def clipped_ranges(w: torch.Tensor, bits: int, method: ClippingMethod, per_channel: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, offset) per output channel of a weight (or one pair for the whole tensor) from a moment-based
+    clipping method (``-thw``), as the activations get them: the channel's min, max, mean, mean |x - mean| and std
     are its "statistics" (a weight is one sample, so nothing is averaged).  float64 on the CPU."""
     if any(name != "moments" for name in method.requires):
         raise ValueError(f"weight clipping takes a method that needs only moments; {method.name!r} needs "
                          f"{', '.join(method.requires)} of the activations")
-    rows = rows.detach().double().cpu()
-    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-    mean = rows.mean(dim=1, keepdim=True)
-    b = (rows - mean).abs().mean(dim=1)
-    std = (rows - mean).square().mean(dim=1).sqrt()
-    grids = [
-        method.grid(Observation.of_moments(TensorStats(*map(float, values), max(rows.shape[1], 2))), bits)
-        for values in zip(lo.tolist(), hi.tolist(), mean.squeeze(1).tolist(), b.tolist(), std.tolist(), strict=True)
-    ]
+    stats = weight_channel_stats(w if per_channel else w.reshape(1, -1))
+    grids = [method.grid(Observation.of_moments(s), bits) for s in stats]
     return (torch.tensor([g.delta for g in grids], dtype=torch.float64),
             torch.tensor([g.offset for g in grids], dtype=torch.float64))
 
 
 def quantize_parameter(
     w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool,
-    method: ClippingMethod | None = None,
+    method: ClippingMethod | None = None, allocation=None, regular: bool = True,
 ) -> torch.Tensor:
-    """GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0), over its min/max range
-    or, with a clipping ``method`` (``-thw``), over the range that method chooses (``clipped_ranges``)."""
+    """GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0), over its min/max range;
+    with a clipping ``method`` (``-thw``) over the range that method chooses (``clipped_ranges``); with
+    ``allocation`` (a ``policy.BitAllocation``, ``-baw``) with per-channel level counts and clipping instead."""
     channels = per_channel and w.dim() > 1
+    if allocation is not None and w.dim() > 1:
+        delta, offset, levels = allocated_weight_grid(w, bits, allocation, regular)
+        return gemmlowp_quantize_per_channel(w, delta, offset, bits, dim=0, preserve_zero=preserve_zero,
+                                             pow2_scale=pow2_scale, levels=levels)
     if method is not None and method.name not in ("no", "minmax"):
-        delta, offset = clipped_ranges(w.reshape(w.shape[0], -1) if channels else w.reshape(1, -1), bits, method)
+        delta, offset = clipped_ranges(w, bits, method, channels)
         if channels:
             return gemmlowp_quantize_per_channel(w, delta, offset, bits, dim=0, preserve_zero=preserve_zero,
                                                  pow2_scale=pow2_scale)
@@ -127,6 +152,7 @@ class WeightQuantizer:
         layer_bits: dict[str, int | None] | None = None,
         bias_shifts: Mapping[str, torch.Tensor] | None = None,
         method: ClippingMethod | None = None,
+        allocation=None,
     ) -> None:
         for b in (bits, bias_bits, *(layer_bits or {}).values()):
             if b is not None:
@@ -138,6 +164,7 @@ class WeightQuantizer:
         self.layer_bits = dict(layer_bits or {})
         self.bias_shifts = dict(bias_shifts or {})
         self.method = method  # clipping of the weights (not of biases); None: min/max
+        self.allocation = allocation  # policy.BitAllocation over each weight's output channels (-baw), or None
         self._originals: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -157,16 +184,19 @@ class WeightQuantizer:
             for layer in self.layers:
                 weight, bias = layer.module.weight, getattr(layer.module, "bias", None)
                 shift = self.bias_shifts.get(layer.module_name)
-                for param, bits, per_channel, corrections, add, method in (
-                    (weight, self.weight_bits(layer), self.per_channel, self.corrections, None, self.method),
-                    (bias, self.bias_bits, False, (), shift, None),
+                regular = self.weight_bits(layer) == self.bits  # edge layers are allocated at their own width
+                for param, bits, per_channel, corrections, add, method, allocation in (
+                    (weight, self.weight_bits(layer), self.per_channel, self.corrections, None, self.method,
+                     self.allocation),
+                    (bias, self.bias_bits, False, (), shift, None, None),
                 ):
                     if param is None or (bits is None and add is None):
                         continue
                     original = param.detach().clone()
                     self._originals.append((param, original))
                     quantized = original if bits is None else quantize_parameter(
-                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale, method
+                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale, method, allocation,
+                        regular
                     )
                     for correct in corrections:
                         quantized = correct(layer, original, quantized)

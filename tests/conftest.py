@@ -62,7 +62,8 @@ class CudaEmulator:
         i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
         lib.emulate_per_tensor.argtypes = [_FLOAT_P, _FLOAT_P, i64, f32, f32, f32, f32, i32, i64]
         lib.emulate_per_tensor.restype = i32
-        lib.emulate_per_channel.argtypes = [_FLOAT_P, _FLOAT_P, i64, i64, i64, _FLOAT_P, _FLOAT_P, _FLOAT_P, f32, i32,
+        lib.emulate_per_channel.argtypes = [_FLOAT_P, _FLOAT_P, i64, i64, i64, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P,
+                                            i32,
                                             i64, i32]
         lib.emulate_per_channel.restype = i32
         lib.emulate_per_sample_stats.argtypes = [_FLOAT_P, i64, i64, _DOUBLE_P, i32, i64]
@@ -77,9 +78,11 @@ class CudaEmulator:
 
     def quantize_per_channel_(self, x, noise, channels, inner, scale, inv_scale, offset, qmax, sms=132, max_grid=0,
                               force64=False) -> int:
-        """Per-channel quantization in place over a contiguous (outer, channels, inner) ``x``; the index width."""
+        """Per-channel quantization in place over a contiguous (outer, channels, inner) ``x``; the index width.
+        ``qmax`` is a float32 tensor with one value per channel."""
         return self.lib.emulate_per_channel(_ptr(x), _ptr(noise), x.numel(), channels, inner, _ptr(scale),
-                                            _ptr(inv_scale), _ptr(offset), qmax, sms, max_grid, int(force64))
+                                            _ptr(inv_scale), _ptr(offset), _ptr(qmax), sms, max_grid,
+                                            int(force64))
 
     def per_sample_stats(self, x: torch.Tensor, sms=132, max_grid=0) -> torch.Tensor:
         """The CUDA per_sample_stats of a float32 [N, ...] tensor (N, M >= 1), as [N, 7] float64."""

@@ -111,14 +111,32 @@ def test_per_channel(cuda_emulator, shape, with_noise, max_grid, force64):
     noise = uniform_noise(x, torch.Generator().manual_seed(3)) if with_noise else None
     params = [qp.scale.float().contiguous(), qp.inv_scale.float().contiguous(), qp.offset.float().contiguous()]
     got = x.clone()
-    width = cuda_emulator.quantize_per_channel_(got, noise, channels, inner, *params, qp.qmax, max_grid=max_grid,
+    width = cuda_emulator.quantize_per_channel_(got, noise, channels, inner, *params, qp.qmax.contiguous(),
+                                                max_grid=max_grid,
                                                 force64=force64)
     assert width == (64 if force64 else 32)
     shaped = [p.view(1, -1, 1) for p in params]
-    expected = reference_quantize_(x.clone(), type(qp)(*shaped, qp.qmax), noise)
+    expected = reference_quantize_(x.clone(), type(qp)(*shaped, qp.qmax.view(1, -1, 1)), noise)
     expected = torch.where(shaped[0] == 0, x, expected)
     np.testing.assert_array_equal(_bits(got), _bits(expected))
     assert torch.equal(got[:, ::3], x[:, ::3])
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 1), (3, 5, 33), (1, 64, 1000)])
+@pytest.mark.parametrize("force64", [0, 1])
+def test_per_channel_levels(cuda_emulator, shape, force64):
+    """One level count per channel (bit allocation), as the CUDA kernel reads it, equals the reference."""
+    outer, channels, inner = shape
+    x = _data(outer * channels * inner, seed=channels).view(outer, channels, inner)
+    delta = torch.linspace(0.5, 9.0, channels, dtype=torch.float64)
+    levels = torch.arange(channels, dtype=torch.float64) * 37 % 251 + 2
+    qp = gemmlowp_qparams_per_channel(delta, -delta / 2 - 0.25, 4, levels=levels)
+    noise = uniform_noise(x, torch.Generator().manual_seed(4))
+    params = [qp.scale.contiguous(), qp.inv_scale.contiguous(), qp.offset.contiguous(), qp.qmax.contiguous()]
+    got = x.clone()
+    cuda_emulator.quantize_per_channel_(got, noise, channels, inner, *params, force64=force64)
+    expected = reference_quantize_(x.clone(), type(qp)(*(p.view(1, -1, 1) for p in params)), noise)
+    np.testing.assert_array_equal(_bits(got), _bits(expected))
 
 
 # ---- per-sample statistics ----------------------------------------------------------------------------------

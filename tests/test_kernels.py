@@ -21,7 +21,12 @@ import pytest
 import torch
 
 from pytorch_quantizer import backends, gemmlowp_quantize, gemmlowp_quantize_per_channel, kernel_build
-from pytorch_quantizer.quantize import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel
+from pytorch_quantizer.quantize import (
+    QParams,
+    gemmlowp_qparams,
+    gemmlowp_qparams_per_channel,
+    quantize_per_channel_with_qparams,
+)
 
 KERNEL_DEVICES = {"cpu": "cpu", "cuda": "cuda"}
 # (delta, offset) pairs: symmetric, all-positive, tiny, huge, zero/negative-zero offset, off-centre
@@ -314,6 +319,61 @@ def test_per_channel_layouts_noise_in_place(kernel, layout, dim):
         assert_same_bits(y, ref)
 
 
+def _levels(channels: int, seed: int) -> torch.Tensor:
+    """Per-channel level counts as bit allocation makes them: any whole number >= 2, not powers of two."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randint(2, 300, (channels,), generator=g).double()
+    levels[::5] = 2.0
+    levels[1::7] = 65536.0 + 3.0  # beyond 16 bits: the round-half-even trick still holds
+    return levels
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_channel_levels(kernel, dim, layout):
+    """A level count per channel (bit allocation): the kernels equal the reference bit for bit, noise included."""
+    name, device = kernel
+    x = _data((5, 12, 7, 9), 8.0, -4.0, device, seed=dim + 20)
+    x.view(-1)[::13] = float("nan")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    delta, offset = _channel_params(x.shape[dim], seed=dim)
+    levels = _levels(x.shape[dim], seed=dim)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)).sub_(0.5).to(device)
+    for kwargs in ({}, {"noise": noise}, {"preserve_zero": False}):
+        qp = gemmlowp_qparams_per_channel(delta, offset, 8, levels=levels, preserve_zero=kwargs.get("preserve_zero",
+                                                                                                      True))
+        noise_arg = kwargs.get("noise")
+        got = quantize_per_channel_with_qparams(x, qp, dim, noise=noise_arg, backend=name)
+        ref = quantize_per_channel_with_qparams(x, qp, dim, noise=noise_arg, backend="torch")
+        assert_same_bits(got, ref)
+    # Each channel really has its own grid: levels_c distinct values at most, per channel.
+    moved = got.movedim(dim, 0).reshape(x.shape[dim], -1).cpu()
+    for c in range(x.shape[dim]):
+        if delta[c] > 0:
+            values = moved[c][torch.isfinite(moved[c])].unique()
+            assert values.numel() <= int(levels[c])
+
+
+def test_per_channel_levels_equal_per_tensor_grids_channel_by_channel():
+    """Levels 2**b on channel c give exactly the per-tensor grid of b bits on that channel."""
+    x = _data((4, 6, 10), 8.0, -4.0, torch.device("cpu"), seed=3)
+    delta, offset = _channel_params(6, seed=2)
+    bits = torch.tensor([2, 3, 4, 5, 6, 8])
+    qp = gemmlowp_qparams_per_channel(delta, offset, 8, levels=2.0**bits)
+    got = quantize_per_channel_with_qparams(x, qp, 1, backend="torch")
+    for c in range(6):
+        expected = gemmlowp_quantize(x[:, c], float(delta[c]), float(offset[c]), int(bits[c]), backend="torch")
+        assert_same_bits(got[:, c], expected if delta[c] > 0 else x[:, c])
+
+
+def test_per_channel_levels_refused_when_not_whole_or_too_few():
+    delta = torch.ones(3, dtype=torch.float64)
+    for levels in ([2, 3], [1, 4, 4], [2.5, 4, 4], [2, 4, 2**23]):
+        with pytest.raises(ValueError, match="level counts"):
+            gemmlowp_qparams_per_channel(delta, -delta / 2, 4, levels=torch.tensor(levels, dtype=torch.float64))
+
+
 def test_per_channel_one_dim_and_all_pass_through(kernel):
     name, device = kernel
     x = _data((300,), 6.0, -3.0, device)
@@ -337,9 +397,12 @@ def test_kernel_refuses_other_dtypes(kernel):
         impl.module.quantize_(torch.zeros(10, device=device), torch.zeros(9, device=device), 1.0, 1.0, 0.0, 255.0)
     scale = torch.ones(4, device=device)
     with pytest.raises(RuntimeError, match="float32"):
-        impl.module.quantize_per_channel_(torch.zeros(4, 2, device=device), None, scale.double(), scale, scale, 0, 3.0)
+        impl.module.quantize_per_channel_(torch.zeros(4, 2, device=device), None, scale.double(), scale, scale, 0,
+                                          scale)
     with pytest.raises(RuntimeError, match="needs 2 values"):
-        impl.module.quantize_per_channel_(torch.zeros(4, 2, device=device), None, scale, scale, scale, 1, 3.0)
+        impl.module.quantize_per_channel_(torch.zeros(4, 2, device=device), None, scale, scale, scale, 1, scale[:2])
+    with pytest.raises(RuntimeError, match="qmax needs 4 values"):
+        impl.module.quantize_per_channel_(torch.zeros(4, 2, device=device), None, scale, scale, scale, 0, scale[:3])
 
 
 def test_cuda_kernel_refuses_cpu_tensors():

@@ -26,7 +26,7 @@ int64_t capped(int64_t grid, int64_t max_grid) { return max_grid > 0 ? std::min(
 
 template <bool kNoise, typename index_t>
 void per_channel(float* x, const float* noise, int64_t n, int64_t channels, int64_t inner, const float* scale,
-                 const float* inv_scale, const float* offset, float qmax, int64_t grid) {
+                 const float* inv_scale, const float* offset, const float* qmax, int64_t grid) {
   run_grid(grid, [&](Thread t) {
     per_channel_thread<kNoise, index_t>(t, x, noise, static_cast<index_t>(n), static_cast<index_t>(channels),
                                         static_cast<index_t>(inner), scale, inv_scale, offset, qmax);
@@ -70,7 +70,7 @@ int emulate_per_tensor(float* x, const float* noise, int64_t n, float scale, flo
 
 // Returns 32 or 64: the index width used (force64 picks the 64-bit instantiation, as for huge tensors).
 int emulate_per_channel(float* x, const float* noise, int64_t n, int64_t channels, int64_t inner,
-                        const float* scale, const float* inv_scale, const float* offset, float qmax, int sms,
+                        const float* scale, const float* inv_scale, const float* offset, const float* qmax, int sms,
                         int64_t max_grid, int force64) {
   const int64_t grid = capped(strided_grid(n, sms), max_grid);
   if (!force64 && fits_uint32(n, grid)) {
