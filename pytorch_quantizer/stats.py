@@ -36,6 +36,7 @@ from .clipping import TensorStats
 from .layers import ACT_POINTS, ActivationLayer, HookSet, activation_layers
 from .observers import (
     PER_TENSOR,
+    POOLED,
     STAT_COLUMNS,
     Granularity,
     Moments,
@@ -307,7 +308,8 @@ class Statistics:
         channels = extremes = None
         if moments.channel_summary is not None:
             summary = moments.channel_summary
-            rows = summary.loc["mean"]
+            reductions = summary.index.get_level_values("reduce")
+            rows = summary.loc[POOLED if POOLED in reductions else "mean"]
             numel = max(self.numel(name) // max(len(rows), 1), 2)
             channels = tuple(stats_from_row(row, numel) for _, row in rows.iterrows())
             extremes = tuple(zip(summary.loc["min"]["min"].astype(float), summary.loc["max"]["max"].astype(float),

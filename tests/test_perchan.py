@@ -261,3 +261,25 @@ def test_flags_in_help():
     for flag in ("-pcq_a", "-baa", "-baw", "-bata", "-batw", "-bam", "-bap"):
         assert flag in text
     assert ARCH
+
+
+def test_pooled_channel_statistics_describe_the_channel_over_all_samples(tmp_path):
+    """A channel that fires on one image only: pooled max is its real maximum, the pooled std is the std of all its
+    values (law of total variance), and the pooled b bounds the true mean absolute deviation from above."""
+    from pytorch_quantizer.observers import PER_CHANNEL, POOLED, MomentsObserver
+
+    g = torch.Generator().manual_seed(0)
+    quiet = torch.randn(3, 2, 4, 4, generator=g) * 0.1
+    loud = quiet[:1].clone()
+    loud[:, 1] += 5.0 + torch.randn(1, 4, 4, generator=g)
+    batch = torch.cat([quiet, loud])
+    observer = MomentsObserver(PER_CHANNEL, fused=False)
+    observer.update(batch, (0, 0))
+    observer.export(tmp_path, "layer")
+    summary = MomentsObserver.load(tmp_path, "layer", PER_CHANNEL).channel_summary
+    pooled, averaged = summary.loc[POOLED], summary.loc["mean"]
+    values = batch[:, 1].reshape(-1).double()
+    assert pooled.loc[1, "max"] == pytest.approx(values.max().item(), rel=1e-6)
+    assert pooled.loc[1, "std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-5)
+    true_b = (values - values.mean()).abs().mean().item()
+    assert true_b <= pooled.loc[1, "b"] + 1e-6 and averaged.loc[1, "b"] < 0.5 * true_b
