@@ -28,7 +28,7 @@ from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
 from .policy import mse_order, plan_table
 from .quantizer import ActivationQuantizer, QuantConfig
-from .stats import Statistics, StatisticsCollector, folder_fingerprint, load_statistics
+from .stats import COLLECTED_OBSERVERS, Statistics, StatisticsCollector, folder_fingerprint, load_statistics
 from .weights import weight_corrections
 
 log = logging.getLogger("pytorch_quantizer")
@@ -268,11 +268,13 @@ class Experiment:
         return acc, time.perf_counter() - start
 
     def collect(self) -> tuple[Accuracy, float]:
-        """FP32 pass over the calibration images with statistics hooks; the folder is replaced only on success."""
+        """FP32 pass over the calibration images with statistics hooks (every observer of ``COLLECTED_OBSERVERS``
+        in the same pass: one calibration serves every method); the folder is replaced only on success."""
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
         log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
                  self.cal_dataset.root)
-        with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point) as collector:
+        with StatisticsCollector(self.model, devices=devices, observers=COLLECTED_OBSERVERS,
+                                point=self.cfg.act_point) as collector:
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
         names = relative_paths(self.cal_dataset)
         images = [names[i] for i in self.calibration]

@@ -56,6 +56,9 @@ CALIBRATION_FILE = "calibration.txt"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 FORMAT_1_OBSERVERS = [{"name": "moments", "granularity": "tensor"}]
+# What ``-sm collect`` gathers in its one pass: the moments every ACIQ method reads and the histogram the searched
+# methods (kld, mse, pP, mix-measured) read.
+COLLECTED_OBSERVERS = ("moments", "histogram")
 
 
 class StatisticsError(ValueError):
@@ -101,10 +104,12 @@ class StatisticsCollector:
         self._hooks = HookSet()
 
     def _make(self, name: str) -> Observer:
+        """Observer ``name`` at the collection's granularity; one that is only per tensor (the histogram) stays
+        per tensor, and the folder's meta says so."""
         cls = observer_class(name)
         if cls is MomentsObserver:
             return MomentsObserver(self.granularity, fused=self.fused)
-        return cls(self.granularity)
+        return cls(self.granularity if cls.per_channel else PER_TENSOR)
 
     def attach(self) -> StatisticsCollector:
         if not self._hooks.attached:
@@ -170,7 +175,7 @@ class StatisticsCollector:
             {"name": layer.name, "module": layer.module_name, "kind": layer.kind, "numel": self.numel[layer.name]}
             for layer in layers
         ]
-        observers = [{"name": name, "granularity": self.granularity.label} for name in self.observer_names]
+        observers = [{"name": o.name, "granularity": o.granularity.label} for o in self.observers[layers[0].name]]
         full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": entries,
                      "observers": observers, "point": self.point}
 
