@@ -20,6 +20,7 @@ the extreme range, per-channel moments where collected, and the state of any oth
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -370,7 +371,9 @@ class HistogramObserver(Observer):
     values: how the later values are split into batches, and in which order they come, does not change one count.
     Exact while the range stays within 2^62 first-batch bins (beyond, the extreme values share the end bins).
     CPU tensors go to the compiled kernel's ``histogram_accumulate_`` when it is built (the same float32 steps,
-    one read and no temporary), others to the PyTorch expression."""
+    one read and no temporary), others to the PyTorch expression.  Under ``nn.DataParallel`` the replicas' chunks
+    are added one at a time on the first chunk's device; the counts stay exact, but which chunk comes first (and so
+    the lattice) is the threads' order, not the samples'."""
 
     name = "histogram"
     per_channel = False
@@ -385,8 +388,13 @@ class HistogramObserver(Observer):
         self.counts: torch.Tensor | None = None  # int64 [bins]
         self.lo = self.inv = self.min = self.max = torch.zeros(())  # float32 0-d, on the device
         self.level = self.start = torch.zeros((), dtype=torch.float64)  # e and the window's first bin at level e
+        self._lock = threading.Lock()  # DataParallel's replicas call update from their own threads
 
     def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._update(x if self.counts is None else x.to(self.counts.device))
+
+    def _update(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.float()
