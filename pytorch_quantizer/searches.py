@@ -132,6 +132,8 @@ def kl_divergence(hist: Histogram, first: np.ndarray, stop: np.ndarray, lo: np.n
     levels, the end levels' cells half as wide, as rounding makes them), the bins' counts *without* the folded
     outliers are summed per level and spread evenly over that level's bins where P is non-zero.  Both are
     normalised; a P bin whose Q is zero (folded outliers with no mass of their own in that level) scores infinity.
+    A point mass (zero-width bin) sitting on the grid's end, such as the zeros of a ReLU on a one-sided grid, is
+    its own cell (it is quantized exactly), so it does not flatten the Q of the values next to it.
     """
     counts, centres = hist.counts, hist.centres
     n, levels = len(counts), 2**bits
@@ -139,6 +141,7 @@ def kl_divergence(hist: Histogram, first: np.ndarray, stop: np.ndarray, lo: np.n
     out = np.empty(len(first))
     rows = max(1, CHUNK // n)
     index = np.arange(n)
+    point = hist.edges[1:] == hist.edges[:-1]  # zero-width bins: point masses (``Histogram.clamped``)
     for s in range(0, len(first), rows):
         a, b = first[s:s + rows, None], stop[s:s + rows, None]
         g_lo, g_hi = lo[s:s + rows, None], hi[s:s + rows, None]
@@ -151,9 +154,13 @@ def kl_divergence(hist: Histogram, first: np.ndarray, stop: np.ndarray, lo: np.n
         p[r, b[:, 0] - 1] += cum[-1] - cum[b[:, 0]]
         step = np.maximum((g_hi - g_lo) / (levels - 1), 1e-300)
         level = np.clip(np.rint((centres - g_lo) / step), 0, levels - 1).astype(np.int64)
-        flat = (r[:, None] * levels + level)
-        mass = np.bincount(flat[inside], weights=sliced[inside], minlength=count * levels)
-        nonzero = np.bincount(flat[inside], weights=(p[inside] > 0).astype(float), minlength=count * levels)
+        flat = r[:, None] * levels + level
+        # a point mass on a grid level (a ReLU's zeros at lo = 0) is quantized exactly: its own cell, Q = P there
+        exact = point & ((centres == g_lo) | (centres == g_hi))
+        flat = np.where(exact, count * levels + r[:, None] * n + index, flat)
+        size = count * levels + count * n
+        mass = np.bincount(flat[inside], weights=sliced[inside], minlength=size)
+        nonzero = np.bincount(flat[inside], weights=(p[inside] > 0).astype(float), minlength=size)
         q = np.where(p > 0, mass[flat] / np.maximum(nonzero[flat], 1.0), 0.0)
         p_norm = p / p.sum(axis=1, keepdims=True)
         q_sum = q.sum(axis=1, keepdims=True)
