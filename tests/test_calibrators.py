@@ -318,3 +318,13 @@ def test_moments_only_folder_refuses_histogram_methods(data_dir, collected, tmp_
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     with pytest.raises(StatisticsError, match="histogram"):
         load_statistics(folder).require(["histogram"], "kld")
+
+
+def test_kld_one_sided_treats_the_relu_zeros_as_exact():
+    """Half the values at exactly 0 (a ReLU's), the rest uniform on (0, 1]: on the grid [0, 1] the zeros are
+    quantized exactly and the uniform part is flat in every level, so KL is 0 and nothing is clipped."""
+    hist = Histogram(np.linspace(-1.0, 1.0, 513), np.full(512, 10.0)).clamped(0.0, 1.0)
+    assert hist.edges[0] == hist.edges[1] == 0.0 and hist.counts[0] == pytest.approx(2560.0)
+    for bits in (2, 4):
+        found = kld_upper(hist, bits)
+        assert found.hi == 1.0 and found.score == pytest.approx(0.0, abs=1e-12), bits
