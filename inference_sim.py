@@ -21,7 +21,7 @@ import torch
 from pytorch_quantizer import distributed
 from pytorch_quantizer.clipping import ALLOCATION_MODES, MAX_BITS, MIN_BITS, PRIORS, SIGMA_ESTIMATORS
 from pytorch_quantizer.layers import ACT_POINTS
-from pytorch_quantizer.methods import get_method, method_names
+from pytorch_quantizer.methods import get_method, method_class, method_names
 
 EXIT_USAGE = 2
 AUTO = object()  # -qw not given: int8 weights when anything else is quantized (not a str: argparse converts those)
@@ -49,6 +49,15 @@ def qtype(text: str) -> int | None:
             f"invalid type {text!r}: expected fp32 or int{MIN_BITS}..int{MAX_BITS}, e.g. int4"
         )
     return int(match.group(1))
+
+
+def threshold(text: str) -> str:
+    """A clipping method: a registered name or a family's member (``p99.9``, ``3std``); else the valid names."""
+    try:
+        method_class(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"invalid choice: {err}") from None
+    return text
 
 
 qweight = qtype  # the same names: intN, or f32 for float weights
@@ -135,12 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge_weights", type=edge_weights, default=8, metavar="intN",
                    help="weights of the first conv and the classifier when -qw is narrower (the follow-up keeps them "
                         "at 8 bits), or 'same' to quantize them like the others (default: int8)")
-    p.add_argument("-th", "--threshold", choices=methods, default="no", metavar="METHOD",
-                   help="clipping method: " + "; ".join(f"{m}: {get_method(m).summary}" for m in methods)
-                        + " (default: %(default)s)")
-    p.add_argument("-thw", "--weight_threshold", choices=methods, default="no", metavar="METHOD",
+    p.add_argument("-th", "--threshold", type=threshold, default="no", metavar="METHOD",
+                   help=("clipping method: " + "; ".join(f"{m}: {get_method(m).summary}" for m in methods)
+                         ).replace("%", "%%") + " (default: %(default)s)")
+    p.add_argument("-thw", "--weight_threshold", type=threshold, default="no", metavar="METHOD",
                    help="clipping method of the weights, per tensor or per channel with -pcw, from each weight's own "
-                        "moments (one needing only moments: no, laplace, gaus, mix) (default: no, their min/max)")
+                        "moments (one needing only moments: no, laplace, gaus, mix, laplace-grid, ...) (default: no, "
+                        "their min/max)")
     p.add_argument("-sm", "--stats_mode", choices=("collect", "use", "no"), default="no",
                    help="collect statistics, use saved ones, or take ranges from each live tensor (default: no)")
     p.add_argument("-sf", "--stats_folder", type=Path, default=None,

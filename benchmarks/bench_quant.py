@@ -54,6 +54,7 @@ from pytorch_quantizer.quantizer import (  # noqa: E402
     QuantConfig,
 )
 from pytorch_quantizer.stats import (  # noqa: E402
+    COLLECTED_OBSERVERS,
     StatisticsCollector,
     load_statistics,
     per_sample_stats,
@@ -203,6 +204,7 @@ def bench_model(
         cases[name] = lambda q=quantizer: q
     cases["collect statistics"] = lambda: StatisticsCollector(model)
     cases["collect, torch reductions"] = lambda: StatisticsCollector(model, fused=False)
+    cases["collect + histogram"] = lambda: StatisticsCollector(model, observers=COLLECTED_OBSERVERS)
 
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(repeats + 1):  # round 0 warms up

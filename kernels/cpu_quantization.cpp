@@ -332,9 +332,73 @@ at::Tensor per_sample_stats(const at::Tensor& x) {
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Histogram binning (observers.HistogramObserver._accumulate): for each value of a contiguous float32 x,
+//   counts[clamp(floor((x - lo) * scale) - start, 0, bins - 1)] += 1      (NaN counts in bin 0)
+// with the float32 steps of the PyTorch expression there, so both give the same bins.  floor is taken by
+// truncation after clamping to +-2^30 (SSE2 has no floor; every bin index in a window is far inside that range,
+// so a clamped value lands in the same end bin).  Indices are computed a block at a time (vectorisable), then
+// counted into kWays interleaved histograms (runs of one bin, such as a ReLU's zeros, do not serialise on one
+// counter); every task has its own, summed at the end: integer sums, the same counts for any thread count.
+
+constexpr int64_t kWays = 4;
+constexpr float kFloorRange = 1073741824.0f;  // 2^30
+
+void histogram_accumulate_(const at::Tensor& x, at::Tensor& counts, double lo, double scale, double start) {
+  check_tensor(x, "x");
+  if (!x.is_contiguous()) fail(std::string(kPrefix) + ": histogram_accumulate_ takes a contiguous tensor");
+  if (counts.device().type() != at::kCPU || counts.scalar_type() != at::kLong || counts.dim() != 1 ||
+      !counts.is_contiguous() || counts.size(0) < 1)
+    fail(std::string(kPrefix) + ": histogram_accumulate_ counts must be a contiguous 1-d int64 CPU tensor");
+  const int64_t bins = counts.size(0), n = x.numel();
+  if (n == 0) return;
+  const float lo_f = static_cast<float>(lo), scale_f = static_cast<float>(scale),
+              start_f = static_cast<float>(start);
+  const int32_t top = static_cast<int32_t>(bins - 1), start_i = static_cast<int32_t>(start);
+  const float* data = x.data_ptr<float>();
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
+  std::vector<int64_t> partial(tasks * kWays * bins, 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    int32_t idx[kBlock];
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t* h = partial.data() + t * kWays * bins;
+      const int64_t a = n * t / tasks, b = n * (t + 1) / tasks;
+      for (int64_t i = a; i < b; i += kBlock) {
+        const int64_t len = std::min(kBlock, b - i);
+        const float* p = data + i;
+        for (int64_t j = 0; j < len; ++j) {
+          float u = (p[j] - lo_f) * scale_f;
+          u = u == u ? u : start_f;  // NaN: floor(start) - start = bin 0
+          u = u > kFloorRange ? kFloorRange : u;
+          u = u < -kFloorRange ? -kFloorRange : u;
+          int32_t k = static_cast<int32_t>(u);
+          k -= static_cast<float>(k) > u ? 1 : 0;  // truncation -> floor
+          k -= start_i;
+          k = k < 0 ? 0 : k;
+          idx[j] = k > top ? top : k;
+        }
+        int64_t j = 0;
+        for (; j + kWays <= len; j += kWays) {
+          for (int64_t w = 0; w < kWays; ++w) ++h[w * bins + idx[j + w]];
+        }
+        for (; j < len; ++j) ++h[idx[j]];
+      }
+    }
+  });
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tasks * kWays; ++t) {
+    for (int64_t j = 0; j < bins; ++j) c[j] += partial[t * bins + j];
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   aciq_kernels::bind_kernels(m, "CPU", &quantize_, &quantize_per_channel_, &per_sample_stats,
                              " (two reads per row, deterministic for any thread count)");
+  m.def("histogram_accumulate_", &histogram_accumulate_,
+        "Add the float32 CPU tensor x's values to int64 counts at bin clamp(floor((x - lo) * scale) - start, 0, "
+        "bins - 1) (HistogramObserver's binning)",
+        py::arg("x"), py::arg("counts"), py::arg("lo"), py::arg("scale"), py::arg("start"));
 }

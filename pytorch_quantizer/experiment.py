@@ -33,7 +33,14 @@ from .models import build_model, fold_batchnorm, weights_fingerprint
 from .observers import PER_CHANNEL
 from .policy import BitAllocation, channel_plan_table, mse_order, plan_table
 from .quantizer import ActivationQuantizer, QuantConfig
-from .stats import Statistics, StatisticsCollector, StatisticsError, folder_fingerprint, load_statistics
+from .stats import (
+    COLLECTED_OBSERVERS,
+    Statistics,
+    StatisticsCollector,
+    StatisticsError,
+    folder_fingerprint,
+    load_statistics,
+)
 from .weights import weight_corrections
 
 log = logging.getLogger("pytorch_quantizer")
@@ -360,13 +367,20 @@ class Experiment:
         return acc, time.perf_counter() - start
 
     def collect(self) -> tuple[Accuracy, float]:
-        """FP32 pass over the calibration images with statistics hooks; the folder is replaced only on success."""
+        """FP32 pass over the calibration images with statistics hooks (every observer of ``COLLECTED_OBSERVERS``
+        in the same pass: one calibration serves every method); the folder is replaced only on success."""
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
         log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
                  self.cal_dataset.root)
-        observers = ("moments", ("moments", PER_CHANNEL)) if self.cfg.per_channel_activations else ("moments",)
+        observers = (*COLLECTED_OBSERVERS, *((("moments", PER_CHANNEL),) if self.cfg.per_channel_activations else ()))
         with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point,
                                  observers=observers) as collector:
+            if self.dist.active:  # every rank bins its histograms on the lattice of one process's first batch
+                first = Subset(self.cal_dataset, self.calibration[: self.cfg.batch_size])
+                images, _ = next(iter(make_loader(_Mapped(first, self.preprocess.normalize_transform()),
+                                                  self.cfg.batch_size, workers=0)))
+                with self.dist.together(), collector.priming(), torch.inference_mode():
+                    self.runner(images.to(self.device))
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
         if self.dist.active:  # every rank's per-sample rows to rank 0, in rank (= sample) order
             with self.dist.together():

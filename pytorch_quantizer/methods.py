@@ -13,15 +13,21 @@ the plan table, a column of the report and a value of the results CSV; nothing e
             return ClipDecision(self.name, alpha, predicted_mse)
 
 The built-in entries are the seed's: ``no`` (the observed range), ``laplace`` and ``gaus`` (the analytical
-optimum of the paper's MSE model for that prior), ``mix`` (the prior whose predicted MSE is smaller), and
+optimum of the paper's MSE model for that prior), ``mix`` (the prior whose *predicted* MSE is smaller), and
 ``minmax`` (min of minima to max of maxima: the seed's rule for the classifier, never clipped); then
-``laplace-grid`` and ``gaus-grid``, the same priors with the MSE model of the real GEMMLOWP grid.
+``laplace-grid`` and ``gaus-grid``, the same priors with the MSE model of the real GEMMLOWP grid; and the
+calibrators of other tools, searched on the layer's histogram (``searches``): ``kld`` (TensorRT's entropy
+calibration), ``mse`` (the range of smallest measured MSE), ``mix-measured`` (the follow-up's mix: of no / laplace /
+gaus, the grid whose *measured* MSE is smallest), and two families, ``pP`` (percentile) and ``Nstd`` (mean +- N
+std).  A family is a pattern plus a factory (``register_family``): ``get_method("p99.9")`` builds its member.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -38,7 +44,17 @@ from .clipping import (
     prior_clipping,
     quantization_noise,
 )
-from .observers import Observation
+from .observers import Histogram, Observation
+from .searches import (
+    Range,
+    kld_range,
+    kld_upper,
+    measured_mse,
+    mse_range,
+    mse_upper,
+    percentile_range,
+    percentile_upper,
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,21 @@ def one_sided_grid(method: ClippingMethod, obs: Observation, bits: int, cap: flo
 _REGISTRY: dict[str, type[ClippingMethod]] = {}
 
 
+@dataclass(frozen=True)
+class Family:
+    """Methods named by a pattern (``p99.9``, ``3std``): ``factory(match)`` builds the member's class (or raises
+    ValueError for a parameter out of range); ``examples`` are listed with the plain names."""
+
+    pattern: re.Pattern[str]
+    factory: Callable[[re.Match[str]], type[ClippingMethod]]
+    examples: tuple[str, ...]
+    syntax: str  # how the names are written, for error messages and --help: "pP (0 < P <= 100)"
+
+
+_FAMILIES: list[Family] = []
+_MEMBERS: dict[str, type[ClippingMethod]] = {}
+
+
 def register(cls: type[ClippingMethod]) -> type[ClippingMethod]:
     """Add a method to the registry under ``cls.name`` (a class decorator); a name is taken once."""
     name = getattr(cls, "name", "")
@@ -126,28 +157,53 @@ def register(cls: type[ClippingMethod]) -> type[ClippingMethod]:
     return cls
 
 
+def register_family(pattern: str, factory: Callable[[re.Match[str]], type[ClippingMethod]],
+                    examples: Iterable[str], syntax: str) -> None:
+    """Add a parametric family: any name that ``pattern`` matches in full is a method, built by ``factory``."""
+    family = Family(re.compile(pattern), factory, tuple(examples), syntax)
+    for example in family.examples:
+        if not family.pattern.fullmatch(example):
+            raise ValueError(f"example {example!r} does not match the family's pattern {pattern!r}")
+    _FAMILIES.append(family)
+
+
 def unregister(name: str) -> None:
     """Remove a registered method (for tests and plugins that add a method for one run)."""
     _REGISTRY.pop(name, None)
 
 
 def method_names() -> tuple[str, ...]:
-    """Every registered method, in registration order (the seed's first)."""
-    return tuple(_REGISTRY)
+    """Every registered method, in registration order (the seed's first), then an example of each family."""
+    return (*_REGISTRY, *(e for family in _FAMILIES for e in family.examples if e not in _REGISTRY))
+
+
+def _known() -> str:
+    return ", ".join([*_REGISTRY, *(family.syntax for family in _FAMILIES)])
+
+
+def method_class(name: str) -> type[ClippingMethod]:
+    """The class of method ``name``: registered, or a family's member; an unknown name lists the known ones."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name not in _MEMBERS:
+        for family in _FAMILIES:
+            match = family.pattern.fullmatch(name)
+            if match:
+                _MEMBERS[name] = family.factory(match)
+                break
+        else:
+            raise ValueError(f"unknown clipping method {name!r}: expected one of {_known()}")
+    return _MEMBERS[name]
 
 
 def get_method(name: str, sigma_estimator: str = "range") -> ClippingMethod:
-    """The registered method ``name``, configured; an unknown name lists the known ones."""
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown clipping method {name!r}: expected one of {', '.join(_REGISTRY)}") from None
-    return cls(sigma_estimator=sigma_estimator)
+    """The method ``name`` (registered, or a family's member), configured."""
+    return method_class(name)(sigma_estimator=sigma_estimator)
 
 
 def required_observers(names: Iterable[str]) -> tuple[str, ...]:
     """The observers the given methods need, each once."""
-    return tuple(dict.fromkeys(obs for name in names for obs in _REGISTRY[name].requires))
+    return tuple(dict.fromkeys(obs for name in names for obs in method_class(name).requires))
 
 
 # -- the seed's methods --------------------------------------------------------------------------------------
@@ -182,7 +238,7 @@ class Gauss(_Prior):
 @register
 class Mix(ClippingMethod):
     name = "mix"
-    summary = "the prior (laplace or gaus) whose predicted MSE is smaller, per layer"
+    summary = "the prior (laplace or gaus) whose predicted MSE (the paper's model) is smaller, per layer"
 
     def clip(self, obs: Observation, bits: int) -> ClipDecision:
         candidates = [prior_clipping(obs.moments, prior, bits, self.sigma_estimator) for prior in PRIORS]
@@ -233,6 +289,160 @@ class GaussGrid(_GridPrior):
     prior = "gaus"
     name = "gaus-grid"
     summary = "ACIQ for the real grid: alpha minimising the exact MSE of 2^M levels (2^M - 1 steps), Gaussian prior"
+
+
+# -- searched on the measured histogram ---------------------------------------------------------------------
+def histogram_of(obs: Observation, why: str) -> Histogram:
+    """The layer's histogram, or a one-line error naming what to collect."""
+    hist = obs.extra.get("histogram")
+    if hist is None:
+        raise ValueError(f"{why} needs the histogram observer, which these statistics lack; collect them again "
+                         "with -sm collect")
+    return hist
+
+
+def relu_target(hist: Histogram, cap: float | None) -> tuple[Histogram, float]:
+    """What a one-sided grid [0, hi] is measured against: the histogram of ``clamp(x, 0, ceiling)`` (the ReLU
+    sends the negatives to 0, ReLU6 caps at 6; so does a grid [0, hi <= cap]), and ``ceiling = min(max, cap)``."""
+    ceiling = max(hist.max if cap is None else min(hist.max, cap), 0.0)
+    return hist.clamped(0.0, ceiling), ceiling
+
+
+def grid_mse(target: Histogram, grid: Grid, bits: int) -> float:
+    """The measured MSE of ``grid`` on ``target``; a grid of width 0 passes values unchanged (no error)."""
+    if grid.delta <= 0.0:
+        return 0.0
+    return float(measured_mse(target, grid.offset, grid.offset + grid.delta, bits)[0])
+
+
+class GridFirst(ClippingMethod):
+    """A method that computes its grid directly; ``clip`` reports the two-sided grid's alpha (half its width)."""
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        grid = self.grid(obs, bits)
+        return ClipDecision(grid.method, grid.alpha, grid.predicted_mse)
+
+
+class HistogramMethod(GridFirst):
+    """A range searched on the layer's histogram (``searches``): ``search`` for a two-sided grid, ``search_upper``
+    for a one-sided one (measured against the ReLU's output, ``relu_target``); by default the pair of functions
+    ``searches``.  The grid's ``predicted_mse`` is its *measured* MSE on the histogram.  A constant histogram is
+    not clipped (its grid has width 0: the layer passes unchanged, as with ``no``)."""
+
+    requires: ClassVar[tuple[str, ...]] = ("moments", "histogram")
+    searches: ClassVar[tuple[Callable[[Histogram, int], Range], Callable[[Histogram, int], Range]]]
+
+    def search(self, hist: Histogram, bits: int) -> Range:
+        return self.searches[0](hist, bits)
+
+    def search_upper(self, hist: Histogram, bits: int) -> Range:
+        return self.searches[1](hist, bits)
+
+    def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
+        bits = check_bits(bits)
+        hist = histogram_of(obs, f"clipping method {self.name!r}")
+        if one_sided:
+            target, ceiling = relu_target(hist, cap)
+            found = self.search_upper(target, bits)
+            hi = min(max(found.hi, 0.0), ceiling)
+            grid = Grid(self.name if hi < ceiling else "no", hi, hi, 0.0, 0.0, one_sided=True)
+            return replace(grid, predicted_mse=grid_mse(target, grid, bits))
+        found = self.search(hist, bits)
+        lo, hi = max(found.lo, hist.min), min(found.hi, hist.max)
+        name = self.name if lo > hist.min or hi < hist.max else "no"
+        grid = Grid(name, (hi - lo) / 2.0, hi - lo, lo, 0.0)
+        return replace(grid, predicted_mse=grid_mse(hist, grid, bits))
+
+
+@register
+class MeasuredMse(HistogramMethod):
+    name = "mse"
+    summary = "the range whose measured quantization MSE on the calibration histogram is smallest (searched)"
+    searches = (mse_range, mse_upper)
+
+
+@register
+class Entropy(HistogramMethod):
+    name = "kld"
+    summary = "TensorRT's entropy calibration on the asymmetric grid: the range minimising KL(P || Q)"
+    searches = (kld_range, kld_upper)
+
+
+@register
+class MeasuredMix(GridFirst):
+    """The follow-up's mix: per layer, of ``no``, ``laplace`` and ``gaus``, the grid (each method's own rule,
+    one-sided where the layer is) whose *measured* MSE on the calibration histogram is smallest; ties go to the
+    first of that order.  (``mix`` compares the paper model's *predicted* MSEs of laplace and gaus instead.)"""
+
+    name = "mix-measured"
+    requires = ("moments", "histogram")
+    summary = "of no / laplace / gaus, the grid whose measured MSE on the calibration histogram is smallest"
+    candidates: ClassVar[tuple[str, ...]] = ("no", "laplace", "gaus")
+
+    def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
+        bits = check_bits(bits)
+        hist = histogram_of(obs, f"clipping method {self.name!r}")
+        target = relu_target(hist, cap)[0] if one_sided else hist
+        grids = [get_method(name, self.sigma_estimator).grid(obs, bits, one_sided, cap) for name in self.candidates]
+        measured = [replace(g, predicted_mse=grid_mse(target, g, bits)) for g in grids]
+        return min(measured, key=lambda g: g.predicted_mse)
+
+
+class Percentile(HistogramMethod):
+    """``pP``: the range holding the central P % of the calibration values (a share 1 - P/100 is clipped, half off
+    each tail); on a one-sided grid the P % quantile of the ReLU's output (the zeros count), all clipped off the
+    top.  ``p100`` is the observed range."""
+
+    percent: ClassVar[float] = 100.0
+    summary = "percentile: the central P % of the calibration values (half of the rest clipped off each tail)"
+
+    def search(self, hist: Histogram, bits: int) -> Range:
+        return Range(*percentile_range(hist, self.percent), math.nan)
+
+    def search_upper(self, hist: Histogram, bits: int) -> Range:
+        return Range(0.0, percentile_upper(hist, self.percent), math.nan)
+
+
+def _percentile(match: re.Match[str]) -> type[ClippingMethod]:
+    percent = float(match.group(1))
+    if not 0.0 < percent <= 100.0:
+        raise ValueError(f"clipping method {match.group(0)!r}: the percentile must be in (0, 100], got {percent:g}")
+    return type(f"Percentile_{match.group(0)}", (Percentile,), {"name": match.group(0), "percent": percent})
+
+
+class StdRange(ClippingMethod):
+    """``Nstd``: the follow-up's baseline, the range mean +- N std (the moments' mean over samples) cut to the
+    observed range (min and max as ``no`` takes them); one-sided [0, min(max(mean, 0) + N std, max, cap)].
+    Moments only; the predicted MSE is the grid's rounding noise alone (no clipping model)."""
+
+    stds: ClassVar[float] = 3.0
+    summary = "mean +- N std of the calibration moments, cut to the observed range (the follow-up's baseline)"
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        alpha = self.stds * obs.moments.std
+        return ClipDecision(self.name, alpha, quantization_noise(alpha, check_bits(bits)))
+
+    def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
+        bits = check_bits(bits)
+        if one_sided:
+            return one_sided_grid(self, obs, bits, cap)
+        stats, alpha = obs.moments, self.stds * obs.moments.std
+        lo, hi = max(stats.min, stats.mean - alpha), min(stats.max, stats.mean + alpha)
+        name = self.name if alpha > 0.0 and (lo > stats.min or hi < stats.max) else "no"
+        if alpha <= 0.0:
+            lo, hi = stats.min, stats.max
+        return Grid(name, alpha, hi - lo, lo, quantization_noise((hi - lo) / 2.0, bits))
+
+
+def _std_range(match: re.Match[str]) -> type[ClippingMethod]:
+    stds = float(match.group(1))
+    if not stds > 0.0:
+        raise ValueError(f"clipping method {match.group(0)!r}: N in Nstd must be > 0, got {stds:g}")
+    return type(f"StdRange_{match.group(0)}", (StdRange,), {"name": match.group(0), "stds": stds})
+
+
+register_family(r"p(\d+(?:\.\d*)?|\.\d+)", _percentile, ("p99.99",), "pP (percentile, 0 < P <= 100, e.g. p99.99)")
+register_family(r"(\d+(?:\.\d*)?|\.\d+)std", _std_range, ("2std",), "Nstd (mean +- N std, N > 0, e.g. 2std)")
 
 
 def choose_clipping(stats: TensorStats, method: str, bits: int, sigma_estimator: str = "range") -> ClipDecision:

@@ -9,8 +9,9 @@ message naming what to collect.
 Each observer has a ``Granularity``: per tensor (one set of values per sample) or per channel along an axis (one
 set per sample and channel).  ``MomentsObserver`` is the seed's statistics (min, max, mean, std, kurtosis, mean
 |x|, Laplace b of each sample; the fused kernels compute them); its per-tensor export is the statistics folder's
-CSV layout of the previous releases, byte for byte.  New observers (histograms, ...) are a class here plus
-``register_observer``.
+CSV layout of the previous releases, byte for byte.  ``HistogramObserver`` keeps a fixed-bin histogram of each
+layer's values (per tensor), for the methods that search the measured distribution (``kld``, ``mse``, ``pNN``,
+``mix-measured``).  New observers are a class here plus ``register_observer``.
 
 Distributed collect (``torchrun``, see ``distributed``): each rank observes a contiguous shard of the calibration
 images; rank 0 gathers every rank's ``state()`` (in rank order, which is sample order) and ``merge``s them into
@@ -27,12 +28,14 @@ the extreme range, per-channel moments where collected, and the state of any oth
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -145,6 +148,7 @@ class Observer(ABC):
     ``key`` (the collector's (call, replica) pair: sorting by key gives sample order under DataParallel too)."""
 
     name: ClassVar[str]
+    per_channel: ClassVar[bool] = True  # False: kept per tensor even when the collection is per channel
 
     def __init__(self, granularity: Granularity = PER_TENSOR) -> None:
         self.granularity = granularity
@@ -305,6 +309,286 @@ def _check_summary(path: Path, summary: pd.DataFrame, reductions: list[str]) -> 
         raise ObserverError(f"{path} holds non-finite values")
 
 
+# -- histograms --------------------------------------------------------------------------------------------
+HISTOGRAM_BINS = 2048
+EDGE_FORMAT = "%.17g"  # float64 edges round-trip exactly
+_MAX_BASE = 2.0**62  # first-batch bin indices are exact up to here (float32 integers, clamped)
+_LEVELS = 65  # merge levels 2^0 .. 2^64: at 2^64 any clamped range fits in 2 bins
+
+
+@dataclass(frozen=True, eq=False)
+class Histogram:
+    """How many of a layer's values fell in each bin ``[edges[i], edges[i+1])`` (the last bin closed).
+
+    The bins run from the first to the last non-empty one, and ``edges[0]`` / ``edges[-1]`` are the observed
+    minimum and maximum (those two bins are trimmed to where values were seen), so ``min``/``max`` are exact and a
+    constant tensor is one bin of zero width.  Edges never decrease; a bin of zero width is a point mass (the
+    zeros a ReLU makes: ``clamped``).  Counts are float64 (whole numbers as collected; ``clamped`` splits bins)."""
+
+    edges: np.ndarray
+    counts: np.ndarray
+
+    def __post_init__(self) -> None:
+        edges = np.asarray(self.edges, dtype=np.float64)
+        counts = np.asarray(self.counts, dtype=np.float64)
+        if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1:
+            raise ObserverError(f"a histogram needs bins + 1 edges, got {edges.shape} edges for {counts.shape} counts")
+        if len(counts) == 0 or not counts.sum() > 0:
+            raise ObserverError("the histogram is empty: no values were counted")
+        if not (np.isfinite(edges).all() and np.isfinite(counts).all()):
+            raise ObserverError("the histogram holds non-finite edges or counts")
+        if (np.diff(edges) < 0).any() or (counts < 0).any():
+            raise ObserverError("the histogram's edges decrease or a count is negative")
+        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "counts", counts)
+
+    @property
+    def numel(self) -> int:
+        """How many values were counted."""
+        return int(round(self.counts.sum()))
+
+    @property
+    def min(self) -> float:
+        return float(self.edges[0])
+
+    @property
+    def max(self) -> float:
+        return float(self.edges[-1])
+
+    @property
+    def constant(self) -> bool:
+        return self.min == self.max
+
+    @property
+    def centres(self) -> np.ndarray:
+        return 0.5 * (self.edges[:-1] + self.edges[1:])
+
+    def mean(self) -> float:
+        return float(np.dot(self.centres, self.counts) / self.counts.sum())
+
+    def quantile(self, q: float | np.ndarray) -> np.ndarray:
+        """The ``q`` quantile(s) (0..1), values uniform within each bin: 0 is the minimum, 1 the maximum."""
+        q = np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)
+        cum = np.concatenate([[0.0], np.cumsum(self.counts)])
+        target = q * cum[-1]
+        i = np.clip(np.searchsorted(cum[1:], target, side="left"), 0, len(self.counts) - 1)
+        inside = np.clip((target - cum[i]) / np.maximum(self.counts[i], 1e-300), 0.0, 1.0)
+        return self.edges[i] + inside * (self.edges[i + 1] - self.edges[i])
+
+    def clamped(self, lo: float, hi: float) -> Histogram:
+        """The histogram of ``clamp(x, lo, hi)``: what lies outside becomes a point mass (a zero-width bin) at
+        ``lo`` or ``hi``, a bin cut by a bound keeps the share of its count inside (values uniform in a bin).
+        ``clamped(0, cap)`` is what a ReLU (ReLU6: cap 6) makes of a layer's output."""
+        if not lo <= hi:
+            raise ValueError(f"clamp bounds must satisfy lo <= hi, got {lo} and {hi}")
+        left, right = self.edges[:-1], self.edges[1:]
+        width = right - left
+        safe = np.where(width > 0, width, 1.0)
+        below = np.where(width > 0, np.clip((lo - left) / safe, 0.0, 1.0), (left < lo).astype(float))
+        above = np.where(width > 0, np.clip((right - hi) / safe, 0.0, 1.0), (left > hi).astype(float))
+        inner = self.counts * np.clip(1.0 - below - above, 0.0, 1.0)
+        cut = np.clip(self.edges, lo, hi)
+        kept = (np.diff(cut) > 0) | (inner > 0)  # the bins left inside (a contiguous run), and point masses in it
+        if kept.any():
+            first, last = np.flatnonzero(kept)[[0, -1]]
+            cut, inner = cut[first:last + 2], inner[first:last + 1]
+        else:
+            cut, inner = np.array([lo, hi]), np.array([0.0])
+        edges = np.concatenate([[lo], cut, [hi]])
+        counts = np.concatenate([[float(np.dot(self.counts, below))], inner, [float(np.dot(self.counts, above))]])
+        live = np.flatnonzero(counts > 0)
+        first, last = live[0], live[-1]
+        return Histogram(edges[first:last + 2], counts[first:last + 1])
+
+    @classmethod
+    def of_tensor(cls, x: torch.Tensor, bins: int = HISTOGRAM_BINS) -> Histogram:
+        """The histogram of one tensor (all its values), as the observer would record it from one batch."""
+        observer = HistogramObserver(bins=bins)
+        observer.update(x, (0, 0))
+        return observer.histogram()
+
+
+def _base_index(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """floor((x - lo) * inv) in float32: the index of ``x``'s bin on the first batch's lattice."""
+    return torch.floor((x - lo) * inv)
+
+
+@register_observer
+class HistogramObserver(Observer):
+    """A histogram of a layer's values (per tensor, all samples together) in ``bins`` bins, kept on the activation's
+    device: each batch costs an ``aminmax`` and one binning pass, and the pass never waits for the host.
+
+    The lattice: the first batch fixes the origin ``lo0`` (its minimum) and the bin width ``w0 = (max - min) /
+    (bins - 1/2)`` (so its maximum falls inside the last bin; a constant first batch gets a tiny width).  A value's
+    base index is ``floor((x - lo0) / w0)`` (float32, the same expression for every value).  The histogram is
+    always the ``bins`` bins of width ``2^e w0`` starting at the bin that holds the smallest value seen so far,
+    with ``e >= 0`` the smallest level at which every value seen fits: a value's bin is ``floor(base / 2^e) -
+    start``.  When a batch falls outside, ``e`` grows and the old counts are merged exactly (every ``2^k`` old bins
+    are one new bin: old edges stay edges) before the batch is added.  Because ``e`` and ``start`` depend only on
+    the overall minimum and maximum, the result is a function of the first batch and of the multiset of all
+    values: how the later values are split into batches, and in which order they come, does not change one count.
+    Exact while the range stays within 2^62 first-batch bins (beyond, the extreme values share the end bins).
+    CPU tensors go to the compiled kernel's ``histogram_accumulate_`` when it is built (the same float32 steps,
+    one read and no temporary), others to the PyTorch expression.  Under ``nn.DataParallel`` the replicas' chunks
+    are added one at a time on the first chunk's device; the counts stay exact, but which chunk comes first (and so
+    the lattice) is the threads' order, not the samples'.
+
+    Under torchrun every rank first ``prime``s its lattice with the batch that one process would see first (the
+    collector runs it, ``StatisticsCollector.priming``), then bins its shard; rank 0 ``merge``s the ranks' counts at
+    the level that fits the overall range, which by the rule above is the one process's histogram, count for
+    count."""
+
+    name = "histogram"
+    per_channel = False
+
+    def __init__(self, granularity: Granularity = PER_TENSOR, bins: int = HISTOGRAM_BINS) -> None:
+        if granularity.axis is not None:
+            raise ObserverError("the histogram observer is per tensor: per-channel histograms are not supported")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 4:
+            raise ObserverError(f"a histogram needs an integer number of bins >= 4, got {bins!r}")
+        super().__init__(granularity)
+        self.bins = bins
+        self.counts: torch.Tensor | None = None  # int64 [bins]
+        self.lo = self.inv = self.min = self.max = torch.zeros(())  # float32 0-d, on the device
+        self.level = self.start = torch.zeros((), dtype=torch.float64)  # e and the window's first bin at level e
+        self.primed = False  # the lattice (lo, inv) is set
+        self._lock = threading.Lock()  # DataParallel's replicas call update from their own threads
+
+    def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._update(x if self.counts is None else x.to(self.counts.device))
+
+    def _update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        if flat.numel() == 0:
+            return
+        mn, mx = torch.aminmax(flat)
+        first = self.counts is None
+        if not self.primed:
+            self._set_lattice(mn, mx)
+        if first:
+            self.min, self.max = mn, mx
+        else:
+            self.min, self.max = torch.minimum(self.min, mn), torch.maximum(self.max, mx)
+        level, start = self._fit(self.min, self.max)
+        counts = torch.zeros(self.bins, dtype=torch.int64, device=flat.device)
+        if not first:
+            self._move(counts, self.counts, self.level, self.start, level, start)
+        self.level, self.start, self.counts = level, start, counts
+        self._accumulate(flat, torch.ldexp(self.inv, -level.float()), start.float())
+
+    def _set_lattice(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        width = mx - mn
+        w0 = torch.where(width > 0, width / (self.bins - 0.5), torch.clamp(mn.abs(), min=1.0) * 2.0**-20)
+        self.lo, self.inv, self.primed = mn, 1.0 / w0, True
+
+    def prime(self, x: torch.Tensor) -> None:
+        """Fix the lattice from ``x`` (the first batch one process would see) without counting it."""
+        if not self.primed:
+            self._set_lattice(*torch.aminmax(x.detach().reshape(-1).float()))
+
+    def _fit(self, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest level e at which [mn, mx] fits in ``bins`` bins, and the window's first bin (exact: float32
+        integers in float64)."""
+        ends = _base_index(torch.stack([mn, mx]), self.lo, self.inv)
+        ends = torch.nan_to_num(ends, nan=0.0).clamp(-_MAX_BASE, _MAX_BASE).double()
+        levels = torch.arange(_LEVELS, dtype=torch.float64, device=ends.device)
+        lows, highs = (torch.floor(end * torch.exp2(-levels)) for end in ends)
+        level = torch.argmax((highs - lows <= self.bins - 1).int())
+        return level.double(), lows.gather(0, level.view(1)).squeeze(0)
+
+    def _move(self, into: torch.Tensor, counts: torch.Tensor, old_level: torch.Tensor, old_start: torch.Tensor,
+              level: torch.Tensor, start: torch.Tensor) -> None:
+        """Add ``counts`` (a window at ``old_level`` from ``old_start``) into ``into`` (at ``level`` >= it, from
+        ``start``): old bin j is bin old_start + j at its level, merged into its bin at the new level."""
+        old = torch.arange(self.bins, dtype=torch.float64, device=into.device) + old_start.to(into.device)
+        moved = torch.floor(old * torch.exp2(old_level.to(into.device) - level)) - start
+        into.index_add_(0, moved.clamp(0, self.bins - 1).long(), counts.to(into.device))
+
+    def state(self) -> dict[str, torch.Tensor] | None:
+        """This rank's lattice, range and counts on the CPU (None when it saw no values: an idle rank)."""
+        if self.counts is None:
+            return None
+        return {key: getattr(self, key).cpu() for key in ("lo", "inv", "min", "max", "level", "start", "counts")}
+
+    def merge(self, states: Sequence[dict[str, torch.Tensor] | None]) -> None:
+        live = [state for state in states if state is not None]
+        if not live:
+            return
+        lattices = {(float(state["lo"]), float(state["inv"])) for state in live}
+        if len(lattices) > 1:
+            raise ObserverError(f"the ranks' histograms were binned on {len(lattices)} different lattices: prime "
+                                "them with the same first batch (StatisticsCollector.priming)")
+        self.lo, self.inv, self.primed = live[0]["lo"], live[0]["inv"], True
+        self.min = torch.stack([state["min"] for state in live]).min()
+        self.max = torch.stack([state["max"] for state in live]).max()
+        level, start = self._fit(self.min, self.max)
+        counts = torch.zeros(self.bins, dtype=torch.int64)
+        for state in live:
+            self._move(counts, state["counts"], state["level"], state["start"], level, start)
+        self.level, self.start, self.counts = level, start, counts
+
+    def _accumulate(self, flat: torch.Tensor, scale: torch.Tensor, start: torch.Tensor) -> None:
+        """counts[clamp(nan_to_0(floor((x - lo) * scale) - start), 0, bins - 1)] += 1 for every value."""
+        kernel = _histogram_kernel(flat)
+        if kernel is not None:
+            kernel(flat.contiguous(), self.counts, self.lo.item(), scale.item(), start.item())
+            return
+        t = flat - self.lo
+        index = t.mul_(scale).floor_().sub_(start).nan_to_num_(nan=0.0).clamp_(0, self.bins - 1).long()
+        if index.device.type == "cpu":
+            self.counts += torch.bincount(index, minlength=self.bins)
+        else:  # bincount sizes its output from the data's maximum: a host synchronisation
+            self.counts.index_add_(0, index, torch.ones((), dtype=torch.int64, device=index.device).expand_as(index))
+
+    def histogram(self) -> Histogram:
+        """The histogram so far, trimmed to the non-empty bins and to the observed min and max (float64 edges)."""
+        if self.counts is None:
+            raise ObserverError("the histogram observer saw no values")
+        counts = self.counts.cpu().numpy()
+        live = np.flatnonzero(counts)
+        first, last = int(live[0]), int(live[-1])
+        lo, width = float(self.lo), 2.0 ** float(self.level) / float(self.inv)
+        edges = lo + (float(self.start) + np.arange(first, last + 2, dtype=np.float64)) * width
+        mn, mx = float(self.min), float(self.max)
+        edges = np.clip(edges, mn, mx)
+        edges[0], edges[-1] = mn, mx
+        return Histogram(edges, counts[first:last + 1])
+
+    def export(self, folder: Path, layer: str) -> None:
+        if self.counts is None:
+            raise ObserverError(f"the histogram observer of {layer} saw no values")
+        check_finite(layer, float(self.min), float(self.max))
+        hist = self.histogram()
+        frame = pd.DataFrame({"left": hist.edges[:-1], "right": hist.edges[1:],
+                              "count": hist.counts.astype(np.int64)})
+        frame.to_csv(folder / f"{layer}_histogram.csv", index=False, float_format=EDGE_FORMAT)
+
+    @classmethod
+    def load(cls, folder: Path, layer: str, granularity: Granularity) -> Histogram:
+        path = folder / f"{layer}_histogram.csv"
+        frame = _read(path, index_col=None)
+        if list(frame.columns) != ["left", "right", "count"]:
+            raise ObserverError(f"{path} is malformed: expected columns left,right,count, got {list(frame.columns)}")
+        left, right = frame["left"].to_numpy(np.float64), frame["right"].to_numpy(np.float64)
+        if len(frame) > 1 and not np.array_equal(left[1:], right[:-1]):
+            raise ObserverError(f"{path} is malformed: each bin must start where the previous one ends")
+        try:
+            return Histogram(np.concatenate([left[:1], right]), frame["count"].to_numpy(np.float64))
+        except ObserverError as err:
+            raise ObserverError(f"{path}: {err}") from None
+
+
+def _histogram_kernel(flat: torch.Tensor):
+    """The compiled CPU ``histogram_accumulate_`` when built, else None (CUDA tensors use PyTorch's ops)."""
+    if flat.device.type != "cpu":
+        return None
+    module = kernel_module("cpu")
+    return getattr(module, "histogram_accumulate_", None) if module is not None else None
+
+
 def stats_from_row(row: Mapping[str, float], numel: int) -> TensorStats:
     """The clipping rule's statistics from a summary row (one reduction over samples)."""
     return TensorStats(min=float(row["min"]), max=float(row["max"]), mean=float(row["mean"]), b=float(row["b"]),
@@ -333,8 +617,10 @@ class Observation:
         return Observation(stats.numel, stats, self.channel_extremes[c])
 
     @classmethod
-    def of_tensor(cls, name: str, x: torch.Tensor, need_spread: bool = True) -> Observation:
-        """The observation of one live tensor, all its samples together (the seed's ``-sm no``)."""
+    def of_tensor(cls, name: str, x: torch.Tensor, need_spread: bool = True, histogram: bool = False
+                  ) -> Observation:
+        """The observation of one live tensor, all its samples together (the seed's ``-sm no``); with
+        ``histogram`` also its histogram (``extra["histogram"]``) for the methods that search one."""
         flat = x.detach().reshape(-1).float()
         lo, hi = torch.aminmax(flat)
         check_finite(name, lo.item(), hi.item())
@@ -345,7 +631,8 @@ class Observation:
             b = centred.abs().mean().item()
             std = centred.square_().mean().sqrt().item()
         stats = TensorStats(lo.item(), hi.item(), mean.item(), b, std, max(flat.numel(), 2))
-        return cls(numel=stats.numel, moments=stats, extreme=(stats.min, stats.max))
+        extra = {"histogram": Histogram.of_tensor(flat)} if histogram else {}
+        return cls(numel=stats.numel, moments=stats, extreme=(stats.min, stats.max), extra=extra)
 
     @classmethod
     def of_moments(cls, stats: TensorStats) -> Observation:

@@ -211,9 +211,10 @@ class ActivationQuantizer:
 
         method = get_method(spec.method, cfg.sigma_estimator)
         need_spread = spec.method not in ("no", "minmax")
+        need_histogram = "histogram" in method.requires  # searched on each live tensor's own histogram
 
         def dynamic_hook(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-            obs = Observation.of_tensor(layer.name, x, need_spread)
+            obs = Observation.of_tensor(layer.name, x, need_spread, histogram=need_histogram)
             grid = method.grid(obs, bits, spec.one_sided_for(obs), spec.cap)
             return quantize(x, gemmlowp_qparams(grid.delta, grid.offset, bits, cfg.preserve_zero, cfg.pow2_scale))
 

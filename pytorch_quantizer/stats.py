@@ -23,7 +23,8 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ CALIBRATION_FILE = "calibration.txt"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 FORMAT_1_OBSERVERS = [{"name": "moments", "granularity": "tensor"}]
+# What ``-sm collect`` gathers in its one pass: the moments every ACIQ method reads and the histogram the searched
+# methods (kld, mse, pP, mix-measured) read.
+COLLECTED_OBSERVERS = ("moments", "histogram")
 
 
 class StatisticsError(ValueError):
@@ -104,12 +108,15 @@ class StatisticsCollector:
         self._lock = threading.Lock()
         self.numel: dict[str, int] = {}
         self._hooks = HookSet()
+        self._priming = False
 
     def _make(self, name: str, granularity: Granularity) -> Observer:
+        """Observer ``name`` at ``granularity``; one that is only per tensor (the histogram) stays per tensor, and
+        the folder's meta says so."""
         cls = observer_class(name)
         if cls is MomentsObserver:
             return MomentsObserver(granularity, fused=self.fused)
-        return cls(granularity)
+        return cls(granularity if cls.per_channel else PER_TENSOR)
 
     def attach(self) -> StatisticsCollector:
         if not self._hooks.attached:
@@ -134,6 +141,11 @@ class StatisticsCollector:
         observers = self.observers[name]
 
         def hook(module: nn.Module, output: torch.Tensor) -> None:
+            if self._priming:
+                for observer in observers:
+                    if hasattr(observer, "prime"):
+                        observer.prime(output)
+                return
             replica = self._replica(output)
             with self._lock:
                 call = self._calls.get((name, replica), 0)
@@ -144,6 +156,17 @@ class StatisticsCollector:
                 observer.update(output, (call, replica))
 
         return hook
+
+    @contextmanager
+    def priming(self) -> Iterator[None]:
+        """While inside, a forward only fixes the observers' binning (``HistogramObserver.prime``) and counts
+        nothing: under torchrun every rank runs the batch one process would see first, so that all ranks bin
+        alike and rank 0 can merge their histograms exactly."""
+        self._priming = True
+        try:
+            yield
+        finally:
+            self._priming = False
 
     @property
     def samples(self) -> int:
@@ -195,7 +218,8 @@ class StatisticsCollector:
             {"name": layer.name, "module": layer.module_name, "kind": layer.kind, "numel": self.numel[layer.name]}
             for layer in layers
         ]
-        observers = [{"name": name, "granularity": g.label} for name, g in self.observer_specs]
+        observers = list({(o.name, o.granularity.label): {"name": o.name, "granularity": o.granularity.label}
+                          for o in self.observers[layers[0].name]}.values())
         full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": entries,
                      "observers": observers, "point": self.point}
 

@@ -251,10 +251,10 @@ def test_a_registered_method_runs_through_the_driver(data_dir, stats_dir, capsys
         assert set(plan.loc[plan["role"] == "", "method"]) <= {"toy_quarter", "no"}
         assert (plan["method"] == "toy_quarter").any()
         table = layer_table(load_statistics(stats_dir / "stats"), 4)
-        assert "alpha_toy_quarter" in table and "alpha_toy_hist" not in table  # no histogram in the folder
+        assert "alpha_toy_quarter" in table and "alpha_toy_hist" not in table  # no toy_sketch in the folder
         capsys.readouterr()
         assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "toy_hist") == 2
-        assert "histogram observer" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert "toy_sketch observer" in capsys.readouterr().err.strip().splitlines()[-1]
     finally:
         unregister(HalfRange.name)
         unregister(NeedsHistogram.name)

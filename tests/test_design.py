@@ -104,11 +104,13 @@ class HalfRange(ClippingMethod):
 
 
 class NeedsHistogram(ClippingMethod):
+    """A toy method needing an observer no folder holds (collection gathers moments and histograms)."""
+
     name = "toy_hist"
-    requires = ("moments", "histogram")
+    requires = ("moments", "toy_sketch")
 
     def clip(self, obs, bits):
-        raise AssertionError("never reached: the folder has no histogram")
+        raise AssertionError("never reached: the folder has no toy_sketch")
 
 
 @pytest.fixture
@@ -142,8 +144,10 @@ def test_registered_method_plans_and_quantizes(tiny_model, toy_methods, tmp_path
     ts = stats.tensor_stats("conv1_activation")
     assert row["method"] == "toy_quarter" and row["alpha"] == pytest.approx(ts.range / 4)
     assert row["delta"] == pytest.approx(ts.range / 2)
-    with pytest.raises(StatisticsError, match="histogram observer"):
+    with pytest.raises(StatisticsError, match="toy_sketch observer"):
         ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="toy_hist"), stats)
+    with pytest.raises(StatisticsError, match="needs the histogram observer.*collect them again"):
+        ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="kld"), stats)  # a moments-only folder
 
 
 def test_seed_policy_widths_are_data(tiny_model):

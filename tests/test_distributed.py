@@ -174,13 +174,18 @@ def test_a_failure_marks_the_store_so_peers_stop_at_their_next_batch(tmp_path):
         dist.destroy_process_group()
 
 
-def test_merged_collectors_write_the_folder_of_one(tiny_model, tmp_path):
+@pytest.mark.parametrize("observers", [("moments",), ("moments", "histogram")])
+def test_merged_collectors_write_the_folder_of_one(tiny_model, tmp_path, observers):
+    """Histograms too: each part primes its lattice with the first batch of one process, then bins its shard."""
     x = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    parts = [StatisticsCollector(tiny_model) for _ in range(3)]
-    one = StatisticsCollector(tiny_model)
+    x[6:] *= 30.0  # the last shard widens the range: the merge must coarsen the others' bins
+    parts = [StatisticsCollector(tiny_model, observers=observers) for _ in range(3)]
+    one = StatisticsCollector(tiny_model, observers=observers)
     with torch.no_grad():
         for collector, batches in zip(parts, [[x[:2], x[2:4]], [x[4:6]], [x[6:]]], strict=True):
             with collector:
+                with collector.priming():
+                    tiny_model(x[:2])
                 for batch in batches:
                     tiny_model(batch)
         with one:
