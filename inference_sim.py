@@ -47,6 +47,23 @@ def qtype(text: str) -> int | None:
     return int(match.group(1))
 
 
+def qtypes(text: str) -> tuple[int | None, ...]:
+    """One ``--qtype`` or a comma list of them (``int4,int6,int8``: only with ``--compare``)."""
+    return tuple(qtype(part) for part in text.split(","))
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """``--compare no,laplace,...``: registered clipping methods, each once, in the order given."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma list of clipping methods, e.g. no,laplace,gaus,mix")
+    unknown = [name for name in names if name not in method_names()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown clipping method(s) {', '.join(unknown)}: expected some of "
+                                         f"{', '.join(method_names())}")
+    return names
+
+
 qweight = qtype  # the same names: intN, or f32 for float weights
 
 
@@ -102,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for subsets, random weights, stochastic rounding")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
     p.add_argument("--device_ids", type=device_ids, default=(), help="GPU ids, e.g. '0 1' (several: DataParallel)")
-    p.add_argument("--qtype", type=qtype, default=None, metavar="intN",
-                   help="activation type intN, or fp32; without it nothing is quantized, as in the seed")
+    p.add_argument("--qtype", type=qtypes, default=(None,), metavar="intN",
+                   help="activation type intN, or fp32; without it nothing is quantized, as in the seed; with "
+                        "--compare a comma list, e.g. int4,int6,int8")
     p.add_argument("-qw", "--qweight", type=qweight, default=AUTO, metavar="intN",
                    help="weight and bias type intN, or f32 for float weights (default: int8 when activations are "
                         "quantized, f32 otherwise)")
@@ -140,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ep", "--eval_precision", action="store_true", help="FP32, then int8..int4 in one run")
     p.add_argument("-ct", "--custom_test", action="store_true",
                    help="keep the k layers with the largest estimated MSE at 8 bits, k = 0..L")
+    p.add_argument("--compare", type=method_list, default=(), metavar="M1,M2,...",
+                   help="calibrate once (one pass with every observer these methods need, or -sm use's folder), "
+                        "then evaluate FP32 and each method at each --qtype width: a table, a CSV and a bokeh chart "
+                        "under results/compare/; with -ct the layer-selection sweep per method, a CSV and a PNG")
     p.add_argument("-dd", "--dump_dir", type=Path, default=None, help="dump one batch's activations here")
     p.add_argument("-cs", "--cal_set_size", type=positive, default=None,
                    help="calibrate on N images drawn with --seed (from --cal-data, else from --data, where they are "
@@ -172,11 +194,32 @@ def pick_device(requested: str | None, ids: tuple[int, ...]) -> str:
     return device
 
 
+def compare_widths(args: argparse.Namespace) -> tuple[int, ...]:
+    """Check ``--compare``'s companions and return its activation widths (``--qtype``, each once)."""
+    widths = tuple(dict.fromkeys(args.qtype))
+    if not args.compare:
+        if len(args.qtype) > 1:
+            raise ValueError("a comma list of --qtype values is for --compare only; give one --qtype")
+        return ()
+    if None in widths:
+        raise ValueError("--compare compares quantized activations: give --qtype intN[,intN...] (the FP32 reference "
+                         "row is always included)")
+    if args.eval_precision:
+        raise ValueError("--compare sweeps the widths of --qtype itself: run it without -ep")
+    if args.custom_test and len(widths) != 1:
+        raise ValueError("-ct --compare runs the layer selection at one width: give a single --qtype, e.g. int4")
+    if args.dump_dir or args.compile:
+        raise ValueError("--compare runs without -dd and --compile; dump or compile one method at a time")
+    return widths
+
+
 def config_from_args(args: argparse.Namespace):
     from pytorch_quantizer.experiment import RunConfig
     from pytorch_quantizer.models import default_weights
 
-    if args.custom_test and args.stats_mode != "use":
+    widths = compare_widths(args)
+    args.qtype = args.qtype[0]
+    if args.custom_test and args.stats_mode != "use" and not args.compare:
         raise ValueError("-ct orders layers by their statistics: run it with -sm use")
     if args.half_range and args.act_point == "input":
         raise ValueError("-hr marks outputs that feed a ReLU; with --act_point input every non-negative input gets a "
@@ -189,7 +232,8 @@ def config_from_args(args: argparse.Namespace):
     weight_bits = args.qweight
     if weight_bits is AUTO:
         weight_bits = 8 if args.qtype is not None or sweeps else None
-    if args.stats_mode == "collect" and (args.eval_precision or args.custom_test or args.dump_dir):
+    if args.stats_mode == "collect" and not args.compare and (args.eval_precision or args.custom_test
+                                                              or args.dump_dir):
         raise ValueError("-sm collect only collects statistics; run -ep, -ct or -dd with -sm use or -sm no")
     if args.compile and (args.stats_mode != "use" or args.stochastic or len(args.device_ids) > 1):
         raise ValueError("--compile runs -sm use with round-to-nearest on one device (collection, live statistics, "
@@ -207,7 +251,7 @@ def config_from_args(args: argparse.Namespace):
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
         cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,
-        cache=args.cache, compile=args.compile,
+        cache=args.cache, compile=args.compile, compare=args.compare, compare_bits=widths,
     )
 
 

@@ -22,11 +22,21 @@ from tqdm import tqdm
 from . import __version__
 from .atomic import write_csv_atomic
 from .compiled import compile_model
-from .data import CachedDataset, DataError, imagenet_val_dataset, make_loader, relative_paths, wnid_folder_dataset
+from .data import (
+    CACHE_MEMORY_FRACTION,
+    CachedDataset,
+    DataError,
+    cache_budget,
+    cache_bytes,
+    imagenet_val_dataset,
+    make_loader,
+    relative_paths,
+    wnid_folder_dataset,
+)
 from .dumps import write_dump
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
-from .policy import mse_order, plan_table
+from .policy import LayerPlan, mse_order, plan_table
 from .quantizer import ActivationQuantizer, QuantConfig
 from .stats import Statistics, StatisticsCollector, folder_fingerprint, load_statistics
 from .weights import weight_corrections
@@ -82,6 +92,8 @@ class RunConfig:
     results: Path = Path("results/results.csv")
     cache: bool | None = None  # None: cache decoded images when several passes run over a small set
     compile: bool = False  # each pass under torch.compile (inference.compiled; use mode, round-to-nearest)
+    compare: tuple[str, ...] = ()  # --compare: these methods, calibrated once, each at every width of compare_bits
+    compare_bits: tuple[int, ...] = ()  # --qtype intA,intB,...: the activation widths --compare evaluates
 
     def statistics_path(self, fingerprint: str) -> Path:
         """``-sf``, or by default a folder keyed by architecture, weights fingerprint and BatchNorm folding, so that
@@ -99,12 +111,15 @@ class RunConfig:
     @property
     def needs_statistics(self) -> bool:
         """Use mode reads saved statistics only for passes that quantize activations."""
-        return self.stats_mode == "use" and (self.bits is not None or self.eval_precision or self.custom_test)
+        return self.stats_mode == "use" and (self.bits is not None or self.eval_precision or self.custom_test
+                                             or bool(self.compare))
 
-    def quant_config(self, bits: int | None = None, keep_8bit: Iterable[str] = ()) -> QuantConfig:
+    def quant_config(self, bits: int | None = None, keep_8bit: Iterable[str] = (),
+                     threshold: str | None = None) -> QuantConfig:
+        """The quantization of one pass; ``threshold`` replaces ``-th`` (``--compare`` runs several methods)."""
         return QuantConfig(
             bits=self.bits if bits is None else bits,
-            threshold=self.threshold,
+            threshold=self.threshold if threshold is None else threshold,
             weight_bits=self.weight_bits,
             bias_bits=self.weight_bits,
             edge_weight_bits=self.edge_weight_bits,
@@ -236,10 +251,18 @@ class Experiment:
         cfg = self.cfg
         source, indices = (self.cal_dataset, self.calibration) if calibration else (self.dataset, self.evaluation)
         dataset = source if len(indices) == len(source) else Subset(source, indices)
-        cache = cfg.cache if cfg.cache is not None else passes > 1 and len(dataset) <= 5000
+        budget = cache_budget()
+        cache = cfg.cache
+        if cache is None and passes > 1:
+            estimate = cache_bytes(dataset)
+            cache = estimate <= budget
+            if not cache:
+                log.info("%d passes over %d images decode them afresh each time: caching them would take about "
+                         "%.0f MiB, over the %.0f MiB allowed (%.0f %% of the available memory)", passes,
+                         len(dataset), estimate / 2**20, budget / 2**20, 100 * CACHE_MEMORY_FRACTION)
         normalize = self.preprocess.normalize_transform()
         if cache:
-            dataset = CachedDataset(dataset, transform=normalize, workers=cfg.workers)
+            dataset = CachedDataset(dataset, transform=normalize, workers=cfg.workers, max_bytes=max(budget, 1))
             return make_loader(dataset, cfg.batch_size, workers=0)
         return make_loader(_Mapped(dataset, normalize), cfg.batch_size, workers=cfg.workers)
 
@@ -267,20 +290,23 @@ class Experiment:
                     bar.set_postfix(prec1=f"{acc.prec1:.2f}", prec5=f"{acc.prec5:.2f}")
         return acc, time.perf_counter() - start
 
-    def collect(self) -> tuple[Accuracy, float]:
-        """FP32 pass over the calibration images with statistics hooks; the folder is replaced only on success."""
+    def collect(self, observers: Iterable[str] = ("moments",), folder: Path | None = None) -> tuple[Accuracy, float]:
+        """FP32 pass over the calibration images with statistics hooks feeding ``observers`` (``--compare``: every
+        observer its methods require); the folder (``folder``, default the run's) is replaced only on success."""
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
         log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
                  self.cal_dataset.root)
-        with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point) as collector:
+        folder = self.stats_path if folder is None else folder
+        with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point,
+                                 observers=observers) as collector:
             acc, seconds = self.run_pass(self.loader(calibration=True), "collect", check_outputs=False)
         names = relative_paths(self.cal_dataset)
         images = [names[i] for i in self.calibration]
         meta = {**self.model_meta(), "calibration": {
             "folder": str(Path(self.cal_dataset.root).resolve()), "cal_set_size": self.cfg.cal_set_size}}
-        collector.save(self.stats_path, meta, calibration=images)
-        self.stats_fingerprint = folder_fingerprint(self.stats_path)
-        log.info("statistics of %d images saved to %s", collector.samples, self.stats_path)
+        collector.save(folder, meta, calibration=images)
+        self.stats_fingerprint = folder_fingerprint(folder)
+        log.info("statistics of %d images saved to %s", collector.samples, folder)
         return acc, seconds
 
     def model_meta(self) -> dict:
@@ -304,15 +330,24 @@ class Experiment:
         stats.check_layers(self.layers)
         return stats
 
+    def use_statistics(self, stats: Statistics) -> None:
+        """Adopt statistics collected in this run (``--compare`` calibrates, then evaluates): evaluation then
+        leaves out the images they list, as in use mode."""
+        self.stats = stats
+        self.stats_fingerprint = folder_fingerprint(stats.folder)
+        self.evaluation = self._evaluation_indices()
+
     def quantized_pass(
-        self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None, desc: str
+        self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None, desc: str,
+        plan: list[LayerPlan] | None = None,
     ) -> tuple[Accuracy, float, ActivationQuantizer]:
-        quantizer = ActivationQuantizer(self.model, quant, stats)
+        """One evaluation pass with ``quant``; ``plan`` (from ``plan_layers`` for this config) is used as given."""
+        quantizer = ActivationQuantizer(self.model, quant, stats, plan=plan)
         with quantizer:
             acc, seconds = self.run_pass(loader, desc)
         return acc, seconds, quantizer
 
-    def mse_order(self, stats: Statistics | None, bits: int) -> list[str]:
+    def mse_order(self, stats: Statistics | None, bits: int, threshold: str | None = None) -> list[str]:
         """Layers quantized at ``bits`` ordered by estimated quantization MSE, largest first (for ``-ct``).
 
         The MSE is the analytical one for the chosen clipping, relative to the layer's variance so that layers of
@@ -320,7 +355,8 @@ class Experiment:
         """
         if stats is None:
             raise ValueError("-ct orders layers by their statistics: collect them first and run with -sm use")
-        return mse_order(self.layers, stats, self.cfg.quant_config(bits).policy(self.model), self.cfg.sigma_estimator)
+        policy = self.cfg.quant_config(bits, threshold=threshold).policy(self.model)
+        return mse_order(self.layers, stats, policy, self.cfg.sigma_estimator)
 
     def dump(self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None) -> Path:
         """Save each layer's FP32 and quantized output for the first batch to ``dump_dir`` (see ``dumps``)."""
@@ -433,10 +469,11 @@ def run(cfg: RunConfig) -> list[dict]:
         }
 
     def record(acc: Accuracy, seconds: float, name: str, bits: int | None, weight_bits: int | None,
-               kept: Iterable[str] = (), file: Path | None = None) -> dict:
+               kept: Iterable[str] = (), file: Path | None = None, threshold: str | None = None) -> dict:
         row = {
             "arch": cfg.arch, "weights": cfg.weights, "pass": name, "qtype": _qtype(bits),
-            "qweight": _qtype(weight_bits), "threshold": cfg.threshold, "top1": round(acc.prec1, 3),
+            "qweight": _qtype(weight_bits), "threshold": cfg.threshold if threshold is None else threshold,
+            "top1": round(acc.prec1, 3),
             "top5": round(acc.prec5, 3), "images": acc.images, "seconds": round(seconds, 2),
             "kept_8bit": " ".join(kept), "file": "" if file is None else str(file),
         }
@@ -445,6 +482,12 @@ def run(cfg: RunConfig) -> list[dict]:
         append_result(cfg.results, row)
         rows.append(row)
         return row
+
+    if cfg.compare:
+        from .compare import run_compare
+
+        run_compare(exp, record, settings)
+        return rows
 
     if cfg.stats_mode == "collect":
         acc, seconds = exp.collect()
@@ -510,15 +553,15 @@ def _precision_sweep(exp: Experiment, loader: DataLoader, stats: Statistics | No
 
 
 def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, order: list[str], record,
-                 path: Path) -> pd.DataFrame:
+                 path: Path, threshold: str | None = None) -> pd.DataFrame:
     """The seed's layer selection: keep the k layers with the largest estimated MSE (``order``, from
-    ``Experiment.mse_order``) at 8 bits, k = 0..L."""
+    ``Experiment.mse_order``) at 8 bits, k = 0..L; ``threshold`` replaces ``-th`` (``-ct --compare``)."""
     out = []
     for k in range(len(order) + 1):
         kept = order[:k]
-        quant = exp.cfg.quant_config(keep_8bit=kept)
+        quant = exp.cfg.quant_config(keep_8bit=kept, threshold=threshold)
         acc, seconds, _ = exp.quantized_pass(loader, quant, stats, f"k={k}")
-        row = record(acc, seconds, f"k={k}", exp.cfg.bits, exp.cfg.weight_bits, kept, file=path)
+        row = record(acc, seconds, f"k={k}", exp.cfg.bits, exp.cfg.weight_bits, kept, file=path, threshold=threshold)
         out.append({"k": k, "added_layer": kept[-1] if kept else "", "top1": row["top1"], "top5": row["top5"]})
     return pd.DataFrame(out)
 

@@ -101,7 +101,10 @@ class ActivationQuantizer:
     With ``statistics`` the grids come from them (use mode); without, from each live tensor (no-stats mode).
     """
 
-    def __init__(self, model: nn.Module, config: QuantConfig, statistics: Statistics | None = None) -> None:
+    def __init__(self, model: nn.Module, config: QuantConfig, statistics: Statistics | None = None,
+                 plan: list[LayerPlan] | None = None) -> None:
+        """``plan``: the ``plan_layers`` result for this config and statistics when the caller computed it already
+        (``--compare`` times it), so that it is not computed twice."""
         self.model = model
         self.config = config
         self.layers = activation_layers(model)
@@ -116,7 +119,8 @@ class ActivationQuantizer:
                     f"the statistics in {statistics.folder} were collected at the layers' {statistics.point}s, but "
                     f"this run quantizes their {config.act_point}s; collect them with --act_point {config.act_point}"
                 )
-            self.plan = plan_layers(self.layers, statistics, self.policy, config.sigma_estimator)
+            self.plan = plan if plan is not None else plan_layers(self.layers, statistics, self.policy,
+                                                                  config.sigma_estimator)
             self._qparams = {
                 p.name: None if p.bits is None else gemmlowp_qparams(
                     p.delta, p.offset, p.bits, config.preserve_zero, config.pow2_scale
