@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the forward under torch.compile, quantization fused (-sm use, no -s; see README)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep decoded images in memory between passes (default: when several passes run)")
+                   help="keep decoded images in memory between passes (default: when several passes run and the "
+                        "images take at most half the available memory)")
     return p
 
 
