@@ -229,13 +229,14 @@ def compare_page(table: pd.DataFrame, shared_seconds: float, exp: Experiment) ->
         fig.legend.click_policy = "hide"
         accuracy.append(fig)
     cost = quantized.groupby("method", sort=False)["cal_seconds"].mean()
-    labels = [*cost.index, "shared pass"]
-    seconds = [max(float(v), 1e-6) for v in cost.to_numpy()] + [max(shared_seconds, 1e-6)]
-    bars = figure(y_range=labels[::-1], width=560, height=60 + 40 * len(labels), x_axis_type="log",
-                  title="calibration cost: range computation over all layers (mean over widths), seconds",
-                  x_axis_label="seconds (log)", tools="save", name="calibration_cost")
-    bars.hbar(y=labels, right=seconds, left=1e-6 if min(seconds) > 1e-6 else min(seconds) / 10, height=0.6,
-              color=[method_colour(m) for m in cost.index] + ["#444444"])
+    labels, seconds = list(cost.index), [max(float(v), 1e-9) for v in cost.to_numpy()]
+    colours = [method_colour(m) for m in labels]
+    if shared_seconds > 0:  # 0: the statistics were loaded (-sm use), no pass ran
+        labels, seconds, colours = [*labels, "shared pass"], [*seconds, shared_seconds], [*colours, "#444444"]
+    bars = figure(y_range=labels[::-1], width=1120, height=80 + 40 * len(labels), x_axis_type="log",
+                  title="calibration cost per method: range computation over all layers, mean over widths",
+                  x_axis_label="seconds (log scale)", tools="save", name="calibration_cost")
+    bars.hbar(y=labels, right=seconds, left=min(seconds) / 10, height=0.6, color=colours)
     shown = table.astype({"cal_seconds": object}).fillna("")
     header = Div(width=1140, text=(
         f"<h2>{cfg.arch}: clipping methods compared</h2><p>weights {cfg.weights}, W{cfg.weight_bits or 32}"
