@@ -60,6 +60,21 @@ def threshold(text: str) -> str:
     return text
 
 
+def qtypes(text: str) -> tuple[int | None, ...]:
+    """One ``--qtype`` or a comma list of them (``int4,int6,int8``: only with ``--compare``)."""
+    return tuple(qtype(part) for part in text.split(","))
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """``--compare no,laplace,...``: registered clipping methods, each once, in the order given."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma list of clipping methods, e.g. no,laplace,gaus,mix")
+    for name in names:
+        threshold(name)  # a family member (p99.9, 3std) counts; an unknown name lists the valid ones
+    return names
+
+
 qweight = qtype  # the same names: intN, or f32 for float weights
 
 
@@ -135,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for subsets, random weights, stochastic rounding")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
     p.add_argument("--device_ids", type=device_ids, default=(), help="GPU ids, e.g. '0 1' (several: DataParallel)")
-    p.add_argument("--qtype", type=qtype, default=None, metavar="intN",
-                   help="activation type intN, or fp32; without it nothing is quantized, as in the seed")
+    p.add_argument("--qtype", type=qtypes, default=(None,), metavar="intN",
+                   help="activation type intN, or fp32; without it nothing is quantized, as in the seed; with "
+                        "--compare a comma list, e.g. int4,int6,int8")
     p.add_argument("-qw", "--qweight", type=qweight, default=AUTO, metavar="intN",
                    help="weight and bias type intN, or f32 for float weights (default: int8 when activations are "
                         "quantized, f32 otherwise)")
@@ -204,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(f32: float weights) (default: -qw alone)")
     p.add_argument("-ct", "--custom_test", action="store_true",
                    help="keep the k layers with the largest estimated MSE at 8 bits, k = 0..L")
+    p.add_argument("--compare", type=method_list, default=(), metavar="M1,M2,...",
+                   help="calibrate once (one pass with every observer these methods need, or -sm use's folder), "
+                        "then evaluate FP32 and each method at each --qtype width: a table, a CSV and a bokeh chart "
+                        "under results/compare/; with -ct the layer-selection sweep per method, a CSV and a PNG")
     p.add_argument("-dd", "--dump_dir", type=Path, default=None, help="dump one batch's activations here")
     p.add_argument("-cs", "--cal_set_size", type=positive, default=None,
                    help="calibrate on N images drawn with --seed (from --cal-data, else from --data, where they are "
@@ -218,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the forward under torch.compile, quantization fused (-sm use, no -s; see README)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep decoded images in memory between passes (default: when several passes run)")
+                   help="keep decoded images in memory between passes (default: when several passes run and the "
+                        "images take at most half the available memory)")
     p.add_argument("--dist_timeout", type=float, default=distributed.DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
                    help="under torchrun, how long a rank waits for a lost peer at a collective (default: %(default)s)")
     return p
@@ -238,11 +259,32 @@ def pick_device(requested: str | None, ids: tuple[int, ...]) -> str:
     return device
 
 
+def compare_widths(args: argparse.Namespace) -> tuple[int, ...]:
+    """Check ``--compare``'s companions and return its activation widths (``--qtype``, each once)."""
+    widths = tuple(dict.fromkeys(args.qtype))
+    if not args.compare:
+        if len(args.qtype) > 1:
+            raise ValueError("a comma list of --qtype values is for --compare only; give one --qtype")
+        return ()
+    if None in widths:
+        raise ValueError("--compare compares quantized activations: give --qtype intN[,intN...] (the FP32 reference "
+                         "row is always included)")
+    if args.eval_precision:
+        raise ValueError("--compare sweeps the widths of --qtype itself: run it without -ep")
+    if args.custom_test and len(widths) != 1:
+        raise ValueError("-ct --compare runs the layer selection at one width: give a single --qtype, e.g. int4")
+    if args.dump_dir or args.compile:
+        raise ValueError("--compare runs without -dd and --compile; dump or compile one method at a time")
+    return widths
+
+
 def config_from_args(args: argparse.Namespace):
     from pytorch_quantizer.experiment import RunConfig
     from pytorch_quantizer.models import default_weights
 
-    if args.custom_test and args.stats_mode != "use":
+    widths = compare_widths(args)
+    args.qtype = args.qtype[0]
+    if args.custom_test and args.stats_mode != "use" and not args.compare:
         raise ValueError("-ct orders layers by their statistics: run it with -sm use")
     if args.half_range and args.act_point == "input":
         raise ValueError("-hr marks outputs that feed a ReLU; with --act_point input every non-negative input gets a "
@@ -276,7 +318,8 @@ def config_from_args(args: argparse.Namespace):
     if args.act_bias_correction and args.qtype is None and weight_bits is None and not sweeps:
         raise ValueError("-bca corrects the mean shift that quantization causes, but nothing is quantized: "
                          "give --qtype intN or -qw intN")
-    if args.stats_mode == "collect" and (args.eval_precision or args.custom_test or args.dump_dir):
+    if args.stats_mode == "collect" and not args.compare and (args.eval_precision or args.custom_test
+                                                              or args.dump_dir):
         raise ValueError("-sm collect only collects statistics; run -ep, -ct or -dd with -sm use or -sm no")
     several = len(args.device_ids) > 1 and not distributed.launched_by_torchrun()  # DataParallel
     if args.compile and (args.stats_mode != "use" or args.stochastic or several):
@@ -302,7 +345,7 @@ def config_from_args(args: argparse.Namespace):
         sweep_weight_bits=args.ep_qweights or (),
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,
         cal_data=args.cal_data.expanduser() if args.cal_data else None, subset=args.subset, results=args.results,
-        cache=args.cache, compile=args.compile,
+        cache=args.cache, compile=args.compile, compare=args.compare, compare_bits=widths,
         world_size=int(os.environ["WORLD_SIZE"]) if distributed.launched_by_torchrun() else 1,
         dist_timeout=args.dist_timeout,
     )

@@ -24,14 +24,24 @@ from .atomic import write_csv_atomic
 from .bias_correction import ChannelMeans, ShiftRecorder, bias_shifts, check_biases
 from .clipping import PRIORS
 from .compiled import compile_model
-from .data import CachedDataset, DataError, imagenet_val_dataset, make_loader, relative_paths, wnid_folder_dataset
+from .data import (
+    CACHE_MEMORY_FRACTION,
+    CachedDataset,
+    DataError,
+    cache_budget,
+    cache_bytes,
+    imagenet_val_dataset,
+    make_loader,
+    relative_paths,
+    wnid_folder_dataset,
+)
 from .distributed import DEFAULT_TIMEOUT_MINUTES, DistContext
 from .dumps import write_dump
 from .graph import relu_fed_layers
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
 from .observers import PER_CHANNEL
-from .policy import BitAllocation, channel_plan_table, mse_order, plan_table
+from .policy import BitAllocation, LayerPlan, channel_plan_table, mse_order, plan_table
 from .quantizer import ActivationQuantizer, QuantConfig
 from .stats import (
     COLLECTED_OBSERVERS,
@@ -108,6 +118,8 @@ class RunConfig:
     compile: bool = False  # each pass under torch.compile (inference.compiled; use mode, round-to-nearest)
     world_size: int = 1  # processes torchrun started (each pass sharded over them; the numbers do not change)
     dist_timeout: float = DEFAULT_TIMEOUT_MINUTES  # how long a rank waits for a lost peer (torchrun only)
+    compare: tuple[str, ...] = ()  # --compare: these methods, calibrated once, each at every width of compare_bits
+    compare_bits: tuple[int, ...] = ()  # --qtype intA,intB,...: the activation widths --compare evaluates
 
     def statistics_path(self, fingerprint: str) -> Path:
         """``-sf``, or by default a folder keyed by architecture, weights fingerprint and BatchNorm folding, so that
@@ -125,7 +137,8 @@ class RunConfig:
     @property
     def needs_statistics(self) -> bool:
         """Use mode reads saved statistics only for passes that quantize activations."""
-        return self.stats_mode == "use" and (self.bits is not None or self.eval_precision or self.custom_test)
+        return self.stats_mode == "use" and (self.bits is not None or self.eval_precision or self.custom_test
+                                             or bool(self.compare))
 
     def allocation(self, target_bits: float | None) -> BitAllocation:
         """-baa / -baw settings: the prior from -bap, else from -th (laplace or gaus)."""
@@ -136,13 +149,14 @@ class RunConfig:
         return BitAllocation(prior, target_bits, self.alloc_mode, self.sigma_estimator)
 
     def quant_config(self, bits: int | None = None, keep_8bit: Iterable[str] = (),
-                     weight_bits: int | None | str = "run") -> QuantConfig:
+                     weight_bits: int | None | str = "run", threshold: str | None = None) -> QuantConfig:
         """The quantizer's settings; ``bits`` / ``weight_bits`` override the run's widths for one pass of a sweep
-        (``weight_bits`` None: float weights; "run": the run's ``-qw``)."""
+        (``weight_bits`` None: float weights; "run": the run's ``-qw``), ``threshold`` replaces ``-th``
+        (``--compare`` runs several methods)."""
         weight_bits = self.weight_bits if weight_bits == "run" else weight_bits
         return QuantConfig(
             bits=self.bits if bits is None else bits,
-            threshold=self.threshold,
+            threshold=self.threshold if threshold is None else threshold,
             weight_bits=weight_bits,
             bias_bits=weight_bits,
             edge_weight_bits=self.edge_weight_bits,
@@ -326,10 +340,18 @@ class Experiment:
         cfg = self.cfg
         indices = [indices[i] for i in self.dist.shard(len(indices), cfg.batch_size)]
         dataset = source if len(indices) == len(source) else Subset(source, indices)
-        cache = cfg.cache if cfg.cache is not None else passes > 1 and len(dataset) <= 5000
+        budget = cache_budget()
+        cache = cfg.cache
+        if cache is None and passes > 1:
+            estimate = cache_bytes(dataset)
+            cache = estimate <= budget
+            if not cache:
+                log.info("%d passes over %d images decode them afresh each time: caching them would take about "
+                         "%.0f MiB, over the %.0f MiB allowed (%.0f %% of the available memory)", passes,
+                         len(dataset), estimate / 2**20, budget / 2**20, 100 * CACHE_MEMORY_FRACTION)
         normalize = self.preprocess.normalize_transform()
         if cache:
-            dataset = CachedDataset(dataset, transform=normalize, workers=cfg.workers)
+            dataset = CachedDataset(dataset, transform=normalize, workers=cfg.workers, max_bytes=max(budget, 1))
             return make_loader(dataset, cfg.batch_size, workers=0)
         return make_loader(_Mapped(dataset, normalize), cfg.batch_size, workers=cfg.workers)
 
@@ -366,13 +388,18 @@ class Experiment:
         acc = Accuracy(*self.dist.sum_counts([acc.images, acc.top1, acc.top5]))
         return acc, time.perf_counter() - start
 
-    def collect(self) -> tuple[Accuracy, float]:
-        """FP32 pass over the calibration images with statistics hooks (every observer of ``COLLECTED_OBSERVERS``
-        in the same pass: one calibration serves every method); the folder is replaced only on success."""
+    def collect(self, observers: Iterable[str | tuple] | None = None, folder: Path | None = None
+                ) -> tuple[Accuracy, float]:
+        """FP32 pass over the calibration images with statistics hooks feeding ``observers`` (default: every
+        observer of ``COLLECTED_OBSERVERS``, and per-channel moments with ``-pcq_a``, in the same pass: one
+        calibration serves every method); the folder (``folder``, default the run's) is replaced only on success."""
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
         log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
                  self.cal_dataset.root)
-        observers = (*COLLECTED_OBSERVERS, *((("moments", PER_CHANNEL),) if self.cfg.per_channel_activations else ()))
+        if observers is None:
+            observers = (*COLLECTED_OBSERVERS,
+                         *((("moments", PER_CHANNEL),) if self.cfg.per_channel_activations else ()))
+        folder = self.stats_path if folder is None else folder
         with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point,
                                  observers=observers) as collector:
             if self.dist.active:  # every rank bins its histograms on the lattice of one process's first batch
@@ -390,17 +417,17 @@ class Experiment:
             if self.dist.is_main:
                 if self.dist.active:
                     collector.merge(states)
-                self._save(collector)
+                self._save(collector, folder)
         return acc, seconds
 
-    def _save(self, collector: StatisticsCollector) -> None:
+    def _save(self, collector: StatisticsCollector, folder: Path) -> None:
         names = relative_paths(self.cal_dataset)
         images = [names[i] for i in self.calibration]
         meta = {**self.model_meta(), "calibration": {
             "folder": str(Path(self.cal_dataset.root).resolve()), "cal_set_size": self.cfg.cal_set_size}}
-        collector.save(self.stats_path, meta, calibration=images)
-        self.stats_fingerprint = folder_fingerprint(self.stats_path)
-        log.info("statistics of %d images saved to %s", collector.samples, self.stats_path)
+        collector.save(folder, meta, calibration=images)
+        self.stats_fingerprint = folder_fingerprint(folder)
+        log.info("statistics of %d images saved to %s", collector.samples, folder)
 
     def model_meta(self) -> dict:
         return {
@@ -423,13 +450,22 @@ class Experiment:
         stats.check_layers(self.layers)
         return stats
 
+    def use_statistics(self, stats: Statistics) -> None:
+        """Adopt statistics collected in this run (``--compare`` calibrates, then evaluates): evaluation then
+        leaves out the images they list, as in use mode."""
+        self.stats = stats
+        self.stats_fingerprint = folder_fingerprint(stats.folder)
+        self.evaluation = self._evaluation_indices()
+
     def quantized_pass(
-        self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None, desc: str
+        self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None, desc: str,
+        plan: list[LayerPlan] | None = None,
     ) -> tuple[Accuracy, float, ActivationQuantizer]:
+        """One evaluation pass with ``quant``; ``plan`` (from ``plan_layers`` for this config) is used as given."""
         if quant.stochastic and self.dist.rank > 0:  # rank 0 keeps the seed's stream, the others their own
             quant = replace(quant, seed=rank_seed(quant.seed, self.dist.rank))
         shifts = self.bias_shifts(quant, stats) if self.cfg.act_bias_correction else None
-        quantizer = ActivationQuantizer(self.model, quant, stats, shifts)
+        quantizer = ActivationQuantizer(self.model, quant, stats, shifts, plan=plan)
         with quantizer:
             acc, seconds = self.run_pass(loader, desc)
         return acc, seconds, quantizer
@@ -453,7 +489,7 @@ class Experiment:
                  len(loader.dataset), time.perf_counter() - start, self.cfg.bca_rounds)
         return shifts
 
-    def mse_order(self, stats: Statistics | None, bits: int) -> list[str]:
+    def mse_order(self, stats: Statistics | None, bits: int, threshold: str | None = None) -> list[str]:
         """Layers quantized at ``bits`` ordered by estimated quantization MSE, largest first (for ``-ct``).
 
         The MSE is the analytical one for the chosen clipping, relative to the layer's variance so that layers of
@@ -461,7 +497,8 @@ class Experiment:
         """
         if stats is None:
             raise ValueError("-ct orders layers by their statistics: collect them first and run with -sm use")
-        return mse_order(self.layers, stats, self.cfg.quant_config(bits).policy(self.model), self.cfg.sigma_estimator)
+        policy = self.cfg.quant_config(bits, threshold=threshold).policy(self.model)
+        return mse_order(self.layers, stats, policy, self.cfg.sigma_estimator)
 
     def dump(self, loader: DataLoader, quant: QuantConfig, stats: Statistics | None) -> Path:
         """Save each layer's FP32 and quantized output for the first batch to ``dump_dir`` (see ``dumps``)."""
@@ -588,10 +625,11 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
         }
 
     def record(acc: Accuracy, seconds: float, name: str, bits: int | None, weight_bits: int | None,
-               kept: Iterable[str] = (), file: Path | None = None) -> dict:
+               kept: Iterable[str] = (), file: Path | None = None, threshold: str | None = None) -> dict:
         row = {
             "arch": cfg.arch, "weights": cfg.weights, "pass": name, "qtype": _qtype(bits),
-            "qweight": _qtype(weight_bits), "threshold": cfg.threshold, "top1": round(acc.prec1, 3),
+            "qweight": _qtype(weight_bits), "threshold": cfg.threshold if threshold is None else threshold,
+            "top1": round(acc.prec1, 3),
             "top5": round(acc.prec5, 3), "images": acc.images, "seconds": round(seconds, 2),
             "kept_8bit": " ".join(kept), "file": "" if file is None else str(file),
         }
@@ -601,6 +639,12 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
             append_result(cfg.results, row)
         rows.append(row)
         return row
+
+    if cfg.compare:
+        from .compare import run_compare
+
+        run_compare(exp, record, settings)
+        return rows
 
     if cfg.stats_mode == "collect":
         acc, seconds = exp.collect()
@@ -689,15 +733,15 @@ def _width(bits: int | None) -> str:
 
 
 def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, order: list[str], record,
-                 path: Path) -> pd.DataFrame:
+                 path: Path, threshold: str | None = None) -> pd.DataFrame:
     """The seed's layer selection: keep the k layers with the largest estimated MSE (``order``, from
-    ``Experiment.mse_order``) at 8 bits, k = 0..L."""
+    ``Experiment.mse_order``) at 8 bits, k = 0..L; ``threshold`` replaces ``-th`` (``-ct --compare``)."""
     out = []
     for k in range(len(order) + 1):
         kept = order[:k]
-        quant = exp.cfg.quant_config(keep_8bit=kept)
+        quant = exp.cfg.quant_config(keep_8bit=kept, threshold=threshold)
         acc, seconds, _ = exp.quantized_pass(loader, quant, stats, f"k={k}")
-        row = record(acc, seconds, f"k={k}", exp.cfg.bits, exp.cfg.weight_bits, kept, file=path)
+        row = record(acc, seconds, f"k={k}", exp.cfg.bits, exp.cfg.weight_bits, kept, file=path, threshold=threshold)
         out.append({"k": k, "added_layer": kept[-1] if kept else "", "top1": row["top1"], "top5": row["top5"]})
     return pd.DataFrame(out)
 

@@ -114,7 +114,9 @@ class ActivationQuantizer:
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig, statistics: Statistics | None = None,
-                 bias_shifts: Mapping[str, torch.Tensor] | None = None) -> None:
+                 bias_shifts: Mapping[str, torch.Tensor] | None = None, plan: list[LayerPlan] | None = None) -> None:
+        """``plan``: the ``plan_layers`` result for this config and statistics when the caller computed it already
+        (``--compare`` times it), so that it is not computed twice."""
         self.model = model
         self.config = config
         self.layers = activation_layers(model)
@@ -129,8 +131,9 @@ class ActivationQuantizer:
                     f"the statistics in {statistics.folder} were collected at the layers' {statistics.point}s, but "
                     f"this run quantizes their {config.act_point}s; collect them with --act_point {config.act_point}"
                 )
-            self.plan = plan_layers(self.layers, statistics, self.policy, config.sigma_estimator,
-                                    config.per_channel_activations, config.act_allocation)
+            self.plan = plan if plan is not None else plan_layers(
+                self.layers, statistics, self.policy, config.sigma_estimator, config.per_channel_activations,
+                config.act_allocation)
             self._qparams = {p.name: self._plan_qparams(p) for p in self.plan}
         elif config.per_channel_activations:
             raise ValueError("-pcq_a takes its per-channel grids from statistics: collect them with -sm collect -pcq_a "
