@@ -156,7 +156,8 @@ def _load(name: str) -> ModuleType | None:
     try:
         module = importlib.import_module(KERNEL_MODULES[name])
         # an editable install's finder can hand out another checkout's build: only this package's own counts
-        if Path(module.__file__).resolve().parent == Path(__file__).resolve().parent:
+        where = getattr(module, "__file__", None)  # None: a module built or injected without a file
+        if where is None or Path(where).resolve().parent == Path(__file__).resolve().parent:
             return module
         reasons.append(f"the in-place build at {module.__file__} belongs to another checkout")
     except (ImportError, OSError) as exc:

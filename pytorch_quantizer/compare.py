@@ -91,6 +91,9 @@ def calibrated(exp: Experiment, record: Record, methods: Sequence[str]):
     with contextlib.ExitStack() as stack:
         if cfg.stats_mode == "collect":
             folder = exp.stats_path
+        elif exp.dist.active:
+            raise ValueError("--compare under torchrun calibrates into a folder every rank reads: give -sm collect "
+                             "-sf DIR (on a filesystem all nodes share) instead of -sm no")
         else:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compare-stats-"))) / "statistics"
             log.info("-sm no: the calibration statistics go to a temporary folder that is removed afterwards; "
@@ -125,13 +128,17 @@ def run_compare(exp: Experiment, record: Record, settings: str) -> pd.DataFrame:
         if cfg.custom_test:
             stem = out / "custom_test" / f"{cfg.arch}_int{cfg.bits}_compare_{settings}"
             table = _layer_selection(exp, record, stats, methods, stem.with_suffix(".csv"))
-            write_csv_atomic(table, stem.with_suffix(".csv"))
-            atomic_write(stem.with_suffix(".png"), lambda tmp: _save_png(layer_selection_figure(table, cfg), tmp))
-            print(table.to_string(index=False), flush=True)
-            log.info("layer-selection table and figure written to %s.{csv,png}", stem)
+            if exp.dist.is_main:  # under torchrun rank 0 writes and prints
+                write_csv_atomic(table, stem.with_suffix(".csv"))
+                atomic_write(stem.with_suffix(".png"),
+                             lambda tmp: _save_png(layer_selection_figure(table, cfg), tmp))
+                print(table.to_string(index=False), flush=True)
+                log.info("layer-selection table and figure written to %s.{csv,png}", stem)
             return table
         path = out / "compare" / f"{cfg.arch}_{settings}.csv"
         table = _compare(exp, record, stats, methods, cfg.compare_bits, path)
+    if not exp.dist.is_main:
+        return table
     write_csv_atomic(table, path)
     html = path.with_suffix(".html")
     atomic_write(html, lambda tmp: Path(tmp).write_text(compare_page(table, shared_seconds, exp), encoding="utf-8"))

@@ -267,7 +267,8 @@ def collected(data_dir, tmp_path_factory):  # noqa: F811
     (["-th", "p0"], "the percentile must be in (0, 100]"),
     (["-th", "p101"], "the percentile must be in (0, 100]"),
     (["-th", "0std"], "must be > 0"),
-    (["-th", "entropy"], "expected one of no, laplace, gaus, mix, minmax, mse, kld, mix-measured, pP"),
+    (["-th", "entropy"], "expected one of no, laplace, gaus, mix, minmax, laplace-grid, gaus-grid, mse, kld, "
+                         "mix-measured, pP"),
 ])
 def test_bad_method_names_exit_2_with_one_line(data_dir, tmp_path, flags, message, capsys):  # noqa: F811
     with pytest.raises(SystemExit) as exc:

@@ -19,7 +19,7 @@ from pytorch_quantizer.clipping import ClipDecision
 from pytorch_quantizer.compare import SECONDS_COLUMNS, _save_png, layer_selection_figure, observers_for
 from pytorch_quantizer.experiment import Experiment
 from pytorch_quantizer.methods import unregister
-from pytorch_quantizer.observers import OBSERVERS, Observer, register_observer
+from pytorch_quantizer.observers import OBSERVERS, PER_TENSOR, Observer, register_observer
 
 
 @register_observer
@@ -28,7 +28,8 @@ class CountObserver(Observer):
 
     name = "toy_count"
 
-    def __init__(self, granularity=None) -> None:
+    def __init__(self, granularity=PER_TENSOR) -> None:
+        super().__init__(PER_TENSOR)
         self.count = 0
 
     def update(self, x, key) -> None:
@@ -143,7 +144,7 @@ def test_compare_without_statistics_mode_keeps_nothing(data_dir, tmp_path, colle
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (("--compare", "laplace,kld2", "--qtype", "int4"), "unknown clipping method(s) kld2: expected some of no, laplace"),
+    (("--compare", "laplace,kld2", "--qtype", "int4"), "unknown clipping method 'kld2': expected one of no, laplace"),
     (("--qtype", "int4,int8"), "a comma list of --qtype values is for --compare only"),
     (("--compare", "laplace", "--qtype", "int4", "-ep"), "run it without -ep"),
     (("--compare", "laplace", "--qtype", "int4,int8", "-ct"), "give a single --qtype"),

@@ -118,6 +118,18 @@ def test_evaluation_counts_every_image_once_as_one_process(data_dir, use_stats, 
             assert (tmp_path / "many" / path).read_bytes() == (tmp_path / "one" / path).read_bytes(), path
 
 
+def test_compare_gives_the_table_of_one_process(data_dir, use_stats, tmp_path):
+    """--compare under torchrun: each method x width pass sharded, the same counts in the table."""
+    flags = ["--compare", "no,laplace,kld", "--qtype", "int4,int8"]
+    (tmp_path / "one").mkdir(), (tmp_path / "many").mkdir()
+    evaluate(None, data_dir, use_stats, tmp_path / "one", *flags)
+    evaluate(2, data_dir, use_stats, tmp_path / "many", *flags)
+    tables = [pd.read_csv(next((tmp_path / run / "compare").glob("*.csv"))) for run in ("one", "many")]
+    measured = [c for c in tables[0].columns if "seconds" not in c]
+    assert len(tables[0]) == 7 and set(tables[0]["images"]) == {IMAGES - 2}
+    pd.testing.assert_frame_equal(tables[0][measured], tables[1][measured])
+
+
 def test_a_failing_rank_ends_the_run_and_writes_no_statistics(tmp_path):
     data = make_images(tmp_path / "data", IMAGES)
     broken = sorted((data / "val").rglob("*.JPEG"))[-1]  # the last image: in the last rank's shard
