@@ -5,7 +5,7 @@ Every row is one ``inference_sim.py -ep`` command (printed before it runs, so it
 every (weights, activations) pair of W8/W4 x A8/A6/A4 on the images held out of calibration.  Each row's table is
 saved as ``OUT/<net>/<row>.csv``; ``--resume`` skips rows whose file exists, so the table can be built in several
 sittings.  The whole table is written to ``OUT/table_4bit.csv`` (top-1; and top-5 in ``table_4bit_top5.csv``)
-from the row files present.
+from the row files present, and as markdown beside it (``.md``).
 
     python scripts/table_4bit.py [--data ../shared/data] [--nets mv2,lite] [--rows minmax,laplace,...] [--resume]
 """
@@ -116,7 +116,21 @@ def assemble(out: Path, nets: list[str]) -> None:
         wide = wide.merge(images, on=["net", "row"])
         wide = wide.assign(rank=wide["row"].map(order.index)).sort_values(["net", "rank"]).drop(columns="rank")
         wide.to_csv(out / f"table_4bit{suffix}.csv", index=False)
-    print((out / "table_4bit.csv").read_text(), flush=True)
+        (out / f"table_4bit{suffix}.md").write_text(markdown(wide))
+    print((out / "table_4bit.md").read_text(), flush=True)
+
+
+def markdown(wide: pd.DataFrame) -> str:
+    """The table as the README shows it: one line per row, the command's flags in code."""
+    precisions = [c for c in wide.columns if c == "fp32" or c.startswith("W")]
+    lines = ["| net | row | flags (on top of `-sm use`) | " + " | ".join(p.upper() if p == "fp32" else p
+                                                                  for p in precisions) + " | images |",
+             "|---" * (len(precisions) + 4) + "|"]
+    for _, r in wide.iterrows():
+        cells = [f"{r[p]:.1f}" for p in precisions]
+        lines.append(f"| {r['net']} | {r['description']} | `{r['command']}` | " + " | ".join(cells)
+                     + f" | {r['images']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
