@@ -240,6 +240,7 @@ class Experiment:
         self.stats_fingerprint = folder_fingerprint(self.stats.folder) if self.stats is not None else ""
         self.evaluation = self._evaluation_indices() if cfg.stats_mode != "collect" else []
         self._correction: DataLoader | None = None
+        self._relu_caps: dict[str, float | None] | None = None  # -bca: the layers that only feed a ReLU
         if cfg.act_bias_correction:
             check_biases(self.layers)
             self.dist.check_items(len(self._correction_images()[1]), cfg.batch_size, "-bca calibration")
@@ -482,9 +483,11 @@ class Experiment:
             with ActivationQuantizer(self.model, quant, stats, shifts), recorder:
                 self.run_pass(loader, "bca", check_outputs=False, compile=False)
 
-        example = torch.randn(2, *self.preprocess.input_size, generator=torch.Generator().manual_seed(self.cfg.seed))
-        relu_caps = relu_fed_layers(self.model, example.to(self.device))
-        shifts = bias_shifts(self.layers, quantized_run, self.cfg.bca_rounds, relu_caps, self.dist.sum_tensors)
+        if self._relu_caps is None:  # the graph does not change between passes: traced once per run
+            example = torch.randn(2, *self.preprocess.input_size,
+                                  generator=torch.Generator().manual_seed(self.cfg.seed))
+            self._relu_caps = relu_fed_layers(self.model, example.to(self.device))
+        shifts = bias_shifts(self.layers, quantized_run, self.cfg.bca_rounds, self._relu_caps, self.dist.sum_tensors)
         log.info("-bca: mean shifts of %d layers measured on %d images in %.1f s (%d rounds)", len(shifts),
                  len(loader.dataset), time.perf_counter() - start, self.cfg.bca_rounds)
         return shifts
