@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(f32: float weights) (default: -qw alone)")
     p.add_argument("-ct", "--custom_test", action="store_true",
                    help="keep the k layers with the largest estimated MSE at 8 bits, k = 0..L")
+    p.add_argument("--ct_step", type=positive, default=1, metavar="N",
+                   help="-ct evaluates k = 0, N, 2N, ... and L only (default 1: every k); a coarse sweep of a deep "
+                        "network at a fraction of its L + 1 passes")
     p.add_argument("--compare", type=method_list, default=(), metavar="M1,M2,...",
                    help="calibrate once (one pass with every observer these methods need, or -sm use's folder), "
                         "then evaluate FP32 and each method at each --qtype width: a table, a CSV and a bokeh chart "
@@ -291,6 +294,8 @@ def config_from_args(args: argparse.Namespace):
                          "one-sided grid already")
     if args.custom_test and args.eval_precision:
         raise ValueError("-ep and -ct are two different sweeps: run them one at a time")
+    if args.ct_step != 1 and not args.custom_test:
+        raise ValueError("--ct_step thins the -ct sweep: give it with -ct")
     if args.custom_test and args.qtype is None:
         raise ValueError("-ct keeps layers at 8 bits among the others at --qtype: give it, e.g. --qtype int4")
     if args.bit_alloc_act and not args.per_channel_activations:
@@ -341,6 +346,7 @@ def config_from_args(args: argparse.Namespace):
         alloc_mode=args.bit_alloc_mode, alloc_prior=args.bit_alloc_prior, sigma_estimator=args.sigma,
         edge_weight_bits=args.edge_weights,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
+        ct_step=args.ct_step,
         **({"sweep_bits": args.ep_qtypes} if args.ep_qtypes else {}),
         sweep_weight_bits=args.ep_qweights or (),
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,

@@ -172,11 +172,12 @@ def _table_row(method: str, bits: str, acc, cal_seconds: float, eval_seconds: fl
 def _layer_selection(exp: Experiment, record: Record, stats: Statistics, methods: Sequence[str],
                      path: Path) -> pd.DataFrame:
     """The seed's ``-ct`` sweep for each method (its own MSE order), after one FP32 reference pass."""
-    from .experiment import _custom_test
+    from .experiment import _custom_test, ct_counts
 
     cfg = exp.cfg
     orders = {method: exp.mse_order(stats, cfg.bits, threshold=method) for method in methods}
-    loader = exp.loader(calibration=False, passes=1 + sum(len(order) + 1 for order in orders.values()))
+    loader = exp.loader(calibration=False, passes=1 + sum(len(ct_counts(len(order), cfg.ct_step))
+                                                               for order in orders.values()))
     acc, seconds = exp.run_pass(loader, FP32)
     record(acc, seconds, FP32, None, None, file=path, threshold="")
     frames = [pd.DataFrame([{"method": FP32, "k": -1, "layers_at_bits": 0, "added_layer": "",

@@ -109,6 +109,7 @@ class RunConfig:
     sweep_bits: tuple[int, ...] = PRECISION_SWEEP  # -ep's activation widths (-ep_a)
     sweep_weight_bits: tuple[int | None, ...] = ()  # -ep's weight widths (-ep_w); empty: -qw alone
     custom_test: bool = False
+    ct_step: int = 1  # --ct_step: -ct evaluates k = 0, N, 2N, ... and L
     dump_dir: Path | None = None
     cal_set_size: int | None = None
     cal_data: Path | None = None  # statistics from this wnid folder instead of images of --data
@@ -658,7 +659,7 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     stats = exp.stats
     passes = 1 + (len(cfg.sweep_bits) * max(len(cfg.sweep_weight_bits), 1) if cfg.eval_precision else 0)
     order = exp.mse_order(stats, cfg.bits) if cfg.custom_test else []
-    passes += len(order) + 1 if cfg.custom_test else 0
+    passes += len(ct_counts(len(order), cfg.ct_step)) if cfg.custom_test else 0
     loader = exp.loader(calibration=False, passes=passes)
 
     if cfg.dump_dir is not None:
@@ -735,12 +736,18 @@ def _width(bits: int | None) -> str:
     return "32" if bits is None else str(bits)
 
 
+def ct_counts(layers: int, step: int = 1) -> list[int]:
+    """The k of a ``-ct`` sweep over ``layers`` layers: 0, step, 2 step, ... and always ``layers`` (all at 8 bits)."""
+    return sorted({*range(0, layers + 1, step), layers})
+
+
 def _custom_test(exp: Experiment, loader: DataLoader, stats: Statistics | None, order: list[str], record,
                  path: Path, threshold: str | None = None) -> pd.DataFrame:
     """The seed's layer selection: keep the k layers with the largest estimated MSE (``order``, from
-    ``Experiment.mse_order``) at 8 bits, k = 0..L; ``threshold`` replaces ``-th`` (``-ct --compare``)."""
+    ``Experiment.mse_order``) at 8 bits, k = 0..L (every ``--ct_step``-th k and L); ``threshold`` replaces ``-th``
+    (``-ct --compare``)."""
     out = []
-    for k in range(len(order) + 1):
+    for k in ct_counts(len(order), exp.cfg.ct_step):
         kept = order[:k]
         quant = exp.cfg.quant_config(keep_8bit=kept, threshold=threshold)
         acc, seconds, _ = exp.quantized_pass(loader, quant, stats, f"k={k}")

@@ -137,6 +137,27 @@ def test_custom_test_orders_layers_from_statistics(data_dir, tmp_path):
     regular = plan[plan["role"] == ""].index
     assert list(table["k"]) == list(range(len(regular) + 1))
     assert sorted(table["added_layer"][1:]) == sorted(regular)
+    # --ct_step 5: every fifth k and the last; each pass the same as the full sweep's for that k
+    assert run_cli(data_dir, tmp_path, *resnet, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-ct",
+                   "--ct_step", "5") == 0
+    coarse = pd.read_csv(last_result(tmp_path)["file"], keep_default_na=False)
+    assert list(coarse["k"]) == [*range(0, len(regular) + 1, 5), len(regular)]
+    pd.testing.assert_frame_equal(coarse.reset_index(drop=True),
+                                  table.set_index("k").loc[coarse["k"]].reset_index())
+
+
+def test_ct_counts():
+    from pytorch_quantizer.experiment import ct_counts
+
+    assert ct_counts(4) == [0, 1, 2, 3, 4]
+    assert ct_counts(7, 3) == [0, 3, 6, 7]
+    assert ct_counts(6, 3) == [0, 3, 6]
+    assert ct_counts(2, 10) == [0, 2]
+
+
+def test_ct_step_needs_ct(data_dir, stats_dir, capsys):
+    assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "--ct_step", "2") == 2
+    assert "--ct_step" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_dump_dir(data_dir, stats_dir, tmp_path):
