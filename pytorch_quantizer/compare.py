@@ -11,9 +11,10 @@ Outputs, named by the run's settings hash so that runs never overwrite each othe
 
 - ``results/compare/<arch>_<settings>.csv``: one row per method x bits plus the FP32 reference, and a bokeh
   page ``.html`` beside it (accuracy per method and bit width, calibration cost per method);
-- with ``-ct``: ``results/custom_test/<arch>_<qtype>_compare_<settings>.csv`` and ``.png``: the seed's layer
-  selection (k layers with the largest estimated MSE kept at 8 bits) for every method, accuracy against the
-  number of layers left at ``--qtype`` (the seed's ``figures/<model>_fig1.png``, one line per method).
+- with ``-ct``: ``results/custom_test/<arch>_<qtype>_compare_<settings>.csv``, ``.png`` and ``.html``: the seed's
+  layer selection (k layers with the largest estimated MSE kept at 8 bits) for every method, accuracy against the
+  number of layers left at ``--qtype`` (the seed's ``figures/<model>_fig1.png``, one line per method; the bokeh
+  page adds top-5 and, on hover, the layer each step added).
 
 Every pass is also a row of ``results.csv`` with all settings (the experiment's ``record``).
 """
@@ -132,8 +133,10 @@ def run_compare(exp: Experiment, record: Record, settings: str) -> pd.DataFrame:
                 write_csv_atomic(table, stem.with_suffix(".csv"))
                 atomic_write(stem.with_suffix(".png"),
                              lambda tmp: _save_png(layer_selection_figure(table, cfg), tmp))
+                atomic_write(stem.with_suffix(".html"),
+                             lambda tmp: Path(tmp).write_text(layer_selection_page(table, exp), encoding="utf-8"))
                 print(table.to_string(index=False), flush=True)
-                log.info("layer-selection table and figure written to %s.{csv,png}", stem)
+                log.info("layer-selection table and figures written to %s.{csv,png,html}", stem)
             return table
         path = out / "compare" / f"{cfg.arch}_{settings}.csv"
         table = _compare(exp, record, stats, methods, cfg.compare_bits, path)
@@ -213,6 +216,40 @@ def layer_selection_figure(table: pd.DataFrame, cfg) -> Figure:
     ax.legend(fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def layer_selection_page(table: pd.DataFrame, exp: Experiment) -> str:
+    """The ``-ct --compare`` sweep as a bokeh page: top-1 and top-5 against the number of layers at ``--qtype``, one
+    line per method (FP32 dashed); hovering a point names the layer that step kept at 8 bits.  Opens offline."""
+    cfg = exp.cfg
+    sweeps = table[table["method"] != FP32]
+    fp32 = table[table["method"] == FP32]
+    figures = []
+    for metric in ("top1", "top5"):
+        fig = figure(width=560, height=380, title=f"{metric} against the layers at {cfg.bits} bits",
+                     x_axis_label=f"layers at {cfg.bits} bits (the others at 8)", y_axis_label=f"{metric} (%)",
+                     tools="pan,box_zoom,reset,save", name=f"layer_selection_{metric}")
+        for method, part in sweeps.groupby("method", sort=False):
+            source = _source(part.sort_values("layers_at_bits")[list(CT_COLUMNS)])
+            colour = method_colour(method)
+            fig.line("layers_at_bits", metric, source=source, color=colour, legend_label=method, line_width=2)
+            fig.scatter("layers_at_bits", metric, source=source, color=colour, legend_label=method, size=6)
+        if len(fp32):
+            fig.add_layout(Span(location=float(fp32[metric].iloc[0]), dimension="width", line_color="black",
+                                line_dash="dashed"))
+        fig.add_tools(HoverTool(tooltips=[("method", "@method"), ("layers at bits", "@layers_at_bits"),
+                                          ("k kept at 8", "@k"), ("last kept", "@added_layer"),
+                                          (metric, f"@{metric}")]))
+        fig.legend.location = "bottom_left"
+        fig.legend.click_policy = "hide"
+        figures.append(fig)
+    header = Div(width=1140, text=(
+        f"<h2>{cfg.arch}: layer selection per clipping method</h2><p>weights {cfg.weights}, "
+        f"W{cfg.weight_bits or 32}{' per channel' if cfg.per_channel_weights else ''}, activations at the "
+        f"{cfg.act_point}s{', half range' if cfg.half_range else ''}; the k layers with the largest estimated MSE "
+        f"(each method's own) kept at 8 bits, k in steps of {cfg.ct_step}; {len(exp.evaluation)} evaluation "
+        f"images held out of calibration.</p>"))
+    return file_html(column(header, row(*figures)), resources=INLINE, title=f"{cfg.arch} layer selection")
 
 
 def compare_page(table: pd.DataFrame, shared_seconds: float, exp: Experiment) -> str:

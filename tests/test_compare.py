@@ -181,6 +181,8 @@ def test_custom_test_for_several_methods_writes_csv_and_png(data_dir, tmp_path):
     again = tmp_path / "again.png"  # the same table draws the same bytes (no date or software in the PNG)
     _save_png(layer_selection_figure(table, SimpleNamespace(arch="alexnet", bits=4, weight_bits=8)), str(again))
     assert again.read_bytes() == png
+    html = csv.with_suffix(".html").read_text()
+    assert "layer_selection_top1" in html and "layer_selection_top5" in html
 
 
 def test_observers_for_adds_moments_once(toy_method):
