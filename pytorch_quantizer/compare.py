@@ -218,31 +218,40 @@ def layer_selection_figure(table: pd.DataFrame, cfg) -> Figure:
     return fig
 
 
+def _accuracy_figures(lines: pd.DataFrame, fp32: pd.DataFrame, x: str, columns: Sequence[str], name: str,
+                      titles: tuple[str, str], tooltips: list[tuple[str, str]], size: int) -> list:
+    """Top-1 and top-5 figures: one line per method of ``lines`` against column ``x``, the FP32 accuracy dashed;
+    ``titles`` are the title (with ``{metric}``) and the x-axis label; hover shows ``tooltips`` and the metric."""
+    figures = []
+    for metric in ("top1", "top5"):
+        fig = figure(width=560, height=380, title=titles[0].format(metric=metric), x_axis_label=titles[1],
+                     y_axis_label=f"{metric} (%)", tools="pan,box_zoom,reset,save", name=f"{name}_{metric}")
+        for method, part in lines.groupby("method", sort=False):
+            source = _source(part.sort_values(x)[list(columns)])
+            colour = method_colour(method)
+            fig.line(x, metric, source=source, color=colour, legend_label=method, line_width=2)
+            fig.scatter(x, metric, source=source, color=colour, legend_label=method, size=size)
+        if len(fp32):
+            fig.add_layout(Span(location=float(fp32[metric].iloc[0]), dimension="width", line_color="black",
+                                line_dash="dashed"))
+        fig.add_tools(HoverTool(tooltips=[*tooltips, (metric, f"@{metric}")]))
+        fig.legend.click_policy = "hide"
+        figures.append(fig)
+    return figures
+
+
 def layer_selection_page(table: pd.DataFrame, exp: Experiment) -> str:
     """The ``-ct --compare`` sweep as a bokeh page: top-1 and top-5 against the number of layers at ``--qtype``, one
     line per method (FP32 dashed); hovering a point names the layer that step kept at 8 bits.  Opens offline."""
     cfg = exp.cfg
-    sweeps = table[table["method"] != FP32]
-    fp32 = table[table["method"] == FP32]
-    figures = []
-    for metric in ("top1", "top5"):
-        fig = figure(width=560, height=380, title=f"{metric} against the layers at {cfg.bits} bits",
-                     x_axis_label=f"layers at {cfg.bits} bits (the others at 8)", y_axis_label=f"{metric} (%)",
-                     tools="pan,box_zoom,reset,save", name=f"layer_selection_{metric}")
-        for method, part in sweeps.groupby("method", sort=False):
-            source = _source(part.sort_values("layers_at_bits")[list(CT_COLUMNS)])
-            colour = method_colour(method)
-            fig.line("layers_at_bits", metric, source=source, color=colour, legend_label=method, line_width=2)
-            fig.scatter("layers_at_bits", metric, source=source, color=colour, legend_label=method, size=6)
-        if len(fp32):
-            fig.add_layout(Span(location=float(fp32[metric].iloc[0]), dimension="width", line_color="black",
-                                line_dash="dashed"))
-        fig.add_tools(HoverTool(tooltips=[("method", "@method"), ("layers at bits", "@layers_at_bits"),
-                                          ("k kept at 8", "@k"), ("last kept", "@added_layer"),
-                                          (metric, f"@{metric}")]))
+    figures = _accuracy_figures(
+        table[table["method"] != FP32], table[table["method"] == FP32], "layers_at_bits", CT_COLUMNS,
+        "layer_selection", (f"{{metric}} against the layers at {cfg.bits} bits",
+                            f"layers at {cfg.bits} bits (the others at 8)"),
+        [("method", "@method"), ("layers at bits", "@layers_at_bits"), ("k kept at 8", "@k"),
+         ("last kept", "@added_layer")], size=6)
+    for fig in figures:
         fig.legend.location = "bottom_left"
-        fig.legend.click_policy = "hide"
-        figures.append(fig)
     header = Div(width=1140, text=(
         f"<h2>{cfg.arch}: layer selection per clipping method</h2><p>weights {cfg.weights}, "
         f"W{cfg.weight_bits or 32}{' per channel' if cfg.per_channel_weights else ''}, activations at the "
@@ -257,25 +266,14 @@ def compare_page(table: pd.DataFrame, shared_seconds: float, exp: Experiment) ->
     time per method (log scale, beside the shared pass) and the table itself.  JavaScript inlined: opens offline."""
     cfg = exp.cfg
     quantized = table[table["method"] != FP32].assign(width=lambda t: t["bits"].str[3:].astype(int))
-    fp32 = table[table["method"] == FP32]
-    accuracy = []
-    for metric in ("top1", "top5"):
-        fig = figure(width=560, height=380, title=f"{metric} per clipping method and activation width",
-                     x_axis_label="activation bits", y_axis_label=f"{metric} (%)", tools="pan,box_zoom,reset,save",
-                     name=f"accuracy_{metric}")
-        for method, part in quantized.groupby("method", sort=False):
-            source = _source(part[["method", "width", "top1", "top5", "cal_seconds", "eval_seconds"]])
-            colour = method_colour(method)
-            fig.line("width", metric, source=source, color=colour, legend_label=method, line_width=2)
-            fig.scatter("width", metric, source=source, color=colour, legend_label=method, size=8)
-        if len(fp32):
-            fig.add_layout(Span(location=float(fp32[metric].iloc[0]), dimension="width", line_color="black",
-                                line_dash="dashed"))
+    accuracy = _accuracy_figures(
+        quantized, table[table["method"] == FP32], "width",
+        ("method", "width", "top1", "top5", "cal_seconds", "eval_seconds"), "accuracy",
+        ("{metric} per clipping method and activation width", "activation bits"),
+        [("method", "@method"), ("bits", "@width")], size=8)
+    for fig in accuracy:
         fig.xaxis.ticker = sorted(quantized["width"].unique().tolist())
-        fig.add_tools(HoverTool(tooltips=[("method", "@method"), ("bits", "@width"), (metric, f"@{metric}")]))
         fig.legend.location = "bottom_right"
-        fig.legend.click_policy = "hide"
-        accuracy.append(fig)
     cost = quantized.groupby("method", sort=False)["cal_seconds"].mean()
     labels, seconds = list(cost.index), [max(float(v), 1e-9) for v in cost.to_numpy()]
     colours = [method_colour(m) for m in labels]
