@@ -83,7 +83,7 @@ def calibrated(exp: Experiment, record: Record, methods: Sequence[str]):
     if cfg.stats_mode == "use":
         for name in methods:
             exp.stats.require(get_method(name).requires, f"clipping method {name!r}")
-        yield exp.stats, 0.0
+        yield observed(exp.stats), 0.0
         return
     if cfg.cal_set_size is None and cfg.cal_data is None:
         raise ValueError("--compare evaluates on images held out of calibration: give -cs N (images drawn from "
@@ -105,7 +105,16 @@ def calibrated(exp: Experiment, record: Record, methods: Sequence[str]):
         exp.stats_path = folder
         exp.use_statistics(load_statistics(folder))
         record(acc, seconds, "collect", None, None, file=folder)
-        yield exp.stats, seconds
+        yield observed(exp.stats), seconds
+
+
+def observed(stats: Statistics) -> Statistics:
+    """``stats`` with every layer's Observation built (``Statistics.observation`` keeps them), so that no method's
+    timed plan pays for reading the folder's rows."""
+    for name in stats.layer_names:
+        if stats.has(name):
+            stats.observation(name)
+    return stats
 
 
 def timed_plan(exp: Experiment, stats: Statistics, method: str, bits: int):

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +272,9 @@ class Statistics:
     folder: Path
     meta: dict[str, Any]
     states: dict[str, dict[str, Any]]  # layer -> observer name -> state (``Observer.load``)
+    # layer -> its Observation, built once: a per-channel folder holds thousands of rows to turn into TensorStats,
+    # which would otherwise be repeated by every plan (and timed as the method's cost by --compare)
+    _observations: dict[str, Observation] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def layer_names(self) -> list[str]:
@@ -327,7 +330,12 @@ class Statistics:
         return float(summary.loc["min", "min"]), float(summary.loc["max", "max"])
 
     def observation(self, name: str) -> Observation:
-        """What a clipping method sees of layer ``name``."""
+        """What a clipping method sees of layer ``name`` (built on first use, then the same object)."""
+        if name not in self._observations:
+            self._observations[name] = self._observe(name)
+        return self._observations[name]
+
+    def _observe(self, name: str) -> Observation:
         moments = self._moments(name)
         channels = extremes = None
         if moments.channel_summary is not None:
@@ -335,7 +343,7 @@ class Statistics:
             reductions = summary.index.get_level_values("reduce")
             rows = summary.loc[POOLED if POOLED in reductions else "mean"]
             numel = max(self.numel(name) // max(len(rows), 1), 2)
-            channels = tuple(stats_from_row(row, numel) for _, row in rows.iterrows())
+            channels = tuple(stats_from_row(row, numel) for row in rows.to_dict("records"))
             extremes = tuple(zip(summary.loc["min"]["min"].astype(float), summary.loc["max"]["max"].astype(float),
                                  strict=True))
         extra = {key: state for key, state in self.states[name].items() if key != "moments"}

@@ -198,6 +198,14 @@ def test_batch_of_one(tiny_model, tmp_path):
     assert st.tensor_stats("conv0_activation").max >= st.tensor_stats("conv0_activation").min
 
 
+def test_observation_is_built_once_and_matches_the_summary(tiny_model, tmp_path):
+    st = load_statistics(collect(tiny_model, batches(), tmp_path / "s"))
+    obs = st.observation("conv1_activation")
+    assert st.observation("conv1_activation") is obs  # plans reuse it (--compare times methods, not file rows)
+    assert obs.moments == st.tensor_stats("conv1_activation")
+    assert load_statistics(st.folder).observation("conv1_activation") == obs
+
+
 def test_collect_writes_layout(tiny_model, tmp_path):
     folder = collect(tiny_model, batches(), tmp_path / "s")
     files = sorted(p.name for p in folder.iterdir())
