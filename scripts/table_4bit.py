@@ -39,6 +39,7 @@ ROWS = [
     ("pcqa", "-hr -pcw + per-channel activations (-pcq_a)", [*BASE, "-pcq_a"], "out_pc"),
     ("ba", "-hr -pcw + bit allocation of weights and activations (-pcq_a -baa -baw)",
      [*BASE, "-pcq_a", "-baa", "-baw"], "out_pc"),
+    ("baw", "-hr -pcw + bit allocation of the weights only (-baw)", [*BASE, "-baw"], "out"),
     ("bcw", "-hr -pcw + bias correction of weights (-bcw)", [*BASE, "-bcw"], "out"),
     ("bca", "-hr -pcw -bcw + bias correction of activations (-bca)", [*BASE, "-bcw", "-bca"], "out"),
     ("all", "-hr -pcw -pcq_a -baa -baw -bcw -bca", [*BASE, "-pcq_a", "-baa", "-baw", "-bcw", "-bca"], "out_pc"),
