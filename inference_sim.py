@@ -75,6 +75,21 @@ def method_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def observer_list(text: str) -> tuple[str, ...]:
+    """``--observers moments,histogram``: registered observers, each once; the moments are always among them."""
+    from pytorch_quantizer.observers import ObserverError, observer_class
+
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    try:
+        for name in names:
+            observer_class(name)
+    except ObserverError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if "moments" not in names:
+        raise argparse.ArgumentTypeError(f"every clipping rule reads the moments: include moments, got {text!r}")
+    return names
+
+
 qweight = qtype  # the same names: intN, or f32 for float weights
 
 
@@ -169,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "their min/max)")
     p.add_argument("-sm", "--stats_mode", choices=("collect", "use", "no"), default="no",
                    help="collect statistics, use saved ones, or take ranges from each live tensor (default: no)")
+    p.add_argument("--observers", type=observer_list, default=None, metavar="O1,O2,...",
+                   help="what -sm collect gathers (default: moments,histogram, so that one folder serves every "
+                        "method; moments alone skip the histogram's cost, and the searched methods then refuse it)")
     p.add_argument("-sf", "--stats_folder", type=Path, default=None,
                    help="statistics folder (default: ~/asiq_data/statistics/ARCH-WEIGHTSFINGERPRINT)")
     p.add_argument("-pz", "--preserve_zero", action="store_true", help="make 0.0 exactly representable")
@@ -294,6 +312,9 @@ def config_from_args(args: argparse.Namespace):
                          "one-sided grid already")
     if args.custom_test and args.eval_precision:
         raise ValueError("-ep and -ct are two different sweeps: run them one at a time")
+    if args.observers is not None and (args.stats_mode != "collect" or args.compare):
+        raise ValueError("--observers chooses what -sm collect gathers (--compare collects what its methods need): "
+                         "give it with -sm collect")
     if args.ct_step != 1 and not args.custom_test:
         raise ValueError("--ct_step thins the -ct sweep: give it with -ct")
     if args.custom_test and args.qtype is None:
@@ -346,7 +367,7 @@ def config_from_args(args: argparse.Namespace):
         alloc_mode=args.bit_alloc_mode, alloc_prior=args.bit_alloc_prior, sigma_estimator=args.sigma,
         edge_weight_bits=args.edge_weights,
         fold_bn=not args.no_fold_bn, eval_precision=args.eval_precision, custom_test=args.custom_test,
-        ct_step=args.ct_step,
+        ct_step=args.ct_step, **({"observers": args.observers} if args.observers else {}),
         **({"sweep_bits": args.ep_qtypes} if args.ep_qtypes else {}),
         sweep_weight_bits=args.ep_qweights or (),
         dump_dir=args.dump_dir, cal_set_size=args.cal_set_size,

@@ -110,6 +110,7 @@ class RunConfig:
     sweep_weight_bits: tuple[int | None, ...] = ()  # -ep's weight widths (-ep_w); empty: -qw alone
     custom_test: bool = False
     ct_step: int = 1  # --ct_step: -ct evaluates k = 0, N, 2N, ... and L
+    observers: tuple[str, ...] = COLLECTED_OBSERVERS  # --observers: what -sm collect gathers (per tensor)
     dump_dir: Path | None = None
     cal_set_size: int | None = None
     cal_data: Path | None = None  # statistics from this wnid folder instead of images of --data
@@ -392,14 +393,15 @@ class Experiment:
 
     def collect(self, observers: Iterable[str | tuple] | None = None, folder: Path | None = None
                 ) -> tuple[Accuracy, float]:
-        """FP32 pass over the calibration images with statistics hooks feeding ``observers`` (default: every
-        observer of ``COLLECTED_OBSERVERS``, and per-channel moments with ``-pcq_a``, in the same pass: one
-        calibration serves every method); the folder (``folder``, default the run's) is replaced only on success."""
+        """FP32 pass over the calibration images with statistics hooks feeding ``observers`` (default: the run's
+        ``--observers``, every observer of ``COLLECTED_OBSERVERS`` unless narrowed, and per-channel moments with
+        ``-pcq_a``, in the same pass: one calibration serves every method); the folder (``folder``, default the
+        run's) is replaced only on success."""
         devices = [f"cuda:{i}" for i in self.cfg.device_ids] if self.runner is not self.model else ()
         log.info("calibration: %d of the %d images in %s", len(self.calibration), len(self.cal_dataset),
                  self.cal_dataset.root)
         if observers is None:
-            observers = (*COLLECTED_OBSERVERS,
+            observers = (*self.cfg.observers,
                          *((("moments", PER_CHANNEL),) if self.cfg.per_channel_activations else ()))
         folder = self.stats_path if folder is None else folder
         with StatisticsCollector(self.model, devices=devices, point=self.cfg.act_point,

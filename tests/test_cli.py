@@ -1,5 +1,6 @@
 """inference_sim.py end to end on a synthetic wnid-named ImageFolder and a small torchvision model."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -408,3 +409,24 @@ def test_input_placement_through_the_driver(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "laplace") == 2
     assert "--act_point output" in capsys.readouterr().err.strip().splitlines()[-1]
     assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "--act_point", "input", "-hr") == 2
+
+
+def test_observers_narrow_what_collect_gathers(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path, "-sm", "collect", "-cs", "4", "--observers", "moments") == 0
+    folder = Path(last_result(tmp_path)["stats_folder"])
+    assert json.loads((folder / "meta.json").read_text())["observers"] == [
+        {"granularity": "tensor", "name": "moments"}]
+    assert not list(folder.glob("*_histogram.csv"))
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "laplace") == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "kld") == 2
+    assert "histogram" in capsys.readouterr().err.strip().splitlines()[-1]
+    for names, message in (("histogram", "include moments"), ("moments,bogus", "unknown observer 'bogus'")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's type check: one line, exit 2
+            run_cli(data_dir, tmp_path, "-sm", "collect", "-cs", "4", "--observers", names)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "--observers", "moments") == 2
+    assert "-sm collect" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing overwritten
