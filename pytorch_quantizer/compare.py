@@ -220,7 +220,9 @@ def layer_selection_figure(table: pd.DataFrame, cfg) -> Figure:
         ax.axhline(float(fp32["top1"].iloc[0]), color="black", linestyle="--", linewidth=1, label="FP32")
     ax.set_xlabel(f"layers at {cfg.bits} bits (the others at 8, largest estimated MSE kept first)")
     ax.set_ylabel("top-1 (%) on the held-out images")
-    ax.set_title(f"{cfg.arch}: W{cfg.weight_bits or 32} activations, layer selection per clipping method")
+    weights = f"W{cfg.weight_bits or 32}{' per channel' if getattr(cfg, 'per_channel_weights', False) else ''}"
+    grids = ", ReLU-aware grids" if getattr(cfg, "half_range", False) else ""
+    ax.set_title(f"{cfg.arch}, {weights}{grids}: layer selection per clipping method", fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
