@@ -369,7 +369,7 @@ def aciq_range(vmin: float, vmax: float, mean: float, alpha: float) -> tuple[flo
 
 # -- bit allocation (the follow-up's section 4) ----------------------------------------------------------------
 ALLOCATION_MODES = ("round", "ceil")
-MAX_CHANNEL_LEVELS = 2**22  # grid.MAX_CHANNEL_LEVELS: what the kernels round exactly
+MAX_CHANNEL_LEVELS = 2**22  # what the kernels round exactly: the CPU kernel's round-half-even trick, 0 <= v < 2**22
 
 
 def allocation_quota(channels: int, target_bits: float) -> int:
@@ -437,4 +437,4 @@ def allocate_levels(scales, quota: int, mode: str = "round", min_levels: int = 2
 def allocated_alpha(prior: str, scale: float, levels: float) -> float:
     """The clipping value of a channel of scale ``scale`` (b or sigma) given ``levels`` levels by bit allocation:
     the paper's optimum for that (real) number of bins, ``optimal_alpha_for_bins(prior, levels) * scale``."""
-    return optimal_alpha_for_bins(check_prior(prior), float(levels)) * scale if scale > 0 else 0.0
+    return optimal_alpha_for_bins(prior, float(levels)) * scale if scale > 0 else 0.0

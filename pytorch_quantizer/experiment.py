@@ -468,22 +468,28 @@ class Experiment:
         """One evaluation pass with ``quant``; ``plan`` (from ``plan_layers`` for this config) is used as given."""
         if quant.stochastic and self.dist.rank > 0:  # rank 0 keeps the seed's stream, the others their own
             quant = replace(quant, seed=rank_seed(quant.seed, self.dist.rank))
-        shifts = self.bias_shifts(quant, stats) if self.cfg.act_bias_correction else None
+        shifts = None
+        if self.cfg.act_bias_correction:
+            if plan is None and stats is not None:  # the plan does not depend on the shifts: one for every round
+                plan = ActivationQuantizer(self.model, quant, stats).plan
+            shifts = self.bias_shifts(quant, stats, plan)
         quantizer = ActivationQuantizer(self.model, quant, stats, shifts, plan=plan)
         with quantizer:
             acc, seconds = self.run_pass(loader, desc)
         return acc, seconds, quantizer
 
-    def bias_shifts(self, quant: QuantConfig, stats: Statistics | None) -> ChannelMeans:
+    def bias_shifts(self, quant: QuantConfig, stats: Statistics | None, plan: list[LayerPlan] | None = None
+                    ) -> ChannelMeans:
         """``-bca``: each layer's per-channel mean shift under ``quant``, measured on the calibration images in
-        ``bca_rounds`` quantized passes (``bias_correction``)."""
+        ``bca_rounds`` quantized passes (``bias_correction``), each with ``plan`` (the activation grids, which the
+        shifts do not change) when given."""
         start = time.perf_counter()
         if self._correction is None:
             self._correction = self._loader(*self._correction_images(), passes=2)
         loader = self._correction
 
         def quantized_run(shifts: ChannelMeans, recorder: ShiftRecorder) -> None:
-            with ActivationQuantizer(self.model, quant, stats, shifts), recorder:
+            with ActivationQuantizer(self.model, quant, stats, shifts, plan=plan), recorder:
                 self.run_pass(loader, "bca", check_outputs=False, compile=False)
 
         if self._relu_caps is None:  # the graph does not change between passes: traced once per run

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .clipping import check_bits
+from .clipping import MAX_CHANNEL_LEVELS, check_bits
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,7 @@ def gemmlowp_qparams(
     return QParams(scale.item(), inv_scale.item(), off.item(), float(2**bits - 1))
 
 
-MAX_CHANNEL_LEVELS = 2**22  # the CPU kernel's round-half-even trick is exact for 0 <= v < 2**22
-
-
-def check_levels(levels: torch.Tensor, channels: int) -> torch.Tensor:
+def check_channel_levels(levels: torch.Tensor, channels: int) -> torch.Tensor:
     """Per-channel level counts as float64: whole numbers in 2..2**22, one per channel."""
     levels = torch.as_tensor(levels, dtype=torch.float64).flatten().cpu()
     if levels.numel() != channels:
@@ -110,7 +107,8 @@ def gemmlowp_qparams_per_channel(
         raise ValueError(f"delta and offset must have one value per channel, got {delta.numel()} and {offset.numel()}")
     if not (torch.isfinite(delta).all() and torch.isfinite(offset).all()):
         raise ValueError("per-channel delta and offset must be finite")
-    qmax = torch.full_like(delta, float(2**bits - 1)) if levels is None else check_levels(levels, delta.numel()) - 1
+    qmax = (torch.full_like(delta, float(2**bits - 1)) if levels is None
+            else check_channel_levels(levels, delta.numel()) - 1)
     live = delta > 0
     scale, inv_scale, off = _grid(torch.where(live, delta, 1.0), offset, qmax, preserve_zero, pow2_scale)
     zero = torch.zeros_like(scale)

@@ -165,6 +165,10 @@ class Observer(ABC):
     def load(cls, folder: Path, layer: str, granularity: Granularity) -> Any:
         """The state ``export`` wrote, as the object clipping methods read (``Observation.extra[name]``)."""
 
+    def prime(self, x: torch.Tensor) -> None:
+        """See the first batch one process would see, without counting it (torchrun; nothing to fix by default)."""
+        return None
+
     def state(self) -> Any:
         """What this rank observed, picklable and on the CPU (distributed collect; see the module docstring)."""
         raise NotImplementedError(f"the {self.name} observer cannot be collected under torchrun: it defines no "
@@ -401,10 +405,12 @@ class Histogram:
         return Histogram(edges[first:last + 2], counts[first:last + 1])
 
     @classmethod
-    def of_tensor(cls, x: torch.Tensor, bins: int = HISTOGRAM_BINS) -> Histogram:
-        """The histogram of one tensor (all its values), as the observer would record it from one batch."""
+    def of_tensor(cls, x: torch.Tensor, bins: int = HISTOGRAM_BINS,
+                  extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Histogram:
+        """The histogram of one tensor (all its values), as the observer would record it from one batch;
+        ``extremes``: its ``aminmax`` when the caller has it already (not read twice)."""
         observer = HistogramObserver(bins=bins)
-        observer.update(x, (0, 0))
+        observer._update(x, extremes)  # a fresh observer: nothing to lock, no device to move to
         return observer.histogram()
 
 
@@ -458,13 +464,13 @@ class HistogramObserver(Observer):
         with self._lock:
             self._update(x if self.counts is None else x.to(self.counts.device))
 
-    def _update(self, x: torch.Tensor) -> None:
+    def _update(self, x: torch.Tensor, extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         flat = x.detach().reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.float()
         if flat.numel() == 0:
             return
-        mn, mx = torch.aminmax(flat)
+        mn, mx = torch.aminmax(flat) if extremes is None else extremes
         first = self.counts is None
         if not self.primed:
             self._set_lattice(mn, mx)
@@ -631,7 +637,7 @@ class Observation:
             b = centred.abs().mean().item()
             std = centred.square_().mean().sqrt().item()
         stats = TensorStats(lo.item(), hi.item(), mean.item(), b, std, max(flat.numel(), 2))
-        extra = {"histogram": Histogram.of_tensor(flat)} if histogram else {}
+        extra = {"histogram": Histogram.of_tensor(flat, extremes=(lo, hi))} if histogram else {}
         return cls(numel=stats.numel, moments=stats, extreme=(stats.min, stats.max), extra=extra)
 
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics as pystats
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import pandas as pd
@@ -282,7 +282,7 @@ def plan_table(plans: list[LayerPlan]) -> pd.DataFrame:
     their level counts), the median being the row's ``alpha``/``delta``/``offset``; the per-channel values are in
     ``channel_plan_table``.  Per-tensor plans give the table of the previous releases, column for column."""
     scalar = [f.name for f in fields(LayerPlan) if f.name not in CHANNEL_FIELDS]
-    frame = pd.DataFrame([{k: asdict(p)[k] for k in scalar} for p in plans]).set_index("name")
+    frame = pd.DataFrame([{k: getattr(p, k) for k in scalar} for p in plans]).set_index("name")
     if any(p.channels for p in plans):
         frame["channels"] = [p.channels for p in plans]
         frame["alpha_min"] = [min(p.channel_alpha) if p.channels else p.alpha for p in plans]

@@ -95,8 +95,7 @@ class StatisticsCollector:
         # granularities (-pcq_a: per-channel moments beside the per-tensor ones, whose files stay as they were)
         self.observer_specs = tuple(dict.fromkeys(
             (o, granularity) if isinstance(o, str) else (o[0], o[1]) for o in observers))
-        self.observer_names = tuple(dict.fromkeys(name for name, _ in self.observer_specs))
-        for name in self.observer_names:
+        for name, _ in self.observer_specs:
             observer_class(name)
         self.layers: list[ActivationLayer] = activation_layers(model)
         self.devices = [torch.device(d) for d in devices]
@@ -143,8 +142,7 @@ class StatisticsCollector:
         def hook(module: nn.Module, output: torch.Tensor) -> None:
             if self._priming:
                 for observer in observers:
-                    if hasattr(observer, "prime"):
-                        observer.prime(output)
+                    observer.prime(output)
                 return
             replica = self._replica(output)
             with self._lock:
