@@ -30,6 +30,11 @@ def test_script_regenerates_committed_figures_identically(tmp_path):
         assert first == (tmp_path / "b" / name).read_bytes(), f"{name} is not reproducible"
         committed = REPO / "figures" / name
         assert committed.is_file(), f"{committed} missing: run python scripts/make_figures.py"
+        # Compared across machines byte for byte on purpose: no vectorised float reaches the bytes unquantised.  The
+        # curves are scalar libm/scipy solutions; Agg snaps their coordinates to 1/256 pixel and 8-bit coverage, and
+        # the legend prints the polyfit slopes to 2 decimals, so a last-bit difference (numpy's or OpenBLAS's SIMD
+        # build) would have to straddle one of those roundings (checked: the same bytes with NPY_DISABLE_CPU_FEATURES=
+        # X86_V3 OPENBLAS_CORETYPE=Prescott).  The bytes do depend on the matplotlib and FreeType versions.
         assert committed.read_bytes() == first, f"{committed} is stale: run python scripts/make_figures.py"
 
 
