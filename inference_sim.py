@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results/results.csv"),
                    help="CSV that every run appends a row to (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
-                   help="run the forward under torch.compile, quantization fused (-sm use, no -s; see README)")
+                   help="run the forward under torch.compile, quantization fused (-sm use, no -s; see docs/kernels.md)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep decoded images in memory between passes (default: when several passes run and the "
                         "images take at most half the available memory)")

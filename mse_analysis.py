@@ -391,8 +391,8 @@ def format_summary(summary: pd.DataFrame) -> str:
 
 
 def format_alpha_table(summary: pd.DataFrame) -> str:
-    """Synthetic rows as the README's table: alpha / scale of the paper's model, of the exact-grid model and of the
-    measured optimum, and the measured MSE at each (with the exact-grid model's own prediction)."""
+    """Synthetic rows as the table of docs/methods.md: alpha / scale of the paper's model, of the exact-grid model
+    and of the measured optimum, and the measured MSE at each (with the exact-grid model's own prediction)."""
     rows = summary[summary["source"] == "synthetic"]
     scale = rows["scale"]
     view = pd.DataFrame(

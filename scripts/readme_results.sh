@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The commands behind the README's Results tables: every row is one -ep sweep (FP32, then W8A8 .. W8A4) on the
-# images not used for calibration, its table written to results/precision/*_<settings>.csv and its rows appended
-# to results/results.csv.  Usage: bash scripts/readme_results.sh [DATA_ROOT]   (default ../shared/data)
+# The commands behind the main Results table (docs/results.md): every row is one -ep sweep (FP32, then W8A8 .. W8A4)
+# on the images not used for calibration, its table written to results/precision/*_<settings>.csv and its rows
+# appended to results/results.csv.  Usage: bash scripts/readme_results.sh [DATA_ROOT]   (default ../shared/data)
 # About 6 passes of 750 images per sweep: 5-15 min each on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

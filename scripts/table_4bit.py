@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's "4-bit that works" table: what each method buys, for mobilenet_v2 and efficientnet_lite0.
+"""The 4-bit table of docs/results.md: what each method buys, for mobilenet_v2 and efficientnet_lite0.
 
 Every row is one ``inference_sim.py -ep`` command (printed before it runs, so it can be rerun alone): FP32, then
 every (weights, activations) pair of W8/W4 x A8/A6/A4 on the images held out of calibration.  Each row's table is
@@ -122,7 +122,7 @@ def assemble(out: Path, nets: list[str]) -> None:
 
 
 def markdown(wide: pd.DataFrame) -> str:
-    """The table as the README shows it: one line per row, the command's flags in code."""
+    """The table as docs/results.md shows it: one line per row, the command's flags in code."""
     precisions = [c for c in wide.columns if c == "fp32" or c.startswith("W")]
     lines = ["| net | row | flags (on top of `-sm use`) | " + " | ".join(p.upper() if p == "fp32" else p
                                                                   for p in precisions) + " | images |",
