@@ -104,7 +104,7 @@ setup(
     version="0.1.0",
     description="ACIQ: analytical clipping for integer quantization of neural network activations",
     packages=find_packages(include=["pytorch_quantizer", "pytorch_quantizer.*"]),
-    package_data={"pytorch_quantizer": ["*.txt"]},
+    package_data={"pytorch_quantizer": ["*.txt", "demo_photos/*.jpg", "demo_photos/README.md"]},
     py_modules=["inference_sim"],
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
