@@ -72,7 +72,7 @@ from pytorch_quantizer.clipping import (
     quantization_noise,
 )
 from pytorch_quantizer.dumps import load_fp32
-from pytorch_quantizer.quantize import gemmlowp_qparams, gemmlowp_quantize
+from pytorch_quantizer.fake_quant import gemmlowp_qparams, gemmlowp_quantize
 from pytorch_quantizer.stats import STAT_COLUMNS, per_sample_stats
 
 BITS = tuple(range(2, 9))

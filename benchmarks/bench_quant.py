@@ -49,7 +49,7 @@ from pytorch_quantizer import (  # noqa: E402
     quantize_with_qparams,
 )
 from pytorch_quantizer.compiled import compile_model  # noqa: E402
-from pytorch_quantizer.quantizer import (  # noqa: E402
+from pytorch_quantizer.model_quantizer import (  # noqa: E402
     ActivationQuantizer,
     QuantConfig,
 )

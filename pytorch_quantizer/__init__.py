@@ -10,8 +10,7 @@ from .clipping import (
     optimal_alpha,
     optimal_alpha_grid,
 )
-from .methods import ClippingMethod, Grid, choose_clipping, get_method, method_names, register
-from .quantize import (
+from .fake_quant import (
     gemmlowp_qparams,
     gemmlowp_qparams_per_channel,
     gemmlowp_quantize,
@@ -19,6 +18,7 @@ from .quantize import (
     quantize_per_channel_with_qparams,
     quantize_with_qparams,
 )
+from .methods import ClippingMethod, Grid, choose_clipping, get_method, method_names, register
 
 __version__ = "0.1.0"
 

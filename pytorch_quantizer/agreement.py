@@ -81,6 +81,22 @@ class LogitAgreement:
                 self._max_abs = largest
         self._images += int(logits.shape[0])
 
+    @classmethod
+    def merged(cls, parts: list[LogitAgreement]) -> LogitAgreement:
+        """One agreement over the images of every part (the shards of a torchrun pass, in rank order)."""
+        out = cls()
+        for part in parts:
+            if part._classes is not None and out._classes is not None and part._classes != out._classes:
+                raise ValueError(f"cannot merge agreements over {out._classes} and {part._classes} classes")
+            out._classes = part._classes if part._classes is not None else out._classes
+            out._images += part._images
+            out._agreeing += part._agreeing
+            out._signal += part._signal
+            out._noise += part._noise
+            if math.isnan(part._max_abs) or part._max_abs > out._max_abs:
+                out._max_abs = part._max_abs if not math.isnan(out._max_abs) else out._max_abs
+        return out
+
     @property
     def images(self) -> int:
         """Images added so far."""

@@ -52,12 +52,12 @@ class TorchBackend:
     name = "torch"
 
     def quantize_(self, x: torch.Tensor, qp, noise: torch.Tensor | None) -> torch.Tensor:
-        from .grid import reference_quantize_
+        from .gemmlowp import reference_quantize_
 
         return reference_quantize_(x, qp, noise)
 
     def quantize_per_channel_(self, x: torch.Tensor, qp, dim: int, noise: torch.Tensor | None) -> torch.Tensor:
-        from .grid import QParams, reference_quantize_
+        from .gemmlowp import QParams, reference_quantize_
 
         scale = _broadcast(qp.scale, x, dim)
         shaped = QParams(scale, _broadcast(qp.inv_scale, x, dim), _broadcast(qp.offset, x, dim),

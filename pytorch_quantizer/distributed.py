@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N inference_sim.py ...`` starts N copies of the driver with ``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK`` (and ``LOCAL_WORLD_SIZE``) in their environment; ``setup`` joins them into one
 ``torch.distributed`` process group (NCCL on GPUs, each rank on ``cuda:LOCAL_RANK`` or on the LOCAL_RANK-th
-``--device_ids`` entry; gloo on CPUs) and returns a ``DistContext`` that the experiment receives explicitly.
+``--device_ids`` entry; gloo on CPUs) and returns a ``DistContext`` that the run receives explicitly.
 A plain ``python inference_sim.py`` gets ``DistContext()`` (one process, no group): every method is then the
 identity, and errors propagate unchanged.
 
@@ -86,6 +86,12 @@ def environment_rank(environ: Mapping[str, str] | None = None) -> int:
         return int(environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+def world_size(environ: Mapping[str, str] | None = None) -> int:
+    """How many processes torchrun started (1 outside torchrun)."""
+    environ = os.environ if environ is None else environ
+    return int(environ["WORLD_SIZE"]) if launched_by_torchrun(environ) else 1
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The activation dump format of ``inference_sim.py -dd DIR``: one ``<layer>.npz`` per hooked layer holding
 ``fp32`` (the layer's output without quantization) and ``quantized`` (with it), for one batch.
 
-Written here by the experiment, read here by the report (``report.py --dumps``) and by ``mse_analysis.py
+Written here by the passes (``passes.dump``), read here by the report (``report.py --dumps``) and by ``mse_analysis.py
 --dumps``: one writer, one reader.
 """
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from scipy import optimize
 
 from .clipping import clipping_noise, mse, optimal_alpha, quantization_noise
+from .methods import method_names
 
 BITS = tuple(range(2, 9))
 SCALES = tuple(float(s) for s in np.linspace(0.25, 4.0, 16))
@@ -33,6 +34,16 @@ SEED_CONSTANTS = {
     "gaus": (1.71, 2.15, 2.55, 2.93, 3.28, 3.61, 3.92),
 }
 _PNG_METADATA = {"Software": None}
+COLOURS = {"no": "#7f7f7f", "laplace": "#d62728", "gaus": "#1f77b4", "mix": "#2ca02c", "minmax": "#8c564b"}
+OTHER_COLOURS = ("#9467bd", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
+
+
+def method_colour(method: str) -> str:
+    """A method's colour: the seed's fixed ones, then a palette in registration order for registered methods."""
+    if method in COLOURS:
+        return COLOURS[method]
+    others = [m for m in method_names() if m not in COLOURS]
+    return OTHER_COLOURS[others.index(method) % len(OTHER_COLOURS)] if method in others else "#000000"
 
 
 def constants_table(bits: Iterable[int] = BITS) -> pd.DataFrame:
@@ -129,11 +140,44 @@ def mse_curves_figure(prior: str, bits: Sequence[int] = (2, 4, 8)) -> Figure:
     return fig
 
 
-def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG bytes, exactly as :func:`write_figures` saves it (the notebook displays these)."""
+def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    """The figure as PNG bytes, exactly as :func:`write_figures` saves it (the notebook displays these); no
+    Software/date entry, so the same figure always gives the same bytes."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, metadata=_PNG_METADATA)
+    fig.savefig(buffer, format="png", dpi=dpi, metadata=_PNG_METADATA)
     return buffer.getvalue()
+
+
+SELECTION_DPI = 100
+SELECTION_SIZE = (7.0, 4.5)
+
+
+def weights_label(cfg) -> str:
+    """``W4 per channel`` (``W32``: float weights) of a ``config.RunConfig``."""
+    return f"W{cfg.weight.bits or 32}{' per channel' if cfg.weight.per_channel else ''}"
+
+
+def layer_selection_figure(table: pd.DataFrame, cfg) -> Figure:
+    """Top-1 against the number of regular layers at the activation width (the others kept at 8 bits), one line
+    per method of a ``-ct --compare`` table (``compare.CT_COLUMNS``), the FP32 accuracy dashed (the seed's
+    ``figures/<model>_fig1.png``); ``cfg``: the run's ``config.RunConfig``."""
+    fig = Figure(figsize=SELECTION_SIZE, dpi=SELECTION_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method, part in table[table["method"] != "fp32"].groupby("method", sort=False):
+        part = part.sort_values("layers_at_bits")
+        ax.plot(part["layers_at_bits"], part["top1"], "o-", markersize=3, color=method_colour(method), label=method)
+    fp32 = table[table["method"] == "fp32"]
+    if len(fp32):
+        ax.axhline(float(fp32["top1"].iloc[0]), color="black", linestyle="--", linewidth=1, label="FP32")
+    ax.set_xlabel(f"layers at {cfg.act.bits} bits (the others at 8, largest estimated MSE kept first)")
+    ax.set_ylabel("top-1 (%) on the held-out images")
+    grids = ", ReLU-aware grids" if cfg.act.half_range else ""
+    ax.set_title(f"{cfg.arch}, {weights_label(cfg)}{grids}: layer selection per clipping method", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def write_figures(out_dir: str | Path = "figures") -> dict[str, dict[int, tuple[float, float]]]:

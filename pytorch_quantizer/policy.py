@@ -1,10 +1,10 @@
 """Layer policies: which bit width and clipping method each layer gets, and the per-layer plan they lead to.
 
-A policy maps the hooked layers to ``LayerSpec`` rows (a role, a bit width or None for float, a method name);
-``plan_layers`` then asks each layer's method for its grid from the saved observations, once, before inference.
-Bit widths are data: the seed's policy is a few fields (first conv and classifier at their own widths, some
-layers kept at ``kept_bits``, explicit per-layer overrides), and another policy (bit allocation, ReLU-aware
-placement) is another class with a ``specs`` method.
+One ``LayerPolicy`` maps every hooked layer (by its role or a name pattern) to a ``LayerSpec``: an activation spec
+and a weight spec (bits, method, granularity, one-sidedness, allocated width).  The seed's rules, layer selection's
+kept layers, the half range and bit allocation are rules of that one policy (``layer_policy``), data rather than
+code.  ``plan_layers`` then asks each layer's method for its grid from the saved observations, once, before
+inference.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import statistics as pystats
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Protocol
+from enum import StrEnum
+from fnmatch import fnmatchcase
+from typing import Any
 
 import pandas as pd
 
@@ -29,29 +31,81 @@ from .clipping import (
     clipping_noise,
 )
 from .layers import ActivationLayer
-from .methods import ClippingMethod, Grid, get_method
+from .methods import ClippingMethod, get_method
 from .observers import Observation
+from .quant_config import QuantConfig
 from .stats import Statistics, StatisticsError
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """What a policy decides for one layer's output."""
+class Role(StrEnum):
+    """What a layer is to the policy.  The values are the plan table's ``role`` column of the previous releases."""
 
-    role: str  # "first", "classifier", "kept", "float" (activations not quantized) or "" (a regular layer)
-    bits: int | None  # None: left in float
+    FIRST = "first"  # the first conv: it sees the image
+    CLASSIFIER = "classifier"  # the last layer, over its extreme range
+    KEPT = "kept"  # kept at a wider width by a layer-selection sweep (the seed's -ct)
+    REGULAR = ""  # every other layer
+    FLOAT = "float"  # every layer when no activation is quantized
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """A layer's activation grid: ``bits`` None leaves it in float; ``levels_bits`` is the average width of its
+    channels under bit allocation (None: not allocated)."""
+
+    bits: int | None
     method: str  # a registered clipping method
     one_sided: bool = False  # a grid over [0, ...]: the output only feeds a ReLU-like activation
     cap: float | None = None  # that activation's upper bound (ReLU6: 6), None when unbounded
     one_sided_if_nonnegative: bool = False  # one-sided when the observed minimum is >= 0 (post-ReLU inputs)
+    levels_bits: float | None = None
 
     def one_sided_for(self, obs: Observation) -> bool:
         """Whether this layer's grid starts at 0, given what was observed of it."""
         return self.one_sided or (self.one_sided_if_nonnegative and obs.extreme[0] >= 0.0)
 
 
-class LayerPolicy(Protocol):
-    def specs(self, layers: list[ActivationLayer]) -> list[LayerSpec]: ...
+@dataclass(frozen=True)
+class WeightSpec:
+    """A layer's weight grid: ``bits`` None keeps the weight in float; ``levels_bits`` as for ``ActSpec``."""
+
+    bits: int | None
+    per_channel: bool = False
+    method: str = "no"  # clipping from the weight's own moments ("no": its min/max)
+    levels_bits: float | None = None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the policy decides for one layer, found by the layer's one key: its (seed) name."""
+
+    name: str
+    role: Role
+    act: ActSpec
+    weight: WeightSpec
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Layers matched by their place in the network (a ``Role``: FIRST, CLASSIFIER or REGULAR) or by a name
+    pattern (``fnmatch`` on the layer's name) take these activation and weight fields, and ``role`` when given."""
+
+    match: Role | str
+    act: Mapping[str, Any] = field(default_factory=dict)
+    weight: Mapping[str, Any] = field(default_factory=dict)
+    role: Role | None = None
+
+    def __post_init__(self) -> None:
+        for group, spec in ((self.act, ActSpec), (self.weight, WeightSpec)):
+            unknown = set(group) - {f.name for f in fields(spec)}
+            if unknown:
+                raise ValueError(f"rule for {self.match!r}: {spec.__name__} has no field {', '.join(sorted(unknown))}")
+        for key in ("bits",):
+            for group in (self.act, self.weight):
+                if group.get(key) is not None:
+                    check_bits(group[key])
+
+    def matches(self, name: str, place: Role) -> bool:
+        return self.match is place if isinstance(self.match, Role) else fnmatchcase(name, self.match)
 
 
 def edge_layers(layers: list[ActivationLayer]) -> tuple[int | None, int]:
@@ -60,67 +114,84 @@ def edge_layers(layers: list[ActivationLayer]) -> tuple[int | None, int]:
     return next((i for i, layer in enumerate(layers) if layer.kind == "conv"), None), len(layers) - 1
 
 
+def places(layers: list[ActivationLayer]) -> list[Role]:
+    """Each layer's place in the network: FIRST, CLASSIFIER or REGULAR (the classifier wins in a one-layer net)."""
+    first, classifier = edge_layers(layers)
+    return [Role.CLASSIFIER if i == classifier else Role.FIRST if i == first else Role.REGULAR
+            for i in range(len(layers))]
+
+
 @dataclass(frozen=True)
-class SeedPolicy:
-    """The seed's rules: every layer at ``bits`` with ``method``; the first conv at ``first_layer_bits``; the last
-    layer (the classifier) at ``classifier_bits`` over its extreme range (``classifier_method``, never clipped);
-    layers named in ``kept`` (seed names or module paths) at ``kept_bits``; ``layer_bits`` overrides any layer's
-    width by name.  ``bits`` None quantizes no activation at all."""
+class LayerPolicy:
+    """One mapping from layers to their activation and weight specs: the defaults, then every matching rule in
+    order (a later rule overrides an earlier one).  ``layer_policy`` writes the seed's rules, layer selection's
+    kept layers, half range and bit allocation's widths as such rules."""
 
-    bits: int | None = 8
-    method: str = "no"
-    first_layer_bits: int | None = 8
-    classifier_bits: int | None = 8
-    classifier_method: str = "minmax"
-    kept: frozenset[str] = field(default_factory=frozenset)
-    kept_bits: int = 8
-    layer_bits: Mapping[str, int | None] = field(default_factory=dict)
-    one_sided: Mapping[str, float | None] = field(default_factory=dict)  # module path -> ReLU cap (graph.py)
-    one_sided_if_nonnegative: bool = False  # inputs seen only >= 0 (after a ReLU) get one-sided grids
-
-    def __post_init__(self) -> None:
-        for bits in (self.bits, self.first_layer_bits, self.classifier_bits, self.kept_bits,
-                     *self.layer_bits.values()):
-            if bits is not None:
-                check_bits(bits)
-        get_method(self.method)
-        get_method(self.classifier_method)
-        object.__setattr__(self, "kept", frozenset(self.kept))
+    act: ActSpec
+    weight: WeightSpec
+    rules: tuple[Rule, ...] = ()
 
     def specs(self, layers: list[ActivationLayer]) -> list[LayerSpec]:
-        if self.bits is None:
-            return [LayerSpec("float", None, "no") for _ in layers]
-        first_conv, classifier = edge_layers(layers)
         out = []
-        for i, layer in enumerate(layers):
-            if i == classifier:
-                spec = LayerSpec("classifier", self.classifier_bits, self.classifier_method)
-            elif i == first_conv:
-                spec = LayerSpec("first", self.first_layer_bits, self.method)
-            elif layer.name in self.kept or layer.module_name in self.kept:
-                spec = LayerSpec("kept", self.kept_bits, self.method)
-            else:
-                spec = LayerSpec("", self.bits, self.method)
-            for key in (layer.name, layer.module_name):
-                if key in self.layer_bits:
-                    spec = replace(spec, bits=self.layer_bits[key])
-            if layer.module_name in self.one_sided and spec.role != "classifier":
-                spec = replace(spec, one_sided=True, cap=self.one_sided[layer.module_name])
-            if self.one_sided_if_nonnegative and spec.role != "classifier":
-                spec = replace(spec, one_sided_if_nonnegative=True)
-            out.append(spec)
+        for layer, place in zip(layers, places(layers), strict=True):
+            role, act, weight = place, self.act, self.weight
+            for rule in self.rules:
+                if rule.matches(layer.name, place):
+                    act, weight = replace(act, **rule.act), replace(weight, **rule.weight)
+                    role = rule.role if rule.role is not None else role
+            out.append(LayerSpec(layer.name, role, act, weight))
         return out
+
+
+def layer_policy(quant: QuantConfig, layers: list[ActivationLayer],
+                 one_sided: Mapping[str, float | None] | None = None) -> LayerPolicy:
+    """The seed's and the follow-up's rules for ``quant`` as data.
+
+    - Every layer: activations at ``act.bits`` with ``act.method``, weights at ``weight.bits``.
+    - ``one_sided`` (layer name -> ReLU cap, from ``graph.relu_fed_layers``: the half range): one-sided grids.
+    - Layers a layer-selection sweep keeps (``keep_8bit``): activations at ``act.kept_bits``.
+    - The first conv: activations at ``act.first_bits`` (float with input placement: its input is the image);
+      the classifier: ``act.classifier_bits`` over its extreme range, never clipped nor one-sided; both keep their
+      weights at ``weight.edge_bits`` when that is wider.
+    - With input placement every input observed only >= 0 gets a one-sided grid.
+    - Bit allocation: regular layers share ``alloc.act_bits`` / ``alloc.weight_bits`` levels on average a channel
+      (else their own width), the first and kept layers their own width; the classifier is not allocated.
+    """
+    act_cfg, weight_cfg, alloc = quant.act, quant.weight, quant.alloc
+    if act_cfg.bits is None:
+        act = ActSpec(None, "no")
+        rules: list[Rule] = [Rule(place, role=Role.FLOAT) for place in Role if place is not Role.FLOAT]
+    else:
+        inputs = act_cfg.placement == "input"
+        allocated = alloc.activations
+        act = ActSpec(act_cfg.bits, act_cfg.method, one_sided_if_nonnegative=inputs,
+                      levels_bits=(alloc.act_bits or act_cfg.bits) if allocated else None)
+        rules = [Rule(name, act={"one_sided": True, "cap": cap}) for name, cap in (one_sided or {}).items()]
+        rules += [Rule(name, act={"bits": act_cfg.kept_bits, "levels_bits": act_cfg.kept_bits if allocated else None},
+                       role=Role.KEPT) for name in sorted(quant.keep_8bit)]
+        first_bits = None if inputs else act_cfg.first_bits
+        rules.append(Rule(Role.FIRST, act={"bits": first_bits, "levels_bits": first_bits if allocated else None},
+                          role=Role.FIRST))
+        rules.append(Rule(Role.CLASSIFIER, act={"bits": act_cfg.classifier_bits, "method": "minmax", "one_sided": False,
+                                                "cap": None, "one_sided_if_nonnegative": False, "levels_bits": None},
+                          role=Role.CLASSIFIER))
+    bits = weight_cfg.bits
+    weight = WeightSpec(bits, weight_cfg.per_channel, weight_cfg.method,
+                        (alloc.weight_bits or bits) if alloc.weights and bits is not None else None)
+    edge = weight_cfg.bits_for(edge=True)
+    if edge != bits:
+        edge_rule = {"bits": edge, "levels_bits": edge if alloc.weights else None}
+        rules += [Rule(Role.FIRST, weight=edge_rule), Rule(Role.CLASSIFIER, weight=edge_rule)]
+    return LayerPolicy(act, weight, tuple(rules))
 
 
 @dataclass(frozen=True)
 class BitAllocation:
-    """The follow-up's bit allocation over the channels of a layer (``-baa`` / ``-baw``): ``prior`` (laplace or gaus)
-    gives each channel's scale and its alpha for the allocated level count; ``target_bits`` is the average width of
-    the regular layers (None: each layer's own width; first, kept and classifier layers always use theirs);
-    ``mode`` rounds the level counts (``clipping.allocate_levels``)."""
+    """The follow-up's bit allocation over the channels of a tensor (``-baa`` / ``-baw``): ``prior`` (laplace or
+    gaus) gives each channel's scale and its alpha for the allocated level count; ``mode`` rounds the level counts
+    (``clipping.allocate_levels``).  How many levels a tensor shares is the policy's (``levels_bits``)."""
 
     prior: str = "laplace"
-    target_bits: float | None = None
     mode: str = "round"
     sigma_estimator: str = "range"
 
@@ -131,19 +202,22 @@ class BitAllocation:
                              f"{' or '.join(ALLOCATION_MODES)}")
         if self.sigma_estimator not in SIGMA_ESTIMATORS:
             raise ValueError(f"unknown sigma estimator {self.sigma_estimator!r}")
-        if self.target_bits is not None:
-            allocation_quota(1, self.target_bits)  # the range check
+
+    @classmethod
+    def of(cls, quant: QuantConfig) -> BitAllocation | None:
+        """The run's allocation (None when neither activations nor weights are allocated)."""
+        if not quant.alloc.active:
+            return None
+        return cls(quant.alloc.resolved_prior(quant.act.method), quant.alloc.mode, quant.act.sigma)
 
     def scale(self, stats) -> float:
         """The channel's prior scale: Laplace b, or Gaussian sigma; alpha is proportional to it."""
         return stats.b if self.prior == "laplace" else stats.sigma(self.sigma_estimator)
 
-    def levels(self, channel_stats, bits: int, regular: bool) -> list[int]:
-        """Level counts of the channels of one tensor, at ``target_bits`` on average for a regular layer, else at its
-        own ``bits``."""
-        target = self.target_bits if regular and self.target_bits is not None else bits
+    def levels(self, channel_stats, target_bits: float) -> list[int]:
+        """Level counts of the channels of one tensor, ``target_bits`` a channel on average."""
         return allocate_levels([self.scale(c) for c in channel_stats],
-                               allocation_quota(len(channel_stats), target), self.mode)
+                               allocation_quota(len(channel_stats), target_bits), self.mode)
 
 
 class AllocatedPrior(ClippingMethod):
@@ -206,7 +280,7 @@ def layer_channels(layer: ActivationLayer, point: str) -> int | None:
     return getattr(module, attr, None)
 
 
-def _channel_plan(layer: ActivationLayer, spec: LayerSpec, obs: Observation, method: ClippingMethod,
+def _channel_plan(layer: ActivationLayer, spec: ActSpec, role: Role, obs: Observation, method: ClippingMethod,
                   allocation: BitAllocation | None, statistics: Statistics) -> LayerPlan:
     """One grid per channel of the quantized tensor: the layer's method (or, under bit allocation, the clip for the
     channel's allocated level count) applied to that channel's moments; one-sidedness is decided for the layer."""
@@ -220,58 +294,54 @@ def _channel_plan(layer: ActivationLayer, spec: LayerSpec, obs: Observation, met
                               "-sm collect -pcq_a")
     one_sided = spec.one_sided_for(obs)
     count = len(obs.channel_moments)
-    if allocation is not None and spec.role != "classifier":
-        levels = allocation.levels(obs.channel_moments, spec.bits, spec.role == "")
+    if allocation is not None and spec.levels_bits is not None:
+        levels = allocation.levels(obs.channel_moments, spec.levels_bits)
         grids = [AllocatedPrior(allocation, levels[c], spec.bits).grid(obs.channel(c), spec.bits, one_sided, spec.cap)
                  for c in range(count)]
     else:
         levels = [2**spec.bits] * count
         grids = [method.grid(obs.channel(c), spec.bits, one_sided, spec.cap) for c in range(count)]
     return LayerPlan(
-        layer.name, layer.module_name, spec.role, spec.bits, Counter(g.method for g in grids).most_common(1)[0][0],
+        layer.name, layer.module_name, role.value, spec.bits, Counter(g.method for g in grids).most_common(1)[0][0],
         pystats.median(g.alpha for g in grids), pystats.median(g.delta for g in grids),
         pystats.median(g.offset for g in grids), sum(g.predicted_mse for g in grids) / count, one_sided, spec.cap,
         tuple(g.method for g in grids), tuple(g.alpha for g in grids), tuple(g.delta for g in grids),
         tuple(g.offset for g in grids), tuple(levels))
 
 
-def _tensor_plan(layer: ActivationLayer, spec: LayerSpec, grid: Grid) -> LayerPlan:
-    return LayerPlan(layer.name, layer.module_name, spec.role, spec.bits, grid.method, grid.alpha, grid.delta,
-                     grid.offset, grid.predicted_mse, grid.one_sided, spec.cap)
-
-
 def plan_layers(
-    layers: list[ActivationLayer], statistics: Statistics, policy: LayerPolicy, sigma_estimator: str = "range",
+    layers: list[ActivationLayer], statistics: Statistics, specs: list[LayerSpec], sigma_estimator: str = "range",
     per_channel: bool = False, allocation: BitAllocation | None = None,
 ) -> list[LayerPlan]:
-    """Each layer's grid from the saved observations, its policy spec and its method (computed once).
+    """Each layer's grid from the saved observations, its spec (``LayerPolicy.specs``) and its method, computed once.
 
-    ``per_channel`` (-pcq_a) gives every quantized layer one grid per channel of its quantized tensor (dim 1, at
-    output or input placement alike), from the per-channel moments; ``allocation`` (-baa, needs ``per_channel``)
-    shares the levels among a layer's channels (the classifier keeps its never-clipped rule)."""
-    if allocation is not None and not per_channel:
-        raise ValueError("bit allocation of activations shares levels among channels: it needs -pcq_a")
+    ``per_channel`` gives every quantized layer one grid per channel of its quantized tensor (dim 1, at output or
+    input placement alike), from the per-channel moments; ``allocation`` shares the levels among the channels of
+    the layers whose spec has ``levels_bits``."""
     if per_channel and not statistics.has_channel_moments:
         raise StatisticsError(f"the statistics in {statistics.folder} hold no per-channel moments; collect them with "
                               "-sm collect -pcq_a")
     statistics.check_layers(layers)
-    specs = policy.specs(layers)
-    methods = {name: get_method(name, sigma_estimator) for name in dict.fromkeys(s.method for s in specs)}
+    acts = [s.act for s in specs]
+    methods = {name: get_method(name, sigma_estimator) for name in dict.fromkeys(a.method for a in acts)}
     for name, method in methods.items():
-        if any(s.bits is not None and s.method == name for s in specs):
+        if any(a.bits is not None and a.method == name for a in acts):
             statistics.require(method.requires, f"clipping method {name!r}")
     plans = []
     for layer, spec in zip(layers, specs, strict=True):
-        if spec.bits is None or not statistics.has(layer.name):  # kept in float, or never called by the forward
-            role = spec.role if spec.bits is None else "unobserved"
+        act = spec.act
+        if act.bits is None or not statistics.has(layer.name):  # kept in float, or never called by the forward
+            role = spec.role.value if act.bits is None else "unobserved"
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))
             continue
         obs = statistics.observation(layer.name)
-        method = methods[spec.method]
+        method = methods[act.method]
         if per_channel:
-            plans.append(_channel_plan(layer, spec, obs, method, allocation, statistics))
+            plans.append(_channel_plan(layer, act, spec.role, obs, method, allocation, statistics))
         else:
-            plans.append(_tensor_plan(layer, spec, method.grid(obs, spec.bits, spec.one_sided_for(obs), spec.cap)))
+            grid = method.grid(obs, act.bits, act.one_sided_for(obs), act.cap)
+            plans.append(LayerPlan(layer.name, layer.module_name, spec.role.value, act.bits, grid.method, grid.alpha,
+                                   grid.delta, grid.offset, grid.predicted_mse, grid.one_sided, act.cap))
     return plans
 
 
@@ -301,18 +371,18 @@ def channel_plan_table(plans: list[LayerPlan]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["name", "channel", "method", "alpha", "delta", "offset", "levels"])
 
 
-def mse_order(layers: list[ActivationLayer], statistics: Statistics, policy: SeedPolicy,
+def mse_order(layers: list[ActivationLayer], statistics: Statistics, specs: list[LayerSpec],
               sigma_estimator: str = "range") -> list[str]:
-    """Regular layers (at ``policy.bits``) ordered by estimated quantization MSE, largest first (the seed's ``-ct``).
+    """Regular layers ordered by estimated quantization MSE, largest first (the seed's layer selection).
 
     The MSE is the one the layer's method predicts, relative to the layer's variance so that layers of different
     scales compare.  Layers the forward never called have no statistics and are not quantized, so they are left
     out (ViT's attention ``out_proj`` is used through its weights only)."""
-    method = get_method(policy.method, sigma_estimator)
     scores = {}
-    for layer, spec in zip(layers, policy.specs(layers), strict=True):
-        if spec.role == "" and statistics.has(layer.name):
+    for layer, spec in zip(layers, specs, strict=True):
+        if spec.role is Role.REGULAR and statistics.has(layer.name):
             obs = statistics.observation(layer.name)
-            mse = method.grid(obs, spec.bits, spec.one_sided, spec.cap).predicted_mse
+            method = get_method(spec.act.method, sigma_estimator)
+            mse = method.grid(obs, spec.act.bits, spec.act.one_sided, spec.act.cap).predicted_mse
             scores[layer.name] = mse / max(obs.moments.std**2, 1e-30)
     return sorted(scores, key=lambda n: (-scores[n], n))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from bokeh.embed import file_html
-from bokeh.layouts import column, gridplot
+from bokeh.layouts import column, gridplot, row
 from bokeh.models import ColumnDataSource, DataTable, Div, HoverTool, Span, TableColumn
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
@@ -30,19 +30,9 @@ from scipy import stats as scipy_stats
 
 from .clipping import SIGMA_ESTIMATORS, aciq_range, check_bits
 from .dumps import dump_path, dumped_layers, read_fp32
+from .figures import COLOURS, method_colour, weights_label
 from .methods import get_method, method_names
 from .stats import Statistics, StatisticsError, load_statistics
-
-COLOURS = {"no": "#7f7f7f", "laplace": "#d62728", "gaus": "#1f77b4", "mix": "#2ca02c", "minmax": "#8c564b"}
-OTHER_COLOURS = ("#9467bd", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
-
-
-def method_colour(method: str) -> str:
-    """A method's colour: the seed's fixed ones, then a palette in registration order for registered methods."""
-    if method in COLOURS:
-        return COLOURS[method]
-    others = [m for m in method_names() if m not in COLOURS]
-    return OTHER_COLOURS[others.index(method) % len(OTHER_COLOURS)] if method in others else "#000000"
 
 
 def report_methods(statistics: Statistics) -> list[str]:
@@ -282,6 +272,88 @@ def build_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(file_html(column(*parts), resources=INLINE, title="ACIQ clipping report"), encoding="utf-8")
     return out
+
+
+# -- the comparison pages (compare.py's tables) ----------------------------------------------------------------
+FP32 = "fp32"
+
+
+def _run_line(cfg) -> str:
+    """Weights and activation placement of a ``config.RunConfig``, as the pages' headers say them."""
+    return (f"weights {cfg.weights}, {weights_label(cfg)}, activations at the {cfg.act.placement}s"
+            f"{', half range' if cfg.act.half_range else ''}")
+
+
+def _accuracy_figures(lines: pd.DataFrame, fp32: pd.DataFrame, x: str, columns: Sequence[str], name: str,
+                      titles: tuple[str, str], tooltips: list[tuple[str, str]], size: int) -> list:
+    """Top-1 and top-5 figures: one line per method of ``lines`` against column ``x``, the FP32 accuracy dashed;
+    ``titles`` are the title (with ``{metric}``) and the x-axis label; hover shows ``tooltips`` and the metric."""
+    figures = []
+    for metric in ("top1", "top5"):
+        fig = figure(width=560, height=380, title=titles[0].format(metric=metric), x_axis_label=titles[1],
+                     y_axis_label=f"{metric} (%)", tools="pan,box_zoom,reset,save", name=f"{name}_{metric}")
+        for method, part in lines.groupby("method", sort=False):
+            source = _source(part.sort_values(x)[list(columns)])
+            colour = method_colour(method)
+            fig.line(x, metric, source=source, color=colour, legend_label=method, line_width=2)
+            fig.scatter(x, metric, source=source, color=colour, legend_label=method, size=size)
+        if len(fp32):
+            fig.add_layout(Span(location=float(fp32[metric].iloc[0]), dimension="width", line_color="black",
+                                line_dash="dashed"))
+        fig.add_tools(HoverTool(tooltips=[*tooltips, (metric, f"@{metric}")]))
+        fig.legend.click_policy = "hide"
+        figures.append(fig)
+    return figures
+
+
+def layer_selection_page(table: pd.DataFrame, cfg, eval_images: int) -> str:
+    """The ``-ct --compare`` sweep as a bokeh page: top-1 and top-5 against the number of layers at the activation
+    width, one line per method (FP32 dashed); hovering a point names the layer that step kept at 8 bits.  Opens
+    offline."""
+    bits = cfg.act.bits
+    figures = _accuracy_figures(
+        table[table["method"] != FP32], table[table["method"] == FP32], "layers_at_bits", list(table.columns),
+        "layer_selection",
+        (f"{{metric}} against the layers at {bits} bits", f"layers at {bits} bits (the others at 8)"),
+        [("method", "@method"), ("layers at bits", "@layers_at_bits"), ("k kept at 8", "@k"),
+         ("last kept", "@added_layer")], size=6)
+    for fig in figures:
+        fig.legend.location = "bottom_left"
+    header = Div(width=1140, text=(
+        f"<h2>{cfg.arch}: layer selection per clipping method</h2><p>{_run_line(cfg)}; the k layers with the largest "
+        f"estimated MSE (each method's own) kept at 8 bits, k in steps of {cfg.layer_selection_step}; {eval_images} "
+        f"evaluation images held out of calibration.</p>"))
+    return file_html(column(header, row(*figures)), resources=INLINE, title=f"{cfg.arch} layer selection")
+
+
+def compare_page(table: pd.DataFrame, shared_seconds: float, cfg, cal_images: int) -> str:
+    """The ``--compare`` page: top-1 and top-5 per method against the bit width (FP32 dashed), the range
+    computation time per method (log scale, beside the shared pass) and the table itself.  Opens offline."""
+    quantized = table[table["method"] != FP32].assign(width=lambda t: t["bits"].str[3:].astype(int))
+    accuracy = _accuracy_figures(
+        quantized, table[table["method"] == FP32], "width",
+        ("method", "width", "top1", "top5", "cal_seconds", "eval_seconds"), "accuracy",
+        ("{metric} per clipping method and activation width", "activation bits"),
+        [("method", "@method"), ("bits", "@width")], size=8)
+    for fig in accuracy:
+        fig.xaxis.ticker = sorted(quantized["width"].unique().tolist())
+        fig.legend.location = "bottom_right"
+    cost = quantized.groupby("method", sort=False)["cal_seconds"].mean()
+    labels, seconds = list(cost.index), [max(float(v), 1e-9) for v in cost.to_numpy()]
+    colours = [method_colour(m) for m in labels]
+    if shared_seconds > 0:  # 0: the statistics were loaded (-sm use), no pass ran
+        labels, seconds, colours = [*labels, "shared pass"], [*seconds, shared_seconds], [*colours, "#444444"]
+    bars = figure(y_range=labels[::-1], width=1120, height=80 + 40 * len(labels), x_axis_type="log",
+                  title="calibration cost per method: range computation over all layers, mean over widths",
+                  x_axis_label="seconds (log scale)", tools="save", name="calibration_cost")
+    bars.hbar(y=labels, right=seconds, left=min(seconds) / 10, height=0.6, color=colours)
+    shown = table.astype({"cal_seconds": object}).fillna("")
+    header = Div(width=1140, text=(
+        f"<h2>{cfg.arch}: clipping methods compared</h2><p>{_run_line(cfg)}; {int(table['images'].iloc[0])} "
+        f"evaluation images held out of {cal_images} calibration images; one shared calibration pass of "
+        f"{shared_seconds:.2f} s (0: loaded with -sm use).</p>" + shown.to_html(index=False, border=0)))
+    layout = column(header, row(*accuracy), bars)
+    return file_html(layout, resources=INLINE, title=f"{cfg.arch} clipping comparison")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 (TensorRT's entropy calibration) and percentiles, all on the asymmetric GEMMLOWP grid of ``2**bits`` levels.
 
 Pure numpy functions of a histogram and a bit width; ``methods`` turns their ranges into grids.  The grid a range
-[lo, hi] means is the one ``grid.py`` applies: ``2**bits`` levels ``lo + k * step``, ``step = (hi - lo) /
+[lo, hi] means is the one ``gemmlowp.py`` applies: ``2**bits`` levels ``lo + k * step``, ``step = (hi - lo) /
 (2**bits - 1)``, values clamped to [lo, hi] and rounded to the nearest level (float64 here, without the float32
 rounding and the ``-pz`` / ``-hs`` adjustments of the real grid).
 

@@ -8,11 +8,13 @@ from typing import Protocol
 
 import torch
 
-from .clipping import TensorStats, aciq_range, allocated_alpha, check_bits
+from .clipping import TensorStats, aciq_range, allocated_alpha
+from .fake_quant import gemmlowp_quantize, gemmlowp_quantize_per_channel
 from .layers import ActivationLayer
-from .methods import ClippingMethod
+from .methods import ClippingMethod, get_method
 from .observers import Observation
-from .quantize import gemmlowp_quantize, gemmlowp_quantize_per_channel
+from .policy import BitAllocation, WeightSpec
+from .quant_config import CorrectionConfig, WeightConfig
 
 
 def weight_channel_stats(w: torch.Tensor) -> list[TensorStats]:
@@ -27,13 +29,13 @@ def weight_channel_stats(w: torch.Tensor) -> list[TensorStats]:
             for c in range(flat.shape[0])]
 
 
-def allocated_weight_grid(w: torch.Tensor, bits: int, allocation, regular: bool
+def allocated_weight_grid(w: torch.Tensor, levels_bits: float, allocation: BitAllocation
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(delta, offset, levels) per output channel under bit allocation (``-baw``): the channels share the level quota
-    by the 2/3 law of their prior scale (``policy.BitAllocation``) and each is clipped at the optimum for its level
-    count, ``aciq_range`` around its mean (never beyond its own min/max)."""
+    """(delta, offset, levels) per output channel under bit allocation (``-baw``): the channels share the quota of
+    ``levels_bits`` a channel by the 2/3 law of their prior scale (``policy.BitAllocation``) and each is clipped at
+    the optimum for its level count, ``aciq_range`` around its mean (never beyond its own min/max)."""
     stats = weight_channel_stats(w)
-    levels = allocation.levels(stats, bits, regular)
+    levels = allocation.levels(stats, levels_bits)
     grids = [aciq_range(s.min, s.max, s.mean, allocated_alpha(allocation.prior, allocation.scale(s), n))
              for s, n in zip(stats, levels, strict=True)]
     delta = torch.tensor([g[0] for g in grids], dtype=torch.float64)
@@ -57,14 +59,14 @@ def clipped_ranges(w: torch.Tensor, bits: int, method: ClippingMethod, per_chann
 
 def quantize_parameter(
     w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool,
-    method: ClippingMethod | None = None, allocation=None, regular: bool = True,
+    method: ClippingMethod | None = None, allocation: BitAllocation | None = None, levels_bits: float | None = None,
 ) -> torch.Tensor:
     """GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0), over its min/max range;
     with a clipping ``method`` (``-thw``) over the range that method chooses (``clipped_ranges``); with
-    ``allocation`` (a ``policy.BitAllocation``, ``-baw``) with per-channel level counts and clipping instead."""
+    ``allocation`` and ``levels_bits`` (``-baw``) with per-channel level counts and clipping instead."""
     channels = per_channel and w.dim() > 1
-    if allocation is not None and w.dim() > 1:
-        delta, offset, levels = allocated_weight_grid(w, bits, allocation, regular)
+    if allocation is not None and levels_bits is not None and w.dim() > 1:
+        delta, offset, levels = allocated_weight_grid(w, levels_bits, allocation)
         return gemmlowp_quantize_per_channel(w, delta, offset, bits, dim=0, preserve_zero=preserve_zero,
                                              pow2_scale=pow2_scale, levels=levels)
     if method is not None and method.name not in ("no", "minmax"):
@@ -125,79 +127,65 @@ class VarianceCorrection:
         return ((q - q_mean) * xi + q_mean).to(quantized.dtype).reshape(quantized.shape)
 
 
-def weight_corrections(mean: bool, variance: bool) -> tuple[WeightCorrection, ...]:
+def weight_corrections(correct: CorrectionConfig) -> tuple[WeightCorrection, ...]:
     """The corrections of ``-bcw`` / ``-vcw``, in the order that restores both the mean and the norm."""
-    return (*([MeanCorrection()] if mean else []), *([VarianceCorrection()] if variance else []))
+    return (*([MeanCorrection()] if correct.weight_mean else []),
+            *([VarianceCorrection()] if correct.weight_variance else []))
 
 
 class WeightQuantizer:
     """Quantizes the weights (and biases) of ``layers`` in place while attached, and restores them exactly.
 
-    ``bits`` None keeps weights in float (``bias_bits`` likewise for biases).  ``layer_bits`` overrides the weight
-    width of single layers by seed name or module path (None: float).  Each correction is applied in order to
-    every quantized weight (not to biases).  ``method`` clips the weights (``-thw``; None: their min/max range).
-    ``bias_shifts`` (module path -> one value per output channel, the activations' bias correction ``-bca``) are
-    added to the biases after they are quantized: a deployment keeps biases in int32 at the accumulator's scale,
-    fine enough for the correction."""
+    Each layer's weight follows its ``WeightSpec`` (``LayerPolicy.specs``: width, granularity, clipping method,
+    allocated width); the biases are at ``config.bias_bits`` (None: float).  Each correction is applied in order to
+    every quantized weight (not to biases).  ``bias_shifts`` (module path -> one value per output channel, the
+    activations' bias correction ``-bca``) are added to the biases after they are quantized: a deployment keeps
+    biases in int32 at the accumulator's scale, fine enough for the correction."""
 
     def __init__(
         self,
         layers: Sequence[ActivationLayer],
-        bits: int | None = 8,
-        bias_bits: int | None = 8,
-        per_channel: bool = False,
-        preserve_zero: bool = True,
-        pow2_scale: bool = False,
+        specs: Sequence[WeightSpec],
+        config: WeightConfig,
         corrections: Sequence[WeightCorrection] = (),
-        layer_bits: dict[str, int | None] | None = None,
         bias_shifts: Mapping[str, torch.Tensor] | None = None,
-        method: ClippingMethod | None = None,
-        allocation=None,
+        allocation: BitAllocation | None = None,
+        sigma_estimator: str = "range",
     ) -> None:
-        for b in (bits, bias_bits, *(layer_bits or {}).values()):
-            if b is not None:
-                check_bits(b)
-        self.layers = list(layers)
-        self.bits, self.bias_bits = bits, bias_bits
-        self.per_channel, self.preserve_zero, self.pow2_scale = per_channel, preserve_zero, pow2_scale
+        self.layers, self.specs = list(layers), list(specs)
+        if len(self.specs) != len(self.layers):
+            raise ValueError(f"{len(self.specs)} weight specs for {len(self.layers)} layers")
+        self.config = config
         self.corrections = list(corrections)
-        self.layer_bits = dict(layer_bits or {})
         self.bias_shifts = dict(bias_shifts or {})
-        self.method = method  # clipping of the weights (not of biases); None: min/max
         self.allocation = allocation  # policy.BitAllocation over each weight's output channels (-baw), or None
+        self._methods = {name: get_method(name, sigma_estimator) for name in {s.method for s in self.specs}}
         self._originals: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def attached(self) -> bool:
         return bool(self._originals)
 
-    def weight_bits(self, layer: ActivationLayer) -> int | None:
-        for key in (layer.name, layer.module_name):
-            if key in self.layer_bits:
-                return self.layer_bits[key]
-        return self.bits
-
     def attach(self) -> WeightQuantizer:
         if self.attached:
             return self
+        cfg = self.config
         with torch.no_grad():
-            for layer in self.layers:
+            for layer, spec in zip(self.layers, self.specs, strict=True):
                 weight, bias = layer.module.weight, getattr(layer.module, "bias", None)
                 shift = self.bias_shifts.get(layer.module_name)
-                regular = self.weight_bits(layer) == self.bits  # edge layers are allocated at their own width
-                for param, bits, per_channel, corrections, add, method, allocation in (
-                    (weight, self.weight_bits(layer), self.per_channel, self.corrections, None, self.method,
-                     self.allocation),
-                    (bias, self.bias_bits, False, (), shift, None, None),
+                for param, bits, quantize, corrections, add in (
+                    (weight, spec.bits, lambda p, b, s=spec: quantize_parameter(
+                        p, b, s.per_channel, cfg.preserve_zero, cfg.pow2_scale, self._methods[s.method],
+                        self.allocation, s.levels_bits), self.corrections, None),
+                    (bias, cfg.bias_bits, lambda p, b: quantize_parameter(
+                        p, b, False, cfg.preserve_zero, cfg.pow2_scale), (), shift),
                 ):
                     if param is None or (bits is None and add is None):
                         continue
                     original = param.detach().clone()
                     self._originals.append((param, original))
-                    quantized = original if bits is None else quantize_parameter(
-                        param.detach(), bits, per_channel, self.preserve_zero, self.pow2_scale, method, allocation,
-                        regular
-                    )
+                    quantized = original if bits is None else quantize(param.detach(), bits)
                     for correct in corrections:
                         quantized = correct(layer, original, quantized)
                     if add is not None:

@@ -11,7 +11,7 @@ from pytorch_quantizer.bias_correction import ShiftRecorder, bias_shifts, check_
 from pytorch_quantizer.graph import relu_fed_layers
 from pytorch_quantizer.layers import activation_layers
 from pytorch_quantizer.models import fold_batchnorm
-from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
 
 # no statistics: every grid from the live tensor; 3 bits shift the means visibly
 QUANTIZED = QuantConfig(bits=3, threshold="laplace", weight_bits=3, bias_bits=8, first_layer_bits=3)

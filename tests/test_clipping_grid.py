@@ -216,7 +216,7 @@ def test_half_range_plan_uses_the_half_grid_alpha(tiny_model, tmp_path):
     """End to end with -hr: TinyNet's ReLU-fed conv1 gets [0, mean + alpha+] with the exact half-grid alpha+."""
     from pytorch_quantizer.models import fold_batchnorm
     from pytorch_quantizer.policy import plan_table
-    from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+    from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
     from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
     model = fold_batchnorm(tiny_model, torch.randn(2, 3, 16, 16))[0]

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from pytorch_quantizer.compiled import INDUCTOR_OPTIONS, compile_model, inductor_options
-from pytorch_quantizer.quantize import gemmlowp_qparams, quantize_with_qparams
-from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.fake_quant import gemmlowp_qparams, quantize_with_qparams
+from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
 from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]

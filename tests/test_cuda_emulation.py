@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytorch_quantizer.grid import (
+from pytorch_quantizer.gemmlowp import (
     gemmlowp_qparams,
     gemmlowp_qparams_per_channel,
     reference_quantize_,

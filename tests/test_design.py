@@ -17,7 +17,7 @@ from pytorch_quantizer.layers import activation_layers
 from pytorch_quantizer.methods import get_method, unregister
 from pytorch_quantizer.observers import PER_CHANNEL, Granularity, Observation, ObserverError
 from pytorch_quantizer.policy import SeedPolicy, plan_layers, plan_table
-from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
 from pytorch_quantizer.stats import StatisticsCollector, StatisticsError, load_statistics
 from pytorch_quantizer.weights import WeightQuantizer
 

@@ -49,7 +49,7 @@ def test_half_range_plans_one_sided_grids_for_relu_fed_layers(tiny_model, tmp_pa
     import torch
 
     from pytorch_quantizer.policy import plan_table
-    from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+    from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
     from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
     model = _folded_tiny(tiny_model)

@@ -9,7 +9,7 @@ import torchvision
 from pytorch_quantizer import aciq_range, choose_clipping, gemmlowp_quantize
 from pytorch_quantizer.layers import activation_layers
 from pytorch_quantizer.policy import mse_order, plan_table
-from pytorch_quantizer.quantizer import (
+from pytorch_quantizer.model_quantizer import (
     ActivationQuantizer,
     QuantConfig,
 )

@@ -6,7 +6,7 @@ import torch
 
 from pytorch_quantizer.models import fold_batchnorm
 from pytorch_quantizer.policy import plan_table
-from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
 from pytorch_quantizer.stats import StatisticsCollector, StatisticsError, load_statistics
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pytorch_quantizer import backends, gemmlowp_quantize, gemmlowp_quantize_per_channel, kernel_build
-from pytorch_quantizer.quantize import (
+from pytorch_quantizer.fake_quant import (
     QParams,
     gemmlowp_qparams,
     gemmlowp_qparams_per_channel,

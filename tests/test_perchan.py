@@ -22,8 +22,8 @@ from pytorch_quantizer.methods import get_method
 from pytorch_quantizer.models import fold_batchnorm
 from pytorch_quantizer.observers import PER_CHANNEL
 from pytorch_quantizer.policy import BitAllocation, SeedPolicy, channel_plan_table, plan_layers, plan_table
-from pytorch_quantizer.quantize import gemmlowp_quantize_per_channel
-from pytorch_quantizer.quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.fake_quant import gemmlowp_quantize_per_channel
+from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
 from pytorch_quantizer.stats import StatisticsCollector, StatisticsError, load_statistics
 from pytorch_quantizer.weights import WeightQuantizer, weight_channel_stats
 

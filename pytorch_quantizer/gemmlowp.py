@@ -13,7 +13,7 @@ PyTorch ``reference_quantize_`` here, the C++ and CUDA kernels in ``backends``) 
 ``scale``, ``inv_scale`` and ``offset`` are computed once in float64 and rounded to float32
 (``gemmlowp_qparams``).  NaN inputs propagate to NaN outputs; +-inf saturate to the ends of the grid.
 
-This module sits below ``backends`` and ``quantize``: it imports neither.
+This module sits below ``backends`` and ``fake_quant``: it imports neither.
 """
 
 from __future__ import annotations

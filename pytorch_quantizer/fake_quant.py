@@ -1,6 +1,6 @@
-"""GEMMLOWP fake quantization: the public entry points (the definition and its parameters are in ``grid``).
+"""GEMMLOWP fake quantization: the public entry points (the definition and its parameters are in ``gemmlowp``).
 
-Each function validates its input, computes the grid once (``grid``) and hands the float32 work to the backend
+Each function validates its input, computes the grid once (``gemmlowp``) and hands the float32 work to the backend
 of the tensor's device (``backends``); ``quantize_with_qparams`` and its per-channel twin take a precomputed grid.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backends import select_backend
-from .grid import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel, uniform_noise
+from .gemmlowp import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel, uniform_noise
 
 __all__ = [
     "QParams",

