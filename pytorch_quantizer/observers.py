@@ -184,9 +184,20 @@ OBSERVERS: dict[str, type[Observer]] = {}
 
 
 def register_observer(cls: type[Observer]) -> type[Observer]:
-    """Make an observer collectable and loadable by its ``name`` (usable as a class decorator)."""
-    OBSERVERS[cls.name] = cls
+    """Make an observer collectable and loadable by its ``name`` (a class decorator); a name is taken once, as
+    ``methods.register`` takes a method's."""
+    name = getattr(cls, "name", "")
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ObserverError(f"an observer needs a name of letters, digits, '_' and '-', got {name!r}")
+    if name in OBSERVERS and OBSERVERS[name] is not cls:
+        raise ObserverError(f"an observer named {name!r} is already registered ({OBSERVERS[name].__name__})")
+    OBSERVERS[name] = cls
     return cls
+
+
+def unregister_observer(name: str) -> None:
+    """Remove a registered observer (for tests and plugins that add one for one run)."""
+    OBSERVERS.pop(name, None)
 
 
 def observer_class(name: str) -> type[Observer]:
