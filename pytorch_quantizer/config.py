@@ -92,7 +92,7 @@ class RunConfig:
     device_ids: tuple[int, ...] = ()
     stats_mode: str = "no"  # collect | use | no
     stats_folder: Path | None = None
-    observers: tuple[str, ...] | None = None  # what collect gathers (None: COLLECTED_OBSERVERS)
+    observers: tuple[str, ...] = COLLECTED_OBSERVERS  # what a collect pass gathers
     fold_bn: bool = True
     eval_precision: bool = False  # FP32, then each width of sweep_bits (x sweep_weight_bits)
     sweep_bits: tuple[int, ...] = PRECISION_SWEEP
@@ -125,11 +125,11 @@ class RunConfig:
             set_(self, "weight", replace(self.weight, bits=bits))
         self._check_widths()
         self._check_sweeps()
-        if self.observers is not None:
+        _check_observers(self.observers)
+        if tuple(self.observers) != COLLECTED_OBSERVERS:
             if self.stats_mode != "collect" or self.compare:
                 raise ConfigError("the observers choose what a collect pass gathers (a comparison collects what its "
                                   "methods need): give them with stats mode collect", "observers", "stats_mode")
-            _check_observers(self.observers)
         if act.per_channel and self.stats_mode == "no":
             raise ConfigError("per-channel activation grids come from statistics: collect them with per-channel "
                               "activations, then use them", "act.per_channel", "stats_mode")
@@ -223,10 +223,6 @@ class RunConfig:
             return Path(self.stats_folder).expanduser()
         name = f"{self.arch}-{fingerprint}" + ("" if self.fold_bn else "-unfolded")
         return (STATISTICS_ROOT / name).expanduser()
-
-    @property
-    def collected_observers(self) -> tuple[str, ...]:
-        return self.observers if self.observers is not None else COLLECTED_OBSERVERS
 
     @property
     def quantizes(self) -> bool:

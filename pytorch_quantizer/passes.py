@@ -104,7 +104,7 @@ def collect(session: Session, observers: Iterable[str | tuple] | None = None, fo
     log.info("calibration: %d of the %d images in %s", len(session.calibration), len(session.cal_dataset),
              session.cal_dataset.root)
     if observers is None:
-        observers = (*cfg.collected_observers, *((("moments", PER_CHANNEL),) if cfg.act.per_channel else ()))
+        observers = (*cfg.observers, *((("moments", PER_CHANNEL),) if cfg.act.per_channel else ()))
     folder = session.stats_path if folder is None else folder
     with StatisticsCollector(session.model, devices=devices, point=cfg.act.placement,
                              observers=observers) as collector:

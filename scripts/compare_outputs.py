@@ -1,9 +1,9 @@
 """Compare two output trees of scripts/behaviour_commands.sh file by file: every statistics file, plan, table and
 results row byte for byte, except the columns that time a pass (``seconds``, ``cal_seconds``, ``eval_seconds``) and
-the provenance that names the code or the folder (``version``, ``stats_folder``, ``file``, ``settings`` and the
+the provenance that names the code or the folder (``version``, ``stats_folder``, ``file``, ``results``, ``settings`` and the
 settings-hash suffix of file names, given with ``--ignore-settings``).
 
-    python scripts/compare_outputs.py OLD NEW [--ignore-settings]
+    python scripts/compare_outputs.py OLD NEW [--ignore-settings] [--renamed old=new,...] [--added col,...]
 
 Prints one line per difference and exits 1 if there is any."""
 
@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 TIMING = {"seconds", "cal_seconds", "eval_seconds", "shared_seconds"}
-PROVENANCE = {"version", "stats_folder", "file", "settings"}
-HASH = re.compile(r"_[0-9a-f]{8}(?=(_channels)?\.csv$)")
+PROVENANCE = {"version", "stats_folder", "file", "settings", "results"}
+HASH = re.compile(r"_[0-9a-f]{8}(?=(_channels)?\.(csv|html|png)$)")
+PAGES = {".html"}  # bokeh pages carry fresh random element ids on every run: compared by name only
 
 
 def key(path: Path, root: Path, ignore_settings: bool) -> str:
@@ -38,17 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("new", type=Path)
     parser.add_argument("--ignore-settings", action="store_true")
     parser.add_argument("--renamed", default="", help="old=new,... results columns renamed on purpose")
+    parser.add_argument("--added", default="", help="col,... results columns only the new code writes (left out)")
     args = parser.parse_args(argv)
     renamed = dict(pair.split("=") for pair in args.renamed.split(",") if pair)
+    added = {name for name in args.added.split(",") if name}
     old = {key(p, args.old, args.ignore_settings): p for p in args.old.rglob("*") if p.is_file()}
     new = {key(p, args.new, args.ignore_settings): p for p in args.new.rglob("*") if p.is_file()}
     problems = [f"only in {args.old}: {k}" for k in sorted(old.keys() - new.keys())]
     problems += [f"only in {args.new}: {k}" for k in sorted(new.keys() - old.keys())]
-    same = 0
+    same = pages = 0
     for name in sorted(old.keys() & new.keys()):
         a, b = old[name], new[name]
         if a.read_bytes() == b.read_bytes():
             same += 1
+            continue
+        if a.suffix in PAGES:
+            pages += 1
             continue
         if a.name == "meta.json":
             ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         if a.suffix == ".csv":
             drop = TIMING | (PROVENANCE if args.ignore_settings else set())
-            fa, fb = frame(a, drop).rename(columns=renamed), frame(b, drop)
+            fa, fb = frame(a, drop).rename(columns=renamed), frame(b, drop | added)
             if fa.equals(fb):
                 same += 1
                 continue
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"{name}: bytes differ")
     for line in problems:
         print(line)
-    print(f"{same} files identical, {len(problems)} differences")
+    print(f"{same} files identical, {pages} bokeh pages present in both (not compared: random element ids), "
+          f"{len(problems)} differences")
     return 1 if problems else 0
 
 
