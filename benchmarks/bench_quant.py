@@ -49,10 +49,8 @@ from pytorch_quantizer import (  # noqa: E402
     quantize_with_qparams,
 )
 from pytorch_quantizer.compiled import compile_model  # noqa: E402
-from pytorch_quantizer.model_quantizer import (  # noqa: E402
-    ActivationQuantizer,
-    QuantConfig,
-)
+from pytorch_quantizer.model_quantizer import ModelQuantizer  # noqa: E402
+from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig, WeightConfig  # noqa: E402
 from pytorch_quantizer.stats import (  # noqa: E402
     COLLECTED_OBSERVERS,
     StatisticsCollector,
@@ -159,7 +157,7 @@ def bench_kernels(device: torch.device, numel: int, repeats: int, calls: int = 1
 # ------------------------------------------------------------------------------------------------ model
 
 
-W8A4 = QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8)
+W8A4 = QuantConfig(act=ActivationConfig(bits=4, method="laplace"), weight=WeightConfig(bits=8, bias_bits=8))
 
 
 def bench_model(
@@ -175,7 +173,7 @@ def bench_model(
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None).eval()
     images = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    if fold_bn:  # as the experiment does: on the CPU (float32 exactly, no TF32), then moved to the device
+    if fold_bn:  # as a run does (session.Session): on the CPU (float32 exactly, no TF32), then moved to the device
         model, pairs = fold_batchnorm(model, images[:2])
         print(f"  {len(pairs)} BatchNorm layers folded")
     model, images = model.to(device), images.to(device)
@@ -200,7 +198,7 @@ def bench_model(
     # quantization, hook registration) stay outside the timed forward.
     cases: dict[str, Callable[[], object | None]] = {"FP32": lambda: None}
     for name, cfg in configs.items():
-        quantizer = ActivationQuantizer(model, cfg, stats)
+        quantizer = ModelQuantizer(model, cfg, stats)
         cases[name] = lambda q=quantizer: q
     cases["collect statistics"] = lambda: StatisticsCollector(model)
     cases["collect, torch reductions"] = lambda: StatisticsCollector(model, fused=False)
@@ -246,7 +244,7 @@ def bench_compiled(model: torch.nn.Module, images: torch.Tensor, stats, device: 
     """Eager FP32 against FP32 and W8A4 under torch.compile (quantization fused by Inductor); returns compiled W8A4
     over compiled FP32.  Two copies of the model, each compiled once: the quantizer stays attached to its copy."""
     quantized = copy.deepcopy(model)
-    ActivationQuantizer(quantized, W8A4, stats).attach()
+    ModelQuantizer(quantized, W8A4, stats).attach()
     torch.compiler.reset()
     runners = {"FP32": model, "FP32 compiled": compile_model(model), "W8A4 compiled": compile_model(quantized)}
     cases = {name: (lambda m=m: m(images)) for name, m in runners.items()}

@@ -10,12 +10,15 @@ from test_cli import data_dir, run_cli, stats_dir  # noqa: F401  (module fixture
 from pytorch_quantizer.bias_correction import ShiftRecorder, bias_shifts, check_biases
 from pytorch_quantizer.graph import relu_fed_layers
 from pytorch_quantizer.layers import activation_layers
+from pytorch_quantizer.model_quantizer import ModelQuantizer
 from pytorch_quantizer.models import fold_batchnorm
-from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig, WeightConfig
 
 # no statistics: every grid from the live tensor; 3 bits shift the means visibly
-QUANTIZED = QuantConfig(bits=3, threshold="laplace", weight_bits=3, bias_bits=8, first_layer_bits=3)
-WEIGHTS_ONLY = QuantConfig(bits=None, weight_bits=3, bias_bits=8)
+QUANTIZED = QuantConfig(act=ActivationConfig(bits=3, method="laplace", first_bits=3),
+                        weight=WeightConfig(bits=3, bias_bits=8))
+WEIGHTS_ONLY = QuantConfig(act=ActivationConfig(bits=None), weight=WeightConfig(bits=3, bias_bits=8))
+FLOAT = QuantConfig(act=ActivationConfig(bits=None), weight=WeightConfig(bits=None, bias_bits=None))
 
 
 def _setup(model, config, relu_caps=None):
@@ -25,7 +28,7 @@ def _setup(model, config, relu_caps=None):
 
     def quantized_run(shifts, recorder=None):
         logits = []
-        with ActivationQuantizer(model, config, None, shifts), recorder or nullcontext(), torch.inference_mode():
+        with ModelQuantizer(model, config, None, shifts), recorder or nullcontext(), torch.inference_mode():
             for x in batches:
                 logits.append(model(x))
         return torch.cat(logits)
@@ -61,7 +64,7 @@ def test_rounds_shrink_the_remaining_shift(tiny_model):
 
 def test_the_logits_mean_moves_towards_the_float_networks(tiny_model):
     layers, quantized_run, _ = _setup(tiny_model, QUANTIZED)
-    float_logits = _setup(tiny_model, QuantConfig(bits=None, weight_bits=None, bias_bits=None))[1]({})
+    float_logits = _setup(tiny_model, FLOAT)[1]({})
     error = {rounds: (quantized_run(bias_shifts(layers, quantized_run, rounds) if rounds else {}).mean(0)
                       - float_logits.mean(0)).abs().mean().item() for rounds in (0, 2)}
     assert error[2] < error[0], error
@@ -73,10 +76,10 @@ def test_relu_fed_layers_are_measured_after_the_relu(tiny_model):
     model, _ = fold_batchnorm(tiny_model, torch.randn(2, 3, 12, 12))
     caps = relu_fed_layers(model)
     assert len(caps) == 2
-    config = QuantConfig(bits=3, threshold="laplace", weight_bits=4, bias_bits=8, first_layer_bits=3,
-                         half_range=True)
+    config = QuantConfig(act=ActivationConfig(bits=3, method="laplace", first_bits=3, half_range=True),
+                         weight=WeightConfig(bits=4, bias_bits=8))
     layers, quantized_run, _ = _setup(model, config, caps)
-    float_logits = _setup(model, QuantConfig(bits=None, weight_bits=None, bias_bits=None))[1]({})
+    float_logits = _setup(model, FLOAT)[1]({})
     error = {rounds: (quantized_run(bias_shifts(layers, quantized_run, rounds, caps) if rounds else {}).mean(0)
                       - float_logits.mean(0)).abs().mean().item() for rounds in (0, 2)}
     assert error[2] < error[0], error
@@ -86,7 +89,7 @@ def test_model_is_restored_exactly(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     layers, quantized_run, _ = _setup(tiny_model, QUANTIZED)
     shifts = bias_shifts(layers, quantized_run, rounds=2)
-    with ActivationQuantizer(tiny_model, QuantConfig(bits=None, weight_bits=None, bias_bits=None), None, shifts):
+    with ModelQuantizer(tiny_model, FLOAT, None, shifts):
         fc = tiny_model.fc.bias.detach().clone()
     assert not torch.equal(fc, before["fc.bias"])  # float weights, biases shifted alone
     for k, v in tiny_model.state_dict().items():
@@ -106,11 +109,11 @@ def test_cli_use_mode_with_bca(data_dir, stats_dir, capsys):
     assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-bca") == 0
     assert " * Prec@1 " in capsys.readouterr().out
     row = pd.read_csv(stats_dir / "results.csv", keep_default_na=False).iloc[-1]
-    assert (str(row["act_bias_correction"]), int(row["bca_rounds"]), int(row["images"])) == ("True", 2, 4)
+    assert (str(row["correct.act_bias"]), int(row["correct.act_bias_rounds"]), int(row["images"])) == ("True", 2, 4)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("-sm", "collect", "-bca"), "-sm use or -sm no"),
+    (("-sm", "collect", "-bca"), "not in a collect pass"),
     (("-sm", "no", "--qtype", "int4", "-bca"), "give -cs N"),
     (("-sm", "no", "--qtype", "fp32", "-qw", "f32", "-bca"), "nothing is quantized"),
     (("-sm", "no", "--qtype", "int4", "-cs", "4", "-bca", "--no_fold_bn"), "BatchNorm folding"),

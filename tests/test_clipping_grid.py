@@ -214,9 +214,10 @@ def test_grid_method_constant_tensor():
 
 def test_half_range_plan_uses_the_half_grid_alpha(tiny_model, tmp_path):
     """End to end with -hr: TinyNet's ReLU-fed conv1 gets [0, mean + alpha+] with the exact half-grid alpha+."""
+    from pytorch_quantizer.model_quantizer import ModelQuantizer
     from pytorch_quantizer.models import fold_batchnorm
     from pytorch_quantizer.policy import plan_table
-    from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
+    from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig
     from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
     model = fold_batchnorm(tiny_model, torch.randn(2, 3, 16, 16))[0]
@@ -224,7 +225,8 @@ def test_half_range_plan_uses_the_half_grid_alpha(tiny_model, tmp_path):
     with torch.no_grad(), StatisticsCollector(model) as collector:
         model(x)
     stats = load_statistics(collector.save(tmp_path / "s", {"arch": "tiny"}))
-    plan = plan_table(ActivationQuantizer(model, QuantConfig(4, "laplace-grid", half_range=True), stats).plan)
+    config = QuantConfig(act=ActivationConfig(bits=4, method="laplace-grid", half_range=True))
+    plan = plan_table(ModelQuantizer(model, config, stats).plan)
     conv1, ts = plan.loc["conv1_activation"], stats.tensor_stats("conv1_activation")
     assert bool(conv1["one_sided"]) and conv1["offset"] == 0.0 and conv1["method"] == "laplace-grid"
     assert conv1["alpha"] == pytest.approx(optimal_alpha_grid_half("laplace", 4) * ts.b)

@@ -6,7 +6,8 @@ from torch import nn
 
 from pytorch_quantizer.compiled import INDUCTOR_OPTIONS, compile_model, inductor_options
 from pytorch_quantizer.fake_quant import gemmlowp_qparams, quantize_with_qparams
-from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.model_quantizer import ModelQuantizer
+from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig, WeightConfig
 from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -96,15 +97,14 @@ def test_compiled_network_matches_eager_and_follows_the_hooks(device, tmp_path):
         with StatisticsCollector(model) as collector:
             model(dyadic_images(4, 0).to(device))
         stats = load_statistics(collector.save(tmp_path / "s", {"arch": "dyadic"}))
-        config = QuantConfig(bits=3, threshold="laplace", weight_bits=4, bias_bits=4, pow2_scale=True,
-                             weight_pow2_scale=True,
-                             preserve_zero=True)
+        config = QuantConfig(act=ActivationConfig(bits=3, method="laplace", pow2_scale=True, preserve_zero=True),
+                             weight=WeightConfig(bits=4, bias_bits=4, pow2_scale=True))
         torch.compiler.reset()
         compiled = compile_model(model)
         fp32 = model(images)
         assert torch.equal(compiled(images), fp32)
         # the same compiled model, hooks attached after its first call: it must recompile, not rerun FP32's graph
-        with ActivationQuantizer(model, config, stats):
+        with ModelQuantizer(model, config, stats):
             eager = model(images)
             quantized = compiled(images)
         assert torch.equal(compiled(images), fp32)  # and after detaching, FP32 again

@@ -1,4 +1,4 @@
-"""The -dd dump format: one writer (the experiment), one reader (report and mse_analysis)."""
+"""The -dd dump format: one writer (passes.dump), one reader (report and mse_analysis)."""
 
 from __future__ import annotations
 

@@ -48,8 +48,9 @@ def test_half_range_plans_one_sided_grids_for_relu_fed_layers(tiny_model, tmp_pa
     """TinyNet (BN folded): both convs feed a ReLU and get [0, ...] grids; the classifier keeps its own."""
     import torch
 
+    from pytorch_quantizer.model_quantizer import ModelQuantizer
     from pytorch_quantizer.policy import plan_table
-    from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
+    from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig
     from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
     model = _folded_tiny(tiny_model)
@@ -57,7 +58,8 @@ def test_half_range_plans_one_sided_grids_for_relu_fed_layers(tiny_model, tmp_pa
     with torch.no_grad(), StatisticsCollector(model) as collector:
         model(x)
     stats = load_statistics(collector.save(tmp_path / "s", {"arch": "tiny"}))
-    plan = plan_table(ActivationQuantizer(model, QuantConfig(4, "laplace", half_range=True), stats).plan)
+    config = QuantConfig(act=ActivationConfig(bits=4, method="laplace", half_range=True))
+    plan = plan_table(ModelQuantizer(model, config, stats).plan)
     assert list(plan["one_sided"]) == [True, True, False]
     conv1, ts = plan.loc["conv1_activation"], stats.tensor_stats("conv1_activation")
     assert conv1["offset"] == 0.0 and conv1["method"] == "laplace"
@@ -66,7 +68,8 @@ def test_half_range_plans_one_sided_grids_for_relu_fed_layers(tiny_model, tmp_pa
 
     # what the ReLU keeps is quantized more finely: lower post-ReLU error than the two-sided grid
     def post_relu_error(half_range: bool) -> float:
-        quantizer = ActivationQuantizer(model, QuantConfig(4, "laplace", half_range=half_range), stats)
+        config = QuantConfig(act=ActivationConfig(bits=4, method="laplace", half_range=half_range))
+        quantizer = ModelQuantizer(model, config, stats)
         seen = {}
         handle = model.features[5].register_forward_hook(lambda m, i, o: seen.setdefault("q", o.clone()))
         try:

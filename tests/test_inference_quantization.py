@@ -8,11 +8,9 @@ import torchvision
 
 from pytorch_quantizer import aciq_range, choose_clipping, gemmlowp_quantize
 from pytorch_quantizer.layers import activation_layers
-from pytorch_quantizer.policy import mse_order, plan_table
-from pytorch_quantizer.model_quantizer import (
-    ActivationQuantizer,
-    QuantConfig,
-)
+from pytorch_quantizer.model_quantizer import ModelQuantizer
+from pytorch_quantizer.policy import layer_policy, mse_order, plan_table
+from pytorch_quantizer.quant_config import ActivationConfig, ConfigError, QuantConfig, WeightConfig
 from pytorch_quantizer.stats import StatisticsCollector, load_statistics
 
 
@@ -37,7 +35,8 @@ def test_attach_detach_is_bit_identical(tiny_model, stats):
         before = tiny_model(x)
         for threshold in ("no", "laplace", "gaus", "mix"):
             for statistics in (stats, None):
-                with ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold=threshold), statistics):
+                config = QuantConfig(act=ActivationConfig(bits=4, method=threshold))
+                with ModelQuantizer(tiny_model, config, statistics):
                     quantized = tiny_model(x)
                 assert not torch.equal(quantized, before)
                 assert torch.equal(tiny_model(x), before)
@@ -52,13 +51,13 @@ def test_resnet18_detach_bit_identical():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-        with ActivationQuantizer(model, QuantConfig(bits=4, threshold="laplace", stochastic=True)):
+        with ModelQuantizer(model, QuantConfig(act=ActivationConfig(bits=4, method="laplace", stochastic=True))):
             model(x)
         assert torch.equal(model(x), before)
 
 
 def test_seed_policy(tiny_model, stats):
-    q = ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="laplace"), stats)
+    q = ModelQuantizer(tiny_model, QuantConfig(act=ActivationConfig(bits=4, method="laplace")), stats)
     table = plan_table(q.plan)
     assert table.loc["conv0_activation", "bits"] == 8 and table.loc["conv0_activation", "role"] == "first"
     assert table.loc["conv1_activation", "bits"] == 4
@@ -67,18 +66,19 @@ def test_seed_policy(tiny_model, stats):
     lo, hi = stats.extreme_range("linear0_activation")
     assert table.loc["linear0_activation", "offset"] == lo
     assert table.loc["linear0_activation", "delta"] == pytest.approx(hi - lo)
-    kept = ActivationQuantizer(tiny_model, QuantConfig(bits=4, keep_8bit={"conv1_activation"}), stats)
+    kept = ModelQuantizer(tiny_model, QuantConfig(act=ActivationConfig(bits=4), keep_8bit={"conv1_activation"}), stats)
     assert plan_table(kept.plan).loc["conv1_activation", "bits"] == 8
 
 
 def test_use_mode_quantizes_each_output_as_planned(tiny_model, stats):
     """Recompute the expected conv1 output independently from the summary and the documented rules."""
     x = heavy_tailed(4, 5)
-    config = QuantConfig(bits=4, threshold="laplace", weight_bits=None, bias_bits=None, first_layer_bits=None)
+    config = QuantConfig(act=ActivationConfig(bits=4, method="laplace", first_bits=None),
+                         weight=WeightConfig(bits=None, bias_bits=None))
     seen = {}
     conv = tiny_model.features[3]
     with torch.no_grad():
-        with ActivationQuantizer(tiny_model, config, stats):
+        with ModelQuantizer(tiny_model, config, stats):
             # registered after the quantizer's hook, so it sees the quantized output
             handle = conv.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o.clone()))
             tiny_model(x)
@@ -94,13 +94,14 @@ def test_use_mode_quantizes_each_output_as_planned(tiny_model, stats):
 def test_weights_quantized_to_8_bits(tiny_model, stats):
     conv = tiny_model.features[0]
     original = conv.weight.detach().clone()
-    with ActivationQuantizer(tiny_model, QuantConfig(bits=4), stats):
+    with ModelQuantizer(tiny_model, QuantConfig(act=ActivationConfig(bits=4)), stats):
         assert conv.weight.unique().numel() <= 256
         assert not torch.equal(conv.weight, original)
         lo, hi = original.min().item(), original.max().item()
         assert torch.equal(conv.weight, gemmlowp_quantize(original, hi - lo, lo, 8, preserve_zero=True))
     assert torch.equal(conv.weight, original)
-    with ActivationQuantizer(tiny_model, QuantConfig(bits=4, weight_per_channel=True), stats):
+    per_channel = QuantConfig(act=ActivationConfig(bits=4), weight=WeightConfig(per_channel=True))
+    with ModelQuantizer(tiny_model, per_channel, stats):
         for c in range(conv.weight.shape[0]):
             assert conv.weight[c].unique().numel() <= 256
 
@@ -112,18 +113,19 @@ def test_clipping_lowers_error_on_heavy_tails(tiny_model, stats):
         ref = tiny_model(x)
         errors = {}
         for threshold in ("no", "laplace"):
-            with ActivationQuantizer(tiny_model, QuantConfig(bits=3, threshold=threshold, first_layer_bits=3), stats):
+            config = QuantConfig(act=ActivationConfig(bits=3, method=threshold, first_bits=3))
+            with ModelQuantizer(tiny_model, config, stats):
                 errors[threshold] = (tiny_model(x) - ref).square().mean().item()
     assert errors["laplace"] < errors["no"]
 
 
 def test_stochastic_is_reproducible(tiny_model, stats):
     x = torch.randn(4, 3, 16, 16)
-    config = QuantConfig(bits=2, stochastic=True, seed=3)
+    config = QuantConfig(act=ActivationConfig(bits=2, stochastic=True), seed=3)
     outs = []
     with torch.no_grad():
         for _ in range(2):
-            with ActivationQuantizer(tiny_model, config, stats):
+            with ModelQuantizer(tiny_model, config, stats):
                 outs.append(tiny_model(x))
     assert torch.equal(outs[0], outs[1])
 
@@ -131,21 +133,24 @@ def test_stochastic_is_reproducible(tiny_model, stats):
 def test_stats_of_another_model_are_refused(stats):
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     with pytest.raises(ValueError, match="collect them again"):
-        ActivationQuantizer(other, QuantConfig(bits=4), stats)
+        ModelQuantizer(other, QuantConfig(act=ActivationConfig(bits=4)), stats)
 
 
 def test_no_stats_mode_names_layer_with_nan(tiny_model):
     with torch.no_grad():
         tiny_model.features[3].bias[0] = float("inf")
     with pytest.raises(FloatingPointError, match="conv1_activation"), torch.no_grad():
-        with ActivationQuantizer(tiny_model, QuantConfig(bits=4, weight_bits=None, bias_bits=None)):
+        config = QuantConfig(act=ActivationConfig(bits=4), weight=WeightConfig(bits=None, bias_bits=None))
+        with ModelQuantizer(tiny_model, config):
             tiny_model(torch.randn(2, 3, 16, 16))
 
 
-@pytest.mark.parametrize("bad", [{"bits": 0}, {"bits": 33}, {"threshold": "median"}, {"sigma_estimator": "x"}])
-def test_bad_config(bad):
-    with pytest.raises(ValueError):
-        QuantConfig(**bad)
+@pytest.mark.parametrize("bad, field", [({"bits": 0}, "act.bits"), ({"bits": 33}, "act.bits"),
+                                        ({"method": "median"}, "act.method"), ({"sigma": "x"}, "act.sigma")])
+def test_bad_config(bad, field):
+    with pytest.raises(ValueError) as err:
+        QuantConfig(act=ActivationConfig(**bad))
+    assert isinstance(err.value, ConfigError) and err.value.fields == (field,)
 
 
 class WithAttention(torch.nn.Module):
@@ -170,7 +175,7 @@ def test_layers_never_called_are_left_out(tmp_path):
         model(x)
     stats = load_statistics(collector.save(tmp_path / "s", {"arch": "attn"}))
     assert stats.layer_names == ["conv0_activation", "linear1_activation"]
-    q = ActivationQuantizer(model, QuantConfig(bits=4, threshold="laplace"), stats)
+    q = ModelQuantizer(model, QuantConfig(act=ActivationConfig(bits=4, method="laplace")), stats)
     assert plan_table(q.plan).loc["linear0_activation", "role"] == "unobserved"
     with torch.no_grad():
         before = model(x)
@@ -187,4 +192,5 @@ def test_custom_test_order_skips_layers_never_called(tmp_path):
         model(torch.randn(2, 3, 8, 8))
     stats = load_statistics(collector.save(tmp_path / "s", {"arch": "attn"}))
     layers = activation_layers(model)
-    assert mse_order(layers, stats, QuantConfig(bits=4, threshold="laplace").policy()) == []
+    specs = layer_policy(QuantConfig(act=ActivationConfig(bits=4, method="laplace")), layers).specs(layers)
+    assert mse_order(layers, stats, specs) == []

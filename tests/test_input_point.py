@@ -4,9 +4,10 @@ inputs that are never negative get one-sided grids."""
 import pytest
 import torch
 
+from pytorch_quantizer.model_quantizer import ModelQuantizer
 from pytorch_quantizer.models import fold_batchnorm
 from pytorch_quantizer.policy import plan_table
-from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig
 from pytorch_quantizer.stats import StatisticsCollector, StatisticsError, load_statistics
 
 
@@ -25,7 +26,7 @@ def test_inputs_are_planned_and_quantized_as_copies(folded, tmp_path):
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     stats = _collect(folded, x, tmp_path / "s", "input")
     assert stats.point == "input" and stats.numel("conv0_activation") == 3 * 16 * 16  # the image
-    quantizer = ActivationQuantizer(folded, QuantConfig(4, "laplace", act_point="input"), stats)
+    quantizer = ModelQuantizer(folded, QuantConfig(act=ActivationConfig(4, "laplace", placement="input")), stats)
     plan = plan_table(quantizer.plan)
     assert plan.loc["conv0_activation", "bits"] != plan.loc["conv0_activation", "bits"]  # NaN: the image stays float
     conv1 = plan.loc["conv1_activation"]
@@ -48,16 +49,16 @@ def test_inputs_are_planned_and_quantized_as_copies(folded, tmp_path):
 def test_statistics_of_the_other_point_are_refused(folded, tmp_path):
     stats = _collect(folded, torch.randn(4, 3, 16, 16), tmp_path / "s", "output")
     with pytest.raises(StatisticsError, match="--act_point input"):
-        ActivationQuantizer(folded, QuantConfig(4, "laplace", act_point="input"), stats)
+        ModelQuantizer(folded, QuantConfig(act=ActivationConfig(4, "laplace", placement="input")), stats)
     with pytest.raises(ValueError, match="half range"):
-        QuantConfig(4, "laplace", act_point="input", half_range=True)
+        QuantConfig(act=ActivationConfig(4, "laplace", placement="input", half_range=True))
 
 
 def test_live_input_quantization(folded):
     """-sm no with inputs: the grid from each live input, one-sided where it is never negative."""
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     seen = {}
-    with torch.no_grad(), ActivationQuantizer(folded, QuantConfig(3, "no", act_point="input")):
+    with torch.no_grad(), ModelQuantizer(folded, QuantConfig(act=ActivationConfig(3, "no", placement="input"))):
         handles = [folded.features[3].register_forward_pre_hook(lambda m, i: seen.setdefault("conv1", i[0].clone()))]
         folded(x)
         handles[0].remove()

@@ -17,13 +17,26 @@ from pytorch_quantizer.clipping import (
     allocation_quota,
     optimal_alpha_for_bins,
 )
+from pytorch_quantizer.fake_quant import gemmlowp_quantize_per_channel
 from pytorch_quantizer.layers import activation_layers
 from pytorch_quantizer.methods import get_method
+from pytorch_quantizer.model_quantizer import ModelQuantizer, model_policy
 from pytorch_quantizer.models import fold_batchnorm
 from pytorch_quantizer.observers import PER_CHANNEL
-from pytorch_quantizer.policy import BitAllocation, SeedPolicy, channel_plan_table, plan_layers, plan_table
-from pytorch_quantizer.fake_quant import gemmlowp_quantize_per_channel
-from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.policy import (
+    BitAllocation,
+    WeightSpec,
+    channel_plan_table,
+    layer_policy,
+    plan_layers,
+    plan_table,
+)
+from pytorch_quantizer.quant_config import (
+    ActivationConfig,
+    AllocationConfig,
+    QuantConfig,
+    WeightConfig,
+)
 from pytorch_quantizer.stats import StatisticsCollector, StatisticsError, load_statistics
 from pytorch_quantizer.weights import WeightQuantizer, weight_channel_stats
 
@@ -89,6 +102,12 @@ def test_targets_that_cannot_be_met():
 
 
 # -- per-channel statistics and plans -----------------------------------------------------------------------------
+def _seed_specs(layers, quant=None):
+    """The seed's layer specs for ``quant`` (default: 4-bit Laplace activations, first conv and classifier at 8)."""
+    quant = quant or QuantConfig(act=ActivationConfig(bits=4, method="laplace"))
+    return layer_policy(quant, layers).specs(layers)
+
+
 def _collect(model, folder, per_channel=True, point="output"):
     observers = ("moments", ("moments", PER_CHANNEL)) if per_channel else ("moments",)
     g = torch.Generator().manual_seed(1)
@@ -117,20 +136,21 @@ def test_each_channel_gets_the_per_tensor_rule_on_its_moments(tiny_model, tmp_pa
     tiny_model, _ = fold_batchnorm(tiny_model, torch.randn(2, 3, 16, 16))  # conv -> ReLU: the -hr layers
     stats = _collect(tiny_model, tmp_path / "s", point=point)
     layers = activation_layers(tiny_model)
-    policy = QuantConfig(bits=4, threshold=method, half_range=half_range, act_point=point).policy(tiny_model)
-    plans = plan_layers(layers, stats, policy, per_channel=True)
-    specs = policy.specs(layers)
+    quant = QuantConfig(act=ActivationConfig(bits=4, method=method, half_range=half_range, placement=point))
+    specs = model_policy(quant, tiny_model, layers).specs(layers)
+    plans = plan_layers(layers, stats, specs, per_channel=True)
     for plan, spec in zip(plans, specs, strict=True):
         if plan.bits is None:
             continue
         obs = stats.observation(plan.name)
-        rule = get_method(spec.method)
+        act = spec.act
+        rule = get_method(act.method)
         assert plan.channels == len(obs.channel_moments)
         for c in range(plan.channels):
-            grid = rule.grid(obs.channel(c), spec.bits, spec.one_sided_for(obs), spec.cap)
+            grid = rule.grid(obs.channel(c), act.bits, act.one_sided_for(obs), act.cap)
             assert (plan.channel_delta[c], plan.channel_offset[c], plan.channel_alpha[c]) == (
                 grid.delta, grid.offset, grid.alpha)
-            assert plan.channel_levels[c] == 2**spec.bits
+            assert plan.channel_levels[c] == 2**act.bits
     if half_range:
         assert any(p.one_sided for p in plans)
     table = plan_table(plans)
@@ -141,8 +161,11 @@ def test_each_channel_gets_the_per_tensor_rule_on_its_moments(tiny_model, tmp_pa
 def test_allocated_plan_keeps_quota_and_uses_the_optimum_for_its_levels(tiny_model, tmp_path):
     stats = _collect(tiny_model, tmp_path / "s")
     layers = activation_layers(tiny_model)
-    allocation = BitAllocation("laplace", target_bits=3.0)
-    plans = plan_layers(layers, stats, SeedPolicy(bits=4, method="laplace"), per_channel=True, allocation=allocation)
+    quant = QuantConfig(act=ActivationConfig(bits=4, method="laplace", per_channel=True),
+                        alloc=AllocationConfig(activations=True, act_bits=3.0, prior="laplace"))
+    allocation = BitAllocation("laplace")
+    assert BitAllocation.of(quant) == allocation
+    plans = plan_layers(layers, stats, _seed_specs(layers, quant), per_channel=True, allocation=allocation)
     regular = [p for p in plans if p.role == ""]
     assert regular
     for plan in regular:
@@ -159,13 +182,14 @@ def test_per_channel_on_a_per_tensor_folder_and_channel_mismatch(tiny_model, tmp
     stats = _collect(tiny_model, tmp_path / "plain", per_channel=False)
     layers = activation_layers(tiny_model)
     with pytest.raises(StatisticsError, match="-sm collect -pcq_a"):
-        plan_layers(layers, stats, SeedPolicy(bits=4, method="laplace"), per_channel=True)
+        plan_layers(layers, stats, _seed_specs(layers), per_channel=True)
     stats = _collect(tiny_model, tmp_path / "pc")
     wider = type(tiny_model)()
     wider.features[3] = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
     wider.features[0] = torch.nn.Conv2d(3, 12, 3, padding=1)
     with pytest.raises(StatisticsError, match="channels"):
-        plan_layers(activation_layers(wider), stats, SeedPolicy(bits=4, method="laplace"), per_channel=True)
+        wider_layers = activation_layers(wider)
+        plan_layers(wider_layers, stats, _seed_specs(wider_layers), per_channel=True)
 
 
 def test_hooks_quantize_each_channel_on_its_grid_and_detach_exactly(tiny_model, tmp_path):
@@ -175,9 +199,10 @@ def test_hooks_quantize_each_channel_on_its_grid_and_detach_exactly(tiny_model, 
         reference = tiny_model(x)
     seen = {}
     conv = tiny_model.features[3]
-    config = QuantConfig(bits=4, threshold="laplace", weight_bits=None, bias_bits=None,
-                         per_channel_activations=True, act_allocation=BitAllocation("laplace"))
-    quantizer = ActivationQuantizer(tiny_model, config, stats)
+    config = QuantConfig(act=ActivationConfig(bits=4, method="laplace", per_channel=True),
+                         weight=WeightConfig(bits=None, bias_bits=None),
+                         alloc=AllocationConfig(activations=True, prior="laplace"))
+    quantizer = ModelQuantizer(tiny_model, config, stats)
     with quantizer, torch.no_grad():  # a hook registered after the quantizer's sees the quantized output
         handle = conv.register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.clone()))
         tiny_model(x)
@@ -193,12 +218,14 @@ def test_weight_allocation_keeps_the_quota(tiny_model):
     layers = activation_layers(tiny_model)
     conv = tiny_model.features[3]
     original = conv.weight.detach().clone()
-    quantizer = WeightQuantizer(layers, 4, None, allocation=BitAllocation("laplace", target_bits=3.0))
+    specs = [WeightSpec(4, levels_bits=3.0)] * len(layers)  # every layer allocated, 3 bits a channel on average
+    quantizer = WeightQuantizer(layers, specs, WeightConfig(bits=4, bias_bits=None),
+                                allocation=BitAllocation("laplace"))
     with quantizer:
         quantized = conv.weight.detach().clone()
     assert torch.equal(conv.weight, original)
     stats = weight_channel_stats(original)
-    levels = BitAllocation("laplace", target_bits=3.0).levels(stats, 4, True)
+    levels = BitAllocation("laplace").levels(stats, 3.0)
     assert sum(levels) == 16 * 8
     for c in range(16):
         assert quantized[c].unique().numel() <= levels[c]
@@ -215,7 +242,7 @@ def pc_stats(data_dir, tmp_path_factory):
 def test_cli_per_channel_and_allocation_end_to_end(data_dir, pc_stats):
     assert run_cli(data_dir, pc_stats, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-pcq_a") == 0
     row = last_result(pc_stats)
-    assert str(row["per_channel_activations"]) == "True" and row["images"] == 4
+    assert str(row["act.per_channel"]) == "True" and row["images"] == 4
     plan = pd.read_csv(row["file"])
     assert plan["channels"].max() > 0
     channels = pd.read_csv(row["file"].replace(".csv", "_channels.csv"))
@@ -223,7 +250,7 @@ def test_cli_per_channel_and_allocation_end_to_end(data_dir, pc_stats):
     assert run_cli(data_dir, pc_stats, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-pcq_a", "-baa",
                    "-bata", "3", "-baw", "-qw", "int4", "-bam", "ceil") == 0
     row = last_result(pc_stats)
-    assert (str(row["alloc_activations"]), float(row["alloc_act_bits"]), row["alloc_mode"]) == ("True", 3.0, "ceil")
+    assert (str(row["alloc.activations"]), float(row["alloc.act_bits"]), row["alloc.mode"]) == ("True", 3.0, "ceil")
     channels = pd.read_csv(row["file"].replace(".csv", "_channels.csv"))
     assert channels["levels"].nunique() > 1
 
@@ -231,10 +258,10 @@ def test_cli_per_channel_and_allocation_end_to_end(data_dir, pc_stats):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["-sm", "use", "--qtype", "int4", "-th", "laplace", "-baa"], "needs -pcq_a"),
+        (["-sm", "use", "--qtype", "int4", "-th", "laplace", "-baa"], "needs per-channel activations"),
         (["-sm", "use", "--qtype", "int4", "-th", "laplace", "-pcq_a", "-baa", "-bata", "0.5"], "1..16 bits"),
         (["-sm", "use", "--qtype", "int4", "-th", "laplace", "-baw", "-batw", "17"], "1..16 bits"),
-        (["--qtype", "int4", "-pcq_a"], "-sm collect -pcq_a"),
+        (["--qtype", "int4", "-pcq_a"], "collect them with per-channel activations"),
         (["-sm", "use", "--qtype", "int4", "-th", "no", "-baw"], "-bap"),
     ],
 )

@@ -60,4 +60,4 @@ def test_a_method_that_needs_more_than_moments_is_refused():
 def test_cli_weight_clipping(data_dir, tmp_path):
     assert run_cli(data_dir, tmp_path, "--qtype", "fp32", "-qw", "int4", "-pcw", "-thw", "laplace") == 0
     row = pd.read_csv(tmp_path / "results.csv", keep_default_na=False).iloc[-1]
-    assert (row["weight_threshold"], row["qweight"]) == ("laplace", "int4")
+    assert (row["weight.method"], row["qweight"]) == ("laplace", "int4")
