@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import csv
+import fcntl
+import io
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .atomic import write_csv_atomic
+from .atomic import atomic_write, write_csv_atomic
 from .config import RunConfig, flatten
 
 # What a results row measured, first; then every setting of the run (RunConfig's field paths) and its identity.
@@ -78,15 +82,84 @@ def config_columns(cfg: RunConfig) -> dict[str, Any]:
     return {name: _cell(value) for name, value in flatten(cfg).items() if name not in PER_PASS}
 
 
-def append_result(path: Path, row: dict) -> None:
-    """Append one row to the results CSV (rewritten atomically, so an interrupted run cannot truncate it).
+RESULTS_HEADER_START = ("arch", "weights", "pass")  # every release's results file starts with these columns
 
-    Rows of older releases lack some columns (left empty); a new column is added to every row."""
-    frame = pd.DataFrame([row])
-    if path.exists():
-        frame = pd.concat([pd.read_csv(path, keep_default_na=False, dtype=str), frame.astype(str)],
-                          ignore_index=True).fillna("")
-    write_csv_atomic(frame, path)
+
+class ResultsFileError(ValueError):
+    """A ``--results`` path this tool cannot append to, or a file that is not one of its results files."""
+
+
+def _header(path: Path) -> list[str] | None:
+    """The columns of an existing results file (None: absent or empty), read from its first line only."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise ResultsFileError(f"--results {path} is not a regular file; give a .csv file path")
+    with path.open("rb") as handle:
+        first = handle.readline(1 << 20)
+    if not first.strip():
+        return None
+    try:
+        line = first.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ResultsFileError(f"--results {path} is not a results CSV (not text); give another file") from None
+    columns = next(csv.reader([line]))
+    if tuple(columns[: len(RESULTS_HEADER_START)]) != RESULTS_HEADER_START:
+        raise ResultsFileError(f"--results {path} is not a results CSV of this tool (its header starts "
+                               f"{','.join(columns[:3])!r}, not {','.join(RESULTS_HEADER_START)!r}); give another file")
+    return columns
+
+
+def check_results_file(path: Path) -> None:
+    """Refuse, before any pass, a results path that cannot take a row: a directory or device, a file that is not
+    ours, a parent that is a file or not writable.  Creates the parent folder."""
+    path = Path(path)
+    _header(path)
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ResultsFileError(f"--results {path}: {parent} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ResultsFileError(f"--results {path}: cannot create {parent} ({err.strerror})") from None
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ResultsFileError(f"--results {path}: {target} is not writable")
+
+
+def _line(values: Iterable[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(["" if v is None else v for v in values])
+    return buffer.getvalue()
+
+
+def append_result(path: Path, row: dict) -> None:
+    """Append one row to the results CSV, safe against other runs appending to the same file at once.
+
+    Under an exclusive ``fcntl`` lock on a sidecar ``.<name>.lock`` file, the header (the first line only) is
+    read; a row whose columns the header has is appended as one whole line, with empty cells for the header's
+    columns it lacks.  A row with a column the file lacks (a file of an older release) rewrites the file once,
+    atomically, with the new column empty in the older rows.  A new or empty file gets the header first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            header = _header(path)
+            if header is None:
+                atomic_write(path, lambda tmp: Path(tmp).write_text(_line(row) + _line(row.values()),
+                                                                      encoding="utf-8"))
+            elif set(row) <= set(header):
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write(_line(row.get(name, "") for name in header))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            else:
+                frame = pd.concat([pd.read_csv(path, keep_default_na=False, dtype=str),
+                                   pd.DataFrame([row]).astype(str)], ignore_index=True).fillna("")
+                write_csv_atomic(frame, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Recorder:

@@ -33,7 +33,7 @@ from .passes import (
 )
 from .policy import channel_plan_table, plan_table
 from .quant_config import ActivationConfig
-from .results import Recorder, final_line, qtype_name
+from .results import Recorder, check_results_file, final_line, qtype_name
 from .session import Session
 
 log = logging.getLogger("pytorch_quantizer")
@@ -47,6 +47,8 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     writing them)."""
     dist = dist if dist is not None else DistContext()
     with dist.together():
+        if dist.is_main:  # before any image or weight is read: a row that cannot be written fails the run now
+            check_results_file(cfg.results)
         dist.claim_device()
         session = Session(cfg, dist)
     settings = settings_hash(cfg, session.fingerprint, session.stats_fingerprint)

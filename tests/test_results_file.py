@@ -1,0 +1,76 @@
+"""Results rows survive concurrent runs, and a results path that cannot take a row is refused before any pass."""
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pytorch_quantizer.results import ResultsFileError, append_result, check_results_file
+
+ROW = {"arch": "tiny", "weights": "none", "pass": "fp32", "top1": 50.0, "note": 'a "quoted", cell'}
+
+
+def _append_many(path: str, worker: int, rows: int) -> None:
+    for i in range(rows):
+        append_result(Path(path), {**ROW, "pass": f"w{worker}-{i}"})
+
+
+def test_concurrent_appends_keep_every_row(tmp_path):
+    path = tmp_path / "results.csv"
+    ctx = mp.get_context("fork")
+    workers = [ctx.Process(target=_append_many, args=(str(path), w, 25)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+        assert w.exitcode == 0
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    assert sorted(frame["pass"]) == sorted(f"w{w}-{i}" for w in range(4) for i in range(25))
+    assert set(frame["note"]) == {ROW["note"]}
+    assert path.read_text().count("\n") == 101  # one header, one line a row
+
+
+def test_a_new_column_rewrites_the_older_rows_once(tmp_path):
+    path = tmp_path / "results.csv"
+    append_result(path, ROW)
+    append_result(path, {**ROW, "pass": "int4", "agreement": 91.5})
+    append_result(path, {k: v for k, v in ROW.items() if k != "note"})  # a column the row lacks: empty cell
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    assert list(frame.columns) == [*ROW, "agreement"]
+    assert list(frame["agreement"]) == ["", "91.5", ""]
+    assert list(frame["note"]) == [ROW["note"], ROW["note"], ""]
+
+
+def test_an_empty_file_takes_a_header(tmp_path):
+    path = tmp_path / "results.csv"
+    path.touch()
+    check_results_file(path)
+    append_result(path, ROW)
+    assert list(pd.read_csv(path).columns) == list(ROW)
+
+
+@pytest.mark.parametrize("kind", ["directory", "foreign", "binary", "parent_is_file"])
+def test_paths_that_cannot_take_a_row_are_refused_by_name(tmp_path, kind):
+    path = tmp_path / "results.csv"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "foreign":
+        path.write_text("name,score\nx,1\n")
+    elif kind == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    else:
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "results.csv"
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(ResultsFileError, match=str(path)):
+        check_results_file(path)
+    if before is not None:
+        assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_device_is_refused():
+    with pytest.raises(ResultsFileError, match="not a regular file"):
+        check_results_file(Path("/dev/full"))
