@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,8 +48,9 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     writing them)."""
     dist = dist if dist is not None else DistContext()
     with dist.together():
-        if dist.is_main:  # before any image or weight is read: a row that cannot be written fails the run now
+        if dist.is_main:  # before any image or weight is read: an output that cannot be written fails the run now
             check_results_file(cfg.results)
+            check_output_folders(cfg)
         dist.claim_device()
         session = Session(cfg, dist)
     settings = settings_hash(cfg, session.fingerprint, session.stats_fingerprint)
@@ -117,6 +119,40 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     _say(dist, _agreement_line(measured))
     _say(dist, final_line(measured.acc))
     return recorder.rows
+
+
+def output_folders(cfg: RunConfig) -> list[tuple[str, Path]]:
+    """The folders this run will write into, each with the flag that places it."""
+    out = cfg.results.parent
+    folders = []
+    if cfg.compare:
+        folders.append(("--results", out / ("custom_test" if cfg.layer_selection else "compare")))
+    elif cfg.eval_precision:
+        folders.append(("--results", out / "precision"))
+    elif cfg.layer_selection:
+        folders.append(("--results", out / "custom_test"))
+    elif cfg.stats_mode == "use" and cfg.act.bits is not None:
+        folders.append(("--results", out / "plans"))
+    if cfg.stats_mode == "collect" and cfg.stats_folder is not None:
+        folders.append(("-sf", Path(cfg.stats_folder).expanduser().parent))
+    if cfg.dump_dir is not None:
+        folders.append(("-dd", Path(cfg.dump_dir).expanduser()))
+    return folders
+
+
+def check_output_folders(cfg: RunConfig) -> None:
+    """Create every folder the run writes into and check that it is writable, before any pass: a run must not
+    compute for an hour and then fail to save (or, worse, save half of what it computed)."""
+    for flag, folder in output_folders(cfg):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"{flag}: cannot write into {folder}: {blocker} is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{flag}: cannot create {folder} ({err.strerror})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag}: {folder} is not writable")
 
 
 def _agreement_line(measured: Measured) -> str:

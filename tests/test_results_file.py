@@ -74,3 +74,20 @@ def test_paths_that_cannot_take_a_row_are_refused_by_name(tmp_path, kind):
 def test_a_device_is_refused():
     with pytest.raises(ResultsFileError, match="not a regular file"):
         check_results_file(Path("/dev/full"))
+
+
+@pytest.mark.parametrize("flag", ["-sf", "-dd", "--results"])
+def test_output_folders_under_a_file_are_refused_before_any_pass(tmp_path, flag):
+    from pytorch_quantizer.config import DataConfig, RunConfig
+    from pytorch_quantizer.quant_config import ActivationConfig
+    from pytorch_quantizer.run import check_output_folders
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    kwargs = {"-sf": {"stats_mode": "collect", "stats_folder": blocker / "stats"},
+              "-dd": {"dump_dir": blocker / "dumps"},
+              "--results": {"eval_precision": True, "results": blocker / "results.csv"}}[flag]
+    cfg = RunConfig(arch="resnet18", weights="none", data=DataConfig(root=tmp_path), device="cpu",
+                    act=ActivationConfig(bits=None), **kwargs)
+    with pytest.raises(ValueError, match=f"{flag}: cannot write into .*a_file is a file"):
+        check_output_folders(cfg)
