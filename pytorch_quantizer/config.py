@@ -95,7 +95,7 @@ class RunConfig:
     observers: tuple[str, ...] | None = None  # what collect gathers (None: COLLECTED_OBSERVERS)
     fold_bn: bool = True
     eval_precision: bool = False  # FP32, then each width of sweep_bits (x sweep_weight_bits)
-    sweep_bits: tuple[int, ...] | None = None  # None: PRECISION_SWEEP
+    sweep_bits: tuple[int, ...] | None = None  # None: PRECISION_SWEEP with eval_precision
     sweep_weight_bits: tuple[int | None, ...] = ()  # empty: weight.bits alone
     layer_selection: bool = False  # the seed's -ct: keep the k layers of largest estimated MSE at 8 bits
     layer_selection_step: int = 1  # evaluate k = 0, N, 2N, ... and L
@@ -206,13 +206,13 @@ class RunConfig:
         if (self.sweep_bits is not None or self.sweep_weight_bits) and not self.eval_precision:
             raise ConfigError("sweep_bits and sweep_weight_bits choose the widths of the precision sweep: turn it on "
                               "too", "sweep_bits", "sweep_weight_bits", "eval_precision")
-        if self.sweep_bits is None:
+        if self.sweep_bits is None and self.eval_precision:  # resolved only then, so replace() keeps it valid
             object.__setattr__(self, "sweep_bits", PRECISION_SWEEP)
-        if None in self.sweep_bits:
+        if None in (self.sweep_bits or ()):
             raise ConfigError("sweep_bits lists activation widths; the sweep's FP32 row comes first anyway",
                               "sweep_bits")
         for name in ("sweep_bits", "sweep_weight_bits"):
-            values = getattr(self, name)
+            values = getattr(self, name) or ()
             if len(set(values)) != len(values):
                 raise ConfigError(f"{name}: each width once, got {values}", name)
             for bits in values:
