@@ -38,7 +38,8 @@ from pytorch_quantizer.layers import activation_layers  # noqa: E402
 from pytorch_quantizer.methods import get_method, method_names  # noqa: E402
 from pytorch_quantizer.models import build_model, fold_batchnorm  # noqa: E402
 from pytorch_quantizer.observers import OBSERVERS  # noqa: E402
-from pytorch_quantizer.policy import SeedPolicy, plan_layers  # noqa: E402
+from pytorch_quantizer.policy import layer_policy, plan_layers  # noqa: E402
+from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig  # noqa: E402
 from pytorch_quantizer.stats import StatisticsCollector, load_statistics  # noqa: E402
 
 LOGS = Path(__file__).resolve().parent / "logs"
@@ -96,11 +97,11 @@ def bench_methods(model, data, bits: int, repeats: int) -> dict[str, float]:
         usable = [m for m in method_names() if set(get_method(m).requires) <= set(stats.observers)]
         seconds = {}
         for method in usable:
-            policy = SeedPolicy(bits=bits, method=method)
+            specs = layer_policy(QuantConfig(act=ActivationConfig(bits=bits, method=method)), layers).specs(layers)
             runs = []
             for _ in range(repeats + 1):  # the first (cold) call is left out
                 start = time.perf_counter()
-                plan_layers(layers, stats, policy)
+                plan_layers(layers, stats, specs)
                 runs.append(time.perf_counter() - start)
             seconds[method] = statistics.median(runs[1:])
     base = seconds.get("laplace", float("nan"))

@@ -49,10 +49,8 @@ from pytorch_quantizer import (  # noqa: E402
     quantize_with_qparams,
 )
 from pytorch_quantizer.compiled import compile_model  # noqa: E402
-from pytorch_quantizer.model_quantizer import (  # noqa: E402
-    ActivationQuantizer,
-    QuantConfig,
-)
+from pytorch_quantizer.model_quantizer import ActivationQuantizer  # noqa: E402
+from pytorch_quantizer.quant_config import ActivationConfig, QuantConfig, WeightConfig  # noqa: E402
 from pytorch_quantizer.stats import (  # noqa: E402
     COLLECTED_OBSERVERS,
     StatisticsCollector,
@@ -159,7 +157,7 @@ def bench_kernels(device: torch.device, numel: int, repeats: int, calls: int = 1
 # ------------------------------------------------------------------------------------------------ model
 
 
-W8A4 = QuantConfig(bits=4, threshold="laplace", weight_bits=8, bias_bits=8)
+W8A4 = QuantConfig(act=ActivationConfig(bits=4, method="laplace"), weight=WeightConfig(bits=8, bias_bits=8))
 
 
 def bench_model(
