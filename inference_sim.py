@@ -314,7 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each config field path -> the flags that set it, as the user reads them (``-th/--threshold/--method``)."""
-    out = {action.dest: "/".join(action.option_strings[:2]) for action in parser._actions if action.option_strings}
+    out = {}
+    for action in parser._actions:
+        spellings: dict[str, str] = {}  # one spelling style each: --ct_step, not also --ct-step
+        for option in action.option_strings:
+            spellings.setdefault(option.replace("_", "-"), option)
+        if spellings:
+            out[action.dest] = "/".join(list(spellings.values())[:2])
     out["compare_bits"] = out["act.bits"]
     return out
 
@@ -329,9 +335,22 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     try:
         return from_flat(values)
     except ConfigError as err:
-        flags = flags_of(parser or build_parser())
-        named = ", ".join(dict.fromkeys(flags.get(f, f) for f in err.fields))
-        raise ConfigError(f"{named}: {err}" if named else str(err), *err.fields) from None
+        raise ConfigError(flag_message(err, parser or build_parser(), set(values)), *err.fields) from None
+
+
+def flag_message(err, parser: argparse.ArgumentParser, given: set[str]) -> str:
+    """A library refusal in the CLI's terms: prefixed with the flags the user gave among the fields it concerns
+    (else the first field's flag), and each field path in the text replaced by its flag."""
+    flags = flags_of(parser)
+    if "compare_bits" in given:
+        given = given | {"act.bits"}
+    fields = [f for f in err.fields if f in given] or list(err.fields[:1])
+    named = ", ".join(dict.fromkeys(flags.get(f, f) for f in fields))
+    text = str(err)
+    for field in sorted(err.fields, key=len, reverse=True):
+        if field in flags:
+            text = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w.])", flags[field].split("/")[0], text)
+    return f"{named}: {text}" if named else text
 
 
 def report_error(prog: str, err: BaseException, ctx: distributed.DistContext | None) -> None:

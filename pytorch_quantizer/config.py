@@ -129,10 +129,11 @@ class RunConfig:
         if tuple(self.observers) != COLLECTED_OBSERVERS:
             if self.stats_mode != "collect" or self.compare:
                 raise ConfigError("the observers choose what a collect pass gathers (a comparison collects what its "
-                                  "methods need): give them with stats mode collect", "observers", "stats_mode")
+                                  "methods need): give them with stats_mode collect", "observers", "stats_mode")
         if act.per_channel and self.stats_mode == "no":
             raise ConfigError("per-channel activation grids come from statistics: collect them with per-channel "
-                              "activations, then use them", "act.per_channel", "stats_mode")
+                              "activations (stats_mode collect), then use them (stats_mode use)",
+                              "act.per_channel", "stats_mode")
         correct = self.correct
         if correct.act_bias and self.stats_mode == "collect":
             raise ConfigError("activation bias correction corrects a quantized network: not in a collect pass",
@@ -141,14 +142,15 @@ class RunConfig:
             raise ConfigError("activation bias correction corrects the mean shift that quantization causes, but "
                               "nothing is quantized", "correct.act_bias", "act.bits", "weight.bits")
         if correct.act_bias_rounds != 2 and not correct.act_bias:
-            raise ConfigError("act_bias_rounds counts the passes of activation bias correction: turn it on too",
+            raise ConfigError("correct.act_bias_rounds counts the passes of activation bias correction: give "
+                              "correct.act_bias too",
                               "correct.act_bias_rounds", "correct.act_bias")
         if self.stats_mode == "collect" and not self.compare and (sweeps or self.dump_dir):
-            raise ConfigError("a collect pass only collects statistics; sweeps and dumps run in use or no mode",
+            raise ConfigError("a collect pass only collects statistics; sweeps and dumps run with stats_mode use or no",
                               "stats_mode", "eval_precision", "layer_selection", "dump_dir")
         several = len(self.device_ids) > 1 and self.world_size == 1  # DataParallel
         if self.compile and (self.stats_mode != "use" or act.stochastic or several):
-            raise ConfigError("compiling runs use mode with round-to-nearest on one device (collection, live "
+            raise ConfigError("compiling runs stats_mode use with round-to-nearest on one device (collection, live "
                               "statistics, stochastic rounding and several GPUs would split the compiled graph at "
                               "every layer)", "compile", "stats_mode", "act.stochastic")
         if not (isinstance(self.dist_timeout, int | float) and math.isfinite(self.dist_timeout)
@@ -194,23 +196,23 @@ class RunConfig:
             raise ConfigError("the precision sweep and layer selection are two different sweeps: run them one at a "
                               "time", "eval_precision", "layer_selection")
         if self.layer_selection and self.stats_mode != "use" and not self.compare:
-            raise ConfigError("layer selection orders layers by their statistics: run it in use mode",
+            raise ConfigError("layer selection orders layers by their statistics: run it with stats_mode use",
                               "layer_selection", "stats_mode")
         if self.layer_selection and self.act.bits is None:
             raise ConfigError("layer selection keeps layers at 8 bits among the others at the activation width: give "
-                              "one, e.g. 4", "layer_selection", "act.bits")
+                              "act.bits, e.g. 4", "layer_selection", "act.bits")
         _positive(self.layer_selection_step, "layer_selection_step", allow_none=False)
         if self.layer_selection_step != 1 and not self.layer_selection:
-            raise ConfigError("layer_selection_step thins the layer-selection sweep: turn it on too",
+            raise ConfigError("layer_selection_step thins the layer-selection sweep: give layer_selection too",
                               "layer_selection_step", "layer_selection")
         if (tuple(self.sweep_bits) != PRECISION_SWEEP or self.sweep_weight_bits) and not self.eval_precision:
-            raise ConfigError("sweep_bits and sweep_weight_bits choose the widths of the precision sweep: turn it on "
-                              "too", "sweep_bits", "sweep_weight_bits", "eval_precision")
+            raise ConfigError("sweep_bits and sweep_weight_bits choose the widths of the precision sweep: give "
+                              "eval_precision too", "sweep_bits", "sweep_weight_bits", "eval_precision")
         if None in self.sweep_bits:
             raise ConfigError("sweep_bits lists activation widths; the sweep's FP32 row comes first anyway",
                               "sweep_bits")
         for name in ("sweep_bits", "sweep_weight_bits"):
-            values = getattr(self, name)
+            values = getattr(self, name) or ()
             if len(set(values)) != len(values):
                 raise ConfigError(f"{name}: each width once, got {values}", name)
             for bits in values:
@@ -270,10 +272,11 @@ def _check_observers(names: tuple[str, ...]) -> None:
 GROUPS = {f.name: f.default_factory for f in fields(RunConfig) if str(f.type).endswith("Config")}  # data, act, ...
 
 
-def from_flat(values: Mapping[str, Any]) -> RunConfig:
+def from_flat(values: Mapping[str, Any], cls: type[RunConfig] = RunConfig) -> RunConfig:
     """The tree from field paths (``act.bits``, ``data.root``, ``stats_mode``): the parsed flags as they are.
 
-    A path that names no field is a programming error (a flag whose ``dest`` is not a field)."""
+    ``cls``: ``RunConfig`` or a subclass with fields of its own (a plugin's settings).  A path that names no field
+    is a programming error (a flag whose ``dest`` is not a field)."""
     groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
     top: dict[str, Any] = {}
     for path, value in values.items():
@@ -282,7 +285,7 @@ def from_flat(values: Mapping[str, Any]) -> RunConfig:
     for name, kwargs in groups.items():
         factory = GROUPS[name]
         top[name] = replace(factory(), **kwargs) if kwargs else factory()
-    return RunConfig(**top)
+    return cls(**top)
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

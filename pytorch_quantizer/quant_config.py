@@ -142,7 +142,7 @@ class AllocationConfig:
             except ValueError as err:
                 raise ConfigError(str(err), f"alloc.{name}") from None
             if not getattr(self, on):
-                raise ConfigError(f"alloc.{name} is the target of the allocation of {on}: turn that on too",
+                raise ConfigError(f"alloc.{name} is the target of the allocation of {on}: give alloc.{on} too",
                                   f"alloc.{name}", f"alloc.{on}")
 
     @property
@@ -171,7 +171,7 @@ class CorrectionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.act_bias_rounds, bool) or not isinstance(self.act_bias_rounds, int) \
                 or self.act_bias_rounds < 1:
-            raise ConfigError(f"act_bias_rounds must be a positive integer, got {self.act_bias_rounds!r}",
+            raise ConfigError(f"correct.act_bias_rounds must be a positive integer, got {self.act_bias_rounds!r}",
                               "correct.act_bias_rounds")
 
 

@@ -1,7 +1,7 @@
 """Compare two output trees of scripts/behaviour_commands.sh file by file: every statistics file, plan, table and
 results row byte for byte, except the columns that time a pass (``seconds``, ``cal_seconds``, ``eval_seconds``) and
-the provenance that names the code or the folder (``version``, ``stats_folder``, ``file``, ``results``, ``settings`` and the
-settings-hash suffix of file names, given with ``--ignore-settings``).
+the provenance that names the code or the folder (``version``, ``stats_folder``, ``file``, ``results``, ``settings``
+and the settings-hash suffix of file names, given with ``--ignore-settings``).
 
     python scripts/compare_outputs.py OLD NEW [--ignore-settings] [--renamed old=new,...] [--added col,...]
 

@@ -147,13 +147,13 @@ def test_custom_test_orders_layers_from_statistics(data_dir, tmp_path):
                                   table.set_index("k").loc[coarse["k"]].reset_index())
 
 
-def test_ct_counts():
-    from pytorch_quantizer.experiment import ct_counts
+def test_selection_counts():
+    from pytorch_quantizer.passes import selection_counts
 
-    assert ct_counts(4) == [0, 1, 2, 3, 4]
-    assert ct_counts(7, 3) == [0, 3, 6, 7]
-    assert ct_counts(6, 3) == [0, 3, 6]
-    assert ct_counts(2, 10) == [0, 2]
+    assert selection_counts(4) == [0, 1, 2, 3, 4]
+    assert selection_counts(7, 3) == [0, 3, 6, 7]
+    assert selection_counts(6, 3) == [0, 3, 6]
+    assert selection_counts(2, 10) == [0, 2]
 
 
 def test_ct_step_needs_ct(data_dir, stats_dir, capsys):
@@ -201,11 +201,11 @@ def test_failed_collect_keeps_previous_statistics(data_dir, stats_dir, tmp_path)
         (["--weights", "/nonexistent/w.pth"], "w.pth"),
         (["-th", "median"], "invalid choice"),
         (["-qw", "int99"], "invalid type"),
-        (["-sm", "use", "--qtype", "int4", "-ep", "-ct"], "one at a time"),
-        (["-sm", "use", "-ct"], "-ct keeps layers at 8 bits"),
-        (["--compile"], "--compile runs -sm use"),
-        (["--compile", "-sm", "collect"], "--compile runs -sm use"),
-        (["--compile", "-sm", "use", "-s"], "--compile runs -sm use"),
+        (["-sm", "use", "--qtype", "int4", "-ep", "-ct"], ("-ep", "-ct", "one at a time")),
+        (["-sm", "use", "-ct"], ("-ct", "--qtype", "layer selection keeps layers at 8 bits")),
+        (["--compile"], ("--compile", "-sm", "compiling runs -sm use")),
+        (["--compile", "-sm", "collect"], ("--compile", "-sm", "compiling runs -sm use")),
+        (["--compile", "-sm", "use", "-s"], ("--compile", "-s/--stochastic", "compiling runs -sm use")),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(data_dir, tmp_path, flags, message, capsys):
@@ -214,7 +214,10 @@ def test_bad_flags_exit_2_with_one_line(data_dir, tmp_path, flags, message, caps
     except SystemExit as exc:
         code = exc.code
     assert code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    for part in (message,) if isinstance(message, str) else message:
+        assert part in err[0], (part, err[0])
     assert not (tmp_path / "s").exists()
 
 
@@ -293,31 +296,33 @@ def test_rows_and_files_identify_their_settings(data_dir, stats_dir, tmp_path):
         assert run_cli(data_dir, stats_dir, *base, *flags) == 0
     rows = pd.read_csv(tmp_path / "r.csv", keep_default_na=False).drop(columns=list(RUN_NUMBERS))
     assert rows.iloc[0].equals(rows.iloc[1])
-    for i, column in ((2, "sigma_estimator"), (3, "per_channel_weights"), (4, "batch_size"), (5, "preserve_zero")):
+    for i, column in ((2, "act.sigma"), (3, "weight.per_channel"), (4, "data.batch_size"), (5, "act.preserve_zero")):
         differing = set(rows.columns[rows.iloc[0] != rows.iloc[i]])
         assert column in differing and "settings" in differing and "file" in differing, (column, differing)
         assert differing <= {column, "settings", "file", "top1", "top5"}, differing
     files = [Path(f) for f in rows["file"]]
     assert files[0] == files[1] and len(set(files)) == 5 and all(f.is_file() for f in files)
-    assert {"weights_fingerprint", "stats_fingerprint", "cal_images", "eval_images", "version", "seed",
-            "cal_set_size", "subset", "batch_size", "stats_folder"} <= set(rows.columns)
+    assert {"weights_fingerprint", "stats_fingerprint", "cal_images", "eval_images", "version", "data.seed",
+            "data.cal_size", "data.subset", "data.batch_size", "stats_folder", "top1_se", "agreement",
+            "sqnr_db"} <= set(rows.columns)
     assert rows["stats_fingerprint"].str.len().min() == 16
 
 
 def test_calibration_images_are_held_out_of_evaluation(data_dir, tmp_path):
     """-cs N from --data: the N images are listed with the statistics and left out of every evaluation."""
-    from pytorch_quantizer.experiment import Experiment
+    from pytorch_quantizer.session import Session
 
     assert run_cli(data_dir, tmp_path, "-sm", "collect", "-cs", "3", "--seed", "5") == 0
     listed = (tmp_path / "stats" / "calibration.txt").read_text().split()
     assert len(listed) == 3 and last_result(tmp_path)["cal_images"] == 3
-    cfg = inference_sim.config_from_args(inference_sim.build_parser().parse_args(
+    parser = inference_sim.build_parser()
+    cfg = inference_sim.config_from_args(parser.parse_args(
         ["--data", str(data_dir), *ARCH, "-sf", str(tmp_path / "stats"), "-sm", "use", "--qtype", "int4", "--seed",
-         "5"]))
-    exp = Experiment(cfg)  # no -cs here: the statistics' own list is what is left out
-    evaluated = {p for i, p in enumerate(exp.dataset.samples) if i in set(exp.evaluation)}
-    assert len(evaluated) == 5 and not {Path(p).relative_to(exp.dataset.root).as_posix() for p, _ in evaluated} & set(
-        listed)
+         "5"]), parser)
+    session = Session(cfg)  # no -cs here: the statistics' own list is what is left out
+    evaluated = {p for i, p in enumerate(session.dataset.samples) if i in set(session.evaluation)}
+    assert len(evaluated) == 5 and not {
+        Path(p).relative_to(session.dataset.root).as_posix() for p, _ in evaluated} & set(listed)
     assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "--seed", "5") == 0
     assert (last_result(tmp_path)["images"], last_result(tmp_path)["cal_images"]) == (5, 3)
     # an FP32 run of the same study, with the same -cs and seed, sees the same 5 images
@@ -391,7 +396,7 @@ def test_half_range_through_the_driver(data_dir, stats_dir):
     """-hr: the ReLU-fed layers of mobilenet_v3_small (found in its graph) get one-sided grids; Hardswish-fed do not."""
     assert run_cli(data_dir, stats_dir, "-sm", "use", "--qtype", "int4", "-th", "laplace", "-hr") == 0
     row = last_result(stats_dir)
-    assert row["half_range"]
+    assert row["act.half_range"]
     plan = pd.read_csv(row["file"], index_col="name", keep_default_na=False)
     one_sided = plan[plan["one_sided"]]
     assert 0 < len(one_sided) < len(plan) and (one_sided["offset"] == 0).all()
@@ -402,7 +407,7 @@ def test_input_placement_through_the_driver(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "-sm", "collect", "-cs", "4", "--act_point", "input") == 0
     assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "-th", "laplace", "--act_point", "input") == 0
     row = last_result(tmp_path)
-    assert row["act_point"] == "input" and row["images"] == 4
+    assert row["act.placement"] == "input" and row["images"] == 4
     plan = pd.read_csv(row["file"], index_col="name", keep_default_na=False)
     assert plan.loc["conv0_activation", "bits"] == ""  # the image stays float
     capsys.readouterr()
@@ -428,5 +433,7 @@ def test_observers_narrow_what_collect_gathers(data_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
     assert run_cli(data_dir, tmp_path, "-sm", "use", "--qtype", "int4", "--observers", "moments") == 2
-    assert "-sm collect" in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--observers" in err[0] and "-sm/--stats_mode" in err[0]
+    assert "with -sm collect" in err[0]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing overwritten

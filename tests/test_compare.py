@@ -7,19 +7,20 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from test_cli import ARCH, data_dir  # noqa: F401  (the synthetic wnid folder fixture)
 
 import inference_sim
-from pytorch_quantizer import ClippingMethod, register
+from pytorch_quantizer import ClippingMethod, compare, register, run
 from pytorch_quantizer.clipping import ClipDecision
-from pytorch_quantizer.compare import SECONDS_COLUMNS, _save_png, layer_selection_figure, observers_for
-from pytorch_quantizer.experiment import Experiment
+from pytorch_quantizer.compare import SECONDS_COLUMNS, observers_for
+from pytorch_quantizer.config import RunConfig
+from pytorch_quantizer.figures import SELECTION_DPI, layer_selection_figure, png_bytes
 from pytorch_quantizer.methods import unregister
 from pytorch_quantizer.observers import OBSERVERS, PER_TENSOR, Observer, register_observer
+from pytorch_quantizer.quant_config import ActivationConfig
 
 
 @register_observer
@@ -70,15 +71,17 @@ def _forget_toy_observer():
 
 @pytest.fixture
 def collects(monkeypatch) -> list[tuple[str, ...]]:
-    """The observers of every calibration pass the run makes."""
+    """The observers of every calibration pass the run makes (a plain collect in ``run``, --compare's in
+    ``compare``; both call ``passes.collect``)."""
     calls: list[tuple[str, ...]] = []
-    original = Experiment.collect
+    original = run.collect
 
-    def counted(self, observers=("moments",), folder=None):
-        calls.append(tuple(observers))
-        return original(self, observers, folder)
+    def counted(session, observers=None, folder=None):
+        calls.append(tuple(observers) if observers is not None else session.cfg.collected_observers)
+        return original(session, observers, folder)
 
-    monkeypatch.setattr(Experiment, "collect", counted)
+    monkeypatch.setattr(run, "collect", counted)
+    monkeypatch.setattr(compare, "collect_pass", counted)
     return calls
 
 
@@ -145,10 +148,11 @@ def test_compare_without_statistics_mode_keeps_nothing(data_dir, tmp_path, colle
 
 @pytest.mark.parametrize(("flags", "message"), [
     (("--compare", "laplace,kld2", "--qtype", "int4"), "unknown clipping method 'kld2': expected one of no, laplace"),
-    (("--qtype", "int4,int8"), "a comma list of --qtype values is for --compare only"),
-    (("--compare", "laplace", "--qtype", "int4", "-ep"), "run it without -ep"),
-    (("--compare", "laplace", "--qtype", "int4,int8", "-ct"), "give a single --qtype"),
-    (("--compare", "laplace"), "give --qtype intN"),
+    (("--qtype", "int4,int8"), ("--qtype", "--compare", "several activation widths are for a comparison of methods")),
+    (("--compare", "laplace", "--qtype", "int4", "-ep"), ("--compare", "-ep", "not with the precision sweep")),
+    (("--compare", "laplace", "--qtype", "int4,int8", "-ct"),
+     ("--compare", "-ct", "--qtype", "at one activation width")),
+    (("--compare", "laplace"), ("--compare", "--qtype", "give an activation width")),
     (("--compare", "laplace", "--qtype", "int4"), "give -cs N"),
     (("--compare", "toy_quarter_count", "--qtype", "int4", "-sm", "use"), "needs the toy_count observer"),
 ])
@@ -159,7 +163,9 @@ def test_compare_bad_input_is_one_line_exit_2(data_dir, tmp_path, toy_method, ca
     capsys.readouterr()
     assert run_cli(data_dir, tmp_path, *flags) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert len(err.splitlines()) == 1
+    for part in (message,) if isinstance(message, str) else message:
+        assert part in err, (part, err)
     if "use" in flags:
         assert {p.name: p.read_bytes() for p in (tmp_path / "stats").iterdir()} == before
     assert not (tmp_path / "compare").exists()
@@ -179,7 +185,8 @@ def test_custom_test_for_several_methods_writes_csv_and_png(data_dir, tmp_path):
     png = csv.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG")
     again = tmp_path / "again.png"  # the same table draws the same bytes (no date or software in the PNG)
-    _save_png(layer_selection_figure(table, SimpleNamespace(arch="alexnet", bits=4, weight_bits=8)), str(again))
+    cfg = RunConfig(arch="alexnet", weights="none", act=ActivationConfig(bits=4), device="cpu")  # the run's W8
+    again.write_bytes(png_bytes(layer_selection_figure(table, cfg), SELECTION_DPI))
     assert again.read_bytes() == png
     html = csv.with_suffix(".html").read_text()
     assert "layer_selection_top1" in html and "layer_selection_top5" in html

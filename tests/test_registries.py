@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytorch_quantizer.observers import ObserverError, Observer, observer_class, register_observer, unregister_observer
+from pytorch_quantizer.observers import Observer, ObserverError, observer_class, register_observer, unregister_observer
 
 
 def test_register_observer_refuses_a_taken_name():
