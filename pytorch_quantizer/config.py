@@ -164,7 +164,7 @@ class RunConfig:
     def _check_widths(self) -> None:
         act = self.act
         if self.compare_bits and not self.compare:
-            raise ConfigError("several activation widths are for a comparison of methods; give one width",
+            raise ConfigError("several activation widths are for a comparison of methods (compare); give one width",
                               "act.bits", "compare")
         if len(set(self.compare_bits)) != len(self.compare_bits):
             raise ConfigError(f"each activation width once, got {self.compare_bits}", "act.bits")
@@ -177,8 +177,8 @@ class RunConfig:
         for name in self.compare:
             check_method(name, "compare")
         if act.bits is None:
-            raise ConfigError("a comparison of clipping methods compares quantized activations: give an activation "
-                              "width (the FP32 reference row is always included)", "compare", "act.bits")
+            raise ConfigError("a comparison of clipping methods compares quantized activations: give act.bits, "
+                              "one width or several (the FP32 reference row is always included)", "compare", "act.bits")
         if not self.compare_bits:
             object.__setattr__(self, "compare_bits", (act.bits,))
         if self.eval_precision:

@@ -153,8 +153,8 @@ class AllocationConfig:
         """The prior of the channels' scales: ``prior``, else the activation method when it is one."""
         prior = self.prior or (method if method in PRIORS else None)
         if prior is None:
-            raise ConfigError(f"bit allocation needs a prior for the channels' scales (laplace or gaus); the "
-                              f"clipping method {method!r} is not one", "alloc.prior", "act.method")
+            raise ConfigError(f"bit allocation needs a prior for the channels' scales: give alloc.prior laplace or "
+                              f"gaus (the clipping method {method!r} is not one)", "alloc.prior", "act.method")
         return prior
 
 

@@ -86,7 +86,7 @@ RESULTS_HEADER_START = ("arch", "weights", "pass")  # every release's results fi
 
 
 class ResultsFileError(ValueError):
-    """A ``--results`` path this tool cannot append to, or a file that is not one of its results files."""
+    """An output path this tool cannot write, or a ``--results`` file that is not one of its results files."""
 
 
 def _header(path: Path) -> list[str] | None:
@@ -110,21 +110,24 @@ def _header(path: Path) -> list[str] | None:
     return columns
 
 
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """``folder`` can be written into or created: its nearest existing ancestor is a folder we may write in (a
+    ``ValueError`` naming ``flag`` otherwise).  Creates nothing."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ResultsFileError(f"{flag}: cannot write into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ResultsFileError(f"{flag}: cannot write into {folder}: {existing} is not writable")
+
+
 def check_results_file(path: Path) -> None:
     """Refuse, before any pass, a results path that cannot take a row: a directory or device, a file that is not
-    ours, a parent that is a file or not writable.  Creates the parent folder."""
+    ours or not writable, a parent that is a file or not writable."""
     path = Path(path)
     _header(path)
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise ResultsFileError(f"--results {path}: {parent} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ResultsFileError(f"--results {path}: cannot create {parent} ({err.strerror})") from None
-    target = path if path.exists() else parent
-    if not os.access(target, os.W_OK):
-        raise ResultsFileError(f"--results {path}: {target} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ResultsFileError(f"--results {path} is not writable")
+    check_writable_folder(path.parent, f"--results {path}")
 
 
 def _line(values: Iterable[Any]) -> str:

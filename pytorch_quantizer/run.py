@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ from .passes import (
 )
 from .policy import channel_plan_table, plan_table
 from .quant_config import ActivationConfig
-from .results import Recorder, check_results_file, final_line, qtype_name
+from .results import Recorder, check_results_file, check_writable_folder, final_line, qtype_name
 from .session import Session
 
 log = logging.getLogger("pytorch_quantizer")
@@ -141,18 +140,11 @@ def output_folders(cfg: RunConfig) -> list[tuple[str, Path]]:
 
 
 def check_output_folders(cfg: RunConfig) -> None:
-    """Create every folder the run writes into and check that it is writable, before any pass: a run must not
-    compute for an hour and then fail to save (or, worse, save half of what it computed)."""
+    """Check, before any pass, that every folder the run writes into can be written or created (its nearest
+    existing ancestor is a writable folder): a run must not compute for an hour and then fail to save.  Nothing
+    is created here, so a run refused later leaves nothing behind."""
     for flag, folder in output_folders(cfg):
-        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise ValueError(f"{flag}: cannot write into {folder}: {blocker} is a file, not a folder")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"{flag}: cannot create {folder} ({err.strerror})") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"{flag}: {folder} is not writable")
+        check_writable_folder(folder, flag)
 
 
 def _agreement_line(measured: Measured) -> str:

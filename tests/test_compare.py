@@ -77,7 +77,7 @@ def collects(monkeypatch) -> list[tuple[str, ...]]:
     original = run.collect
 
     def counted(session, observers=None, folder=None):
-        calls.append(tuple(observers) if observers is not None else session.cfg.collected_observers)
+        calls.append(tuple(observers) if observers is not None else session.cfg.observers)
         return original(session, observers, folder)
 
     monkeypatch.setattr(run, "collect", counted)
@@ -152,7 +152,7 @@ def test_compare_without_statistics_mode_keeps_nothing(data_dir, tmp_path, colle
     (("--compare", "laplace", "--qtype", "int4", "-ep"), ("--compare", "-ep", "not with the precision sweep")),
     (("--compare", "laplace", "--qtype", "int4,int8", "-ct"),
      ("--compare", "-ct", "--qtype", "at one activation width")),
-    (("--compare", "laplace"), ("--compare", "--qtype", "give an activation width")),
+    (("--compare", "laplace"), ("--compare", "--qtype", "give --qtype, one width or several")),
     (("--compare", "laplace", "--qtype", "int4"), "give -cs N"),
     (("--compare", "toy_quarter_count", "--qtype", "int4", "-sm", "use"), "needs the toy_count observer"),
 ])

@@ -86,7 +86,7 @@ REFUSED = [
     (lambda: RunConfig(eval_precision=True, sweep_bits=(8, 8)), ("sweep_bits",), "each width once"),
     (lambda: RunConfig(act=ActivationConfig(bits=4), compare_bits=(4, 8)), ("act.bits", "compare"),
      "comparison of methods"),
-    (lambda: RunConfig(compare=("laplace",)), ("compare", "act.bits"), "give an activation width"),
+    (lambda: RunConfig(compare=("laplace",)), ("compare", "act.bits"), "give act.bits, one width or several"),
     (lambda: RunConfig(act=ActivationConfig(bits=4), compare=("laplace", "median")), ("compare",),
      "unknown clipping method 'median'"),
     (lambda: RunConfig(act=ActivationConfig(bits=4), compare=("laplace",), eval_precision=True),
