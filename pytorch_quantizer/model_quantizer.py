@@ -45,13 +45,15 @@ class ModelQuantizer:
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig, statistics: Statistics | None = None,
-                 bias_shifts: Mapping[str, torch.Tensor] | None = None, plan: list[LayerPlan] | None = None) -> None:
+                 bias_shifts: Mapping[str, torch.Tensor] | None = None, plan: list[LayerPlan] | None = None,
+                 policy: LayerPolicy | None = None) -> None:
         """``plan``: the ``plan_layers`` result for this config and statistics when the caller computed it already
-        (``--compare`` times it), so that it is not computed twice."""
+        (``--compare`` times it), so that it is not computed twice; ``policy``: a layer policy of the caller's own
+        (default: ``model_policy``, the seed's rules for ``config``)."""
         self.model = model
         self.config = config
         self.layers = activation_layers(model)
-        self.policy = model_policy(config, model, self.layers)
+        self.policy = policy if policy is not None else model_policy(config, model, self.layers)
         self.specs = self.policy.specs(self.layers)
         allocation = BitAllocation.of(config)
         self.weights = WeightQuantizer(self.layers, [s.weight for s in self.specs], config.weight,

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -242,6 +243,17 @@ def test_registered_method_plans_and_quantizes(tiny_model, toy_methods, tmp_path
     ts = stats.tensor_stats("conv1_activation")
     assert row["method"] == "toy_quarter" and row["alpha"] == pytest.approx(ts.range / 4)
     assert row["delta"] == pytest.approx(ts.range / 2)
+    # a caller's own policy reaches the plan and the weights: conv1 at 6 bits, its weight at 4 per channel
+    layers = activation_layers(tiny_model)
+    base = layer_policy(quant("toy_quarter"), layers)
+    policy = replace(base, rules=(*base.rules, Rule("conv1_*", act={"bits": 6}, weight={"bits": 4,
+                                                                                      "per_channel": True})))
+    custom = ActivationQuantizer(tiny_model, quant("toy_quarter"), stats, policy=policy)
+    assert plan_table(custom.plan).loc["conv1_activation", "bits"] == 6
+    assert [s.weight.bits for s in custom.specs] == [8, 4, 8]
+    with custom:
+        weight = layers[1].module.weight.detach()
+        assert max(len(torch.unique(row)) for row in weight.reshape(weight.shape[0], -1)) <= 16
     with pytest.raises(StatisticsError, match="toy_sketch observer"):
         ActivationQuantizer(tiny_model, quant("toy_hist"), stats)
     with pytest.raises(StatisticsError, match="needs the histogram observer.*collect them again"):
