@@ -28,6 +28,11 @@ def key(path: Path, root: Path, ignore_settings: bool) -> str:
     return HASH.sub("_SETTINGS", rel) if ignore_settings else rel
 
 
+def kept(path: Path) -> bool:
+    """Files to compare: not the results append's lock file (``.<name>.lock``, empty)."""
+    return path.is_file() and not (path.name.startswith(".") and path.name.endswith(".lock"))
+
+
 def frame(path: Path, drop: set[str]) -> pd.DataFrame:
     data = pd.read_csv(path, dtype=str, keep_default_na=False)
     return data.drop(columns=[c for c in data.columns if c in drop])
@@ -43,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     renamed = dict(pair.split("=") for pair in args.renamed.split(",") if pair)
     added = {name for name in args.added.split(",") if name}
-    old = {key(p, args.old, args.ignore_settings): p for p in args.old.rglob("*") if p.is_file()}
-    new = {key(p, args.new, args.ignore_settings): p for p in args.new.rglob("*") if p.is_file()}
+    old = {key(p, args.old, args.ignore_settings): p for p in args.old.rglob("*") if kept(p)}
+    new = {key(p, args.new, args.ignore_settings): p for p in args.new.rglob("*") if kept(p)}
     problems = [f"only in {args.old}: {k}" for k in sorted(old.keys() - new.keys())]
     problems += [f"only in {args.new}: {k}" for k in sorted(new.keys() - old.keys())]
     same = pages = 0
+    reordered: list[str] = []
     for name in sorted(old.keys() & new.keys()):
         a, b = old[name], new[name]
         if a.read_bytes() == b.read_bytes():
@@ -75,11 +81,17 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append(f"{name}: columns differ: {cols}")
                 continue
             diff = [c for c in fa.columns if not fa[c].equals(fb[c])]
-            problems.append(f"{name}: values differ in {diff}")
+            if diff:
+                problems.append(f"{name}: values differ in {diff}")
+            else:
+                reordered.append(name)
+                same += 1
             continue
         problems.append(f"{name}: bytes differ")
     for line in problems:
         print(line)
+    for name in reordered:
+        print(f"{name}: the same columns and values, columns in another order")
     print(f"{same} files identical, {pages} bokeh pages present in both (not compared: random element ids), "
           f"{len(problems)} differences")
     return 1 if problems else 0
