@@ -330,6 +330,9 @@ def plan_layers(
     plans = []
     for layer, spec in zip(layers, specs, strict=True):
         act = spec.act
+        if act.bits is not None and statistics.missing(layer.name):
+            raise StatisticsError(f"the statistics in {statistics.folder} have nothing for {layer.name}, which this "
+                                  "run quantizes (and which the forward calls); collect them again")
         if act.bits is None or not statistics.has(layer.name):  # kept in float, or never called by the forward
             role = spec.role.value if act.bits is None else "unobserved"
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))

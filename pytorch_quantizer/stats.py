@@ -13,12 +13,21 @@ That is the whole layout of format 1 (the previous releases), which still loads:
 
 The folder is written to a temporary sibling and swapped in only when complete, so a failed or
 interrupted run leaves earlier statistics untouched.
+
+Since this release a folder also proves its integrity: ``meta.json``'s ``files`` records every other file's size
+and sha256, and loading refuses a folder whose files do not match (a truncated histogram, a layer's files copied
+in from another folder, an edited summary), naming the file.  ``calibration.json`` lists the calibration images
+as a JSON list (any file name round-trips; ``calibration.txt`` of earlier releases still reads), as many as
+``meta.json``'s ``images``; ``unobserved`` names the hooked layers the forward never called, so that a layer
+missing for any other reason is an error.  Folders of earlier releases, without ``files``, load with a note in
+the log.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -53,8 +62,11 @@ from .observers import (
 __all__ = ["STAT_COLUMNS", "Statistics", "StatisticsCollector", "StatisticsError", "load_statistics",
            "per_sample_stats"]
 
+log = logging.getLogger("pytorch_quantizer")
+
 META_FILE = "meta.json"
-CALIBRATION_FILE = "calibration.txt"
+CALIBRATION_FILE = "calibration.json"
+LEGACY_CALIBRATION_FILE = "calibration.txt"  # earlier releases: one name a line
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 FORMAT_1_OBSERVERS = [{"name": "moments", "granularity": "tensor"}]
@@ -218,12 +230,14 @@ class StatisticsCollector:
         ]
         observers = list({(o.name, o.granularity.label): {"name": o.name, "granularity": o.granularity.label}
                           for o in self.observers[layers[0].name]}.values())
+        seen = {layer.name for layer in layers}
         full_meta = {"format": FORMAT_VERSION, **meta, "images": self.samples, "layers": entries,
-                     "observers": observers, "point": self.point}
+                     "observers": observers, "point": self.point,
+                     "unobserved": [layer.name for layer in self.layers if layer.name not in seen]}
 
         def write(staging: Path) -> None:
             if calibration is not None:
-                (staging / CALIBRATION_FILE).write_text("".join(f"{name}\n" for name in calibration))
+                (staging / CALIBRATION_FILE).write_text(json.dumps(list(calibration), indent=0) + "\n")
             for layer in layers:
                 for observer in self.observers[layer.name]:
                     observer.export(staging, layer.name)
@@ -238,12 +252,41 @@ def write_statistics(folder: str | os.PathLike, write, meta: dict[str, Any]) -> 
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         write(staging)
+        meta = {**meta, "files": {path.name: file_record(path) for path in sorted(staging.iterdir())}}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What ``meta.json`` records of a file: its size in bytes and its sha256."""
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def verify_files(folder: Path, meta: dict[str, Any]) -> None:
+    """Refuse a folder whose files are not the ones ``meta.json`` recorded (missing, extra, resized or changed),
+    naming the file.  Folders of earlier releases record none: they load unverified, with a note in the log."""
+    recorded = meta.get("files")
+    if recorded is None:
+        log.info("the statistics in %s were written by an earlier release, without file hashes: not verified", folder)
+        return
+    if not isinstance(recorded, dict):
+        raise StatisticsError(f"{folder / META_FILE}: 'files' must map file names to their size and sha256")
+    present = {path.name for path in folder.iterdir() if path.is_file() and path.name != META_FILE}
+    for name in sorted(present - set(recorded)):
+        raise StatisticsError(f"{folder / name} is not one of the files {META_FILE} records: it was added to the "
+                              "folder afterwards; collect the statistics again")
+    for name, expected in sorted(recorded.items()):
+        path = folder / name
+        if not path.is_file():
+            raise StatisticsError(f"{path} is missing from the statistics folder; collect them again")
+        if file_record(path) != expected:
+            raise StatisticsError(f"{path} is not the file that was collected (its size or sha256 differs from "
+                                  f"{META_FILE}'s record): damaged or replaced; collect the statistics again")
 
 
 def _swap_in(staging: Path, folder: Path) -> None:
@@ -377,7 +420,35 @@ class Statistics:
     def calibration_images(self) -> list[str]:
         """The images the statistics were collected on (``<wnid>/<file>``), empty when the folder does not say."""
         path = self.folder / CALIBRATION_FILE
-        return path.read_text().split("\n")[:-1] if path.is_file() else []
+        if path.is_file():
+            return json.loads(path.read_text())
+        legacy = self.folder / LEGACY_CALIBRATION_FILE
+        return legacy.read_text().split("\n")[:-1] if legacy.is_file() else []
+
+    @property
+    def lists_calibration(self) -> bool:
+        return (self.folder / CALIBRATION_FILE).is_file() or (self.folder / LEGACY_CALIBRATION_FILE).is_file()
+
+    def check_calibration(self) -> None:
+        """The calibration list, when there is one, names as many images as ``meta.json`` counts, each once."""
+        if not self.lists_calibration:
+            return
+        try:
+            names = self.calibration_images()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StatisticsError(f"{self.folder / CALIBRATION_FILE} is unreadable: {err}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise StatisticsError(f"{self.folder / CALIBRATION_FILE} must be a JSON list of image names")
+        if len(names) != self.meta.get("images") or len(set(names)) != len(names):
+            raise StatisticsError(f"the calibration list of {self.folder} names {len(names)} images "
+                                  f"({len(set(names))} distinct), but {META_FILE} counts {self.meta.get('images')!r}; "
+                                  "collect the statistics again")
+
+    def missing(self, name: str) -> bool:
+        """Whether ``name`` should have statistics and has none: neither collected nor recorded as never called
+        by the forward (folders of earlier releases do not record that, so nothing counts as missing there)."""
+        unobserved = self.meta.get("unobserved")
+        return unobserved is not None and name not in self.states and name not in unobserved
 
 
 def _merge(first: Any, second: Any) -> Any:
@@ -407,6 +478,12 @@ def load_statistics(folder: str | os.PathLike) -> Statistics:
         raise StatisticsError(f"no statistics in {folder} (no {META_FILE}); run with -sm collect first")
     try:
         meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise StatisticsError(f"{meta_path} is not a statistics description (a JSON object)")
+        images = meta.get("images")
+        if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+            raise StatisticsError(f"{meta_path}: 'images' must be a positive count, got {images!r}")
+        verify_files(folder, meta)
         if meta.get("format") not in READABLE_FORMATS:
             raise StatisticsError(
                 f"{meta_path} has layout format {meta.get('format')!r}; this release reads formats "
@@ -426,4 +503,6 @@ def load_statistics(folder: str | os.PathLike) -> Statistics:
     except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         message = str(err) if isinstance(err, ObserverError) else f"{type(err).__name__}: {err}"
         raise StatisticsError(f"statistics in {folder} are unreadable: {message}") from err
-    return Statistics(folder, meta, states)
+    stats = Statistics(folder, meta, states)
+    stats.check_calibration()
+    return stats

@@ -313,7 +313,7 @@ def test_calibration_images_are_held_out_of_evaluation(data_dir, tmp_path):
     from pytorch_quantizer.session import Session
 
     assert run_cli(data_dir, tmp_path, "-sm", "collect", "-cs", "3", "--seed", "5") == 0
-    listed = (tmp_path / "stats" / "calibration.txt").read_text().split()
+    listed = json.loads((tmp_path / "stats" / "calibration.json").read_text())
     assert len(listed) == 3 and last_result(tmp_path)["cal_images"] == 3
     parser = inference_sim.build_parser()
     cfg = inference_sim.config_from_args(parser.parse_args(
@@ -334,7 +334,7 @@ def test_cal_data_folder(data_dir, tmp_path, capsys):
     """--cal-data DIR: statistics from another wnid folder; every --data image is then evaluated."""
     assert run_cli(data_dir, tmp_path, "-sm", "collect", "--cal-data", str(data_dir / "val"), "-cs", "2") == 0
     assert last_result(tmp_path)["images"] == 2
-    listed = (tmp_path / "stats" / "calibration.txt").read_text().split()
+    listed = json.loads((tmp_path / "stats" / "calibration.json").read_text())
     assert len(listed) == 2
     capsys.readouterr()
     other = tmp_path / "other"
