@@ -42,3 +42,18 @@ def test_every_spelling_sets_the_same_field(old, new):
     parser = inference_sim.build_parser()
     assert vars(parser.parse_args(old)) == vars(parser.parse_args(new))
     assert len(vars(parser.parse_args(new))) == 1  # one flag, one field
+
+
+def test_a_missing_data_folder_is_reported_before_any_weights_load(tmp_path, capsys, monkeypatch):
+    """The README's commands on a machine without ImageNet: the one line names the folder, and no weights were
+    asked for (torchvision would download them)."""
+    import pytorch_quantizer.session as session
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the image folder was checked")
+
+    monkeypatch.setattr(session, "build_model", no_weights)
+    code = inference_sim.main(["--data", str(tmp_path / "ILSVRC2012"), "-a", "resnet18", "--results",
+                               str(tmp_path / "r.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "ILSVRC2012" in err[0], err
