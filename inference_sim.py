@@ -12,18 +12,34 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 
-import torch
+try:  # an interrupt while torch loads (seconds) is one line, not an import traceback
+    import torch
 
-from pytorch_quantizer import distributed
-from pytorch_quantizer.clipping import ALLOCATION_MODES, MAX_BITS, MIN_BITS, PRIORS, SIGMA_ESTIMATORS
-from pytorch_quantizer.layers import ACT_POINTS
-from pytorch_quantizer.methods import get_method, method_class, method_names
+    from pytorch_quantizer import distributed
+    from pytorch_quantizer.clipping import ALLOCATION_MODES, MAX_BITS, MIN_BITS, PRIORS, SIGMA_ESTIMATORS
+    from pytorch_quantizer.layers import ACT_POINTS
+    from pytorch_quantizer.methods import get_method, method_class, method_names
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("inference_sim.py: interrupted while loading torch; nothing was run", file=sys.stderr)
+    sys.exit(130)
 
 EXIT_USAGE = 2
 DEMO_RESULTS = Path("results/demo/results.csv")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``kill``) taken like Ctrl-C: every ``finally`` and cleanup runs, so no staging
+    folder or temporary statistics are left behind."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -393,9 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         if ctx is not None and isinstance(err, distributed.RankFailure):
             ctx.end_together(err)  # rank 0 has printed before any rank exits (torchrun then stops the rest)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted (statistics are saved only by a completed collect pass)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        if distributed.environment_rank() == 0:  # under torchrun every rank is stopped; one line says so
+            what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            print(f"{parser.prog}: {what} (statistics are saved only by a completed collect pass)", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     finally:
         if ctx is not None:
             ctx.close()
@@ -403,4 +421,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)  # the command line only: a library caller keeps its own handler
     sys.exit(main())
