@@ -130,6 +130,9 @@ class RunConfig:
             if self.stats_mode != "collect" or self.compare:
                 raise ConfigError("the observers choose what a collect pass gathers (a comparison collects what its "
                                   "methods need): give them with stats_mode collect", "observers", "stats_mode")
+        if act.per_channel and act.bits is None and not sweeps and not self.compare and self.stats_mode != "collect":
+            raise ConfigError("per-channel activation grids quantize activations: give act.bits too",
+                              "act.per_channel", "act.bits")
         if act.per_channel and self.stats_mode == "no":
             raise ConfigError("per-channel activation grids come from statistics: collect them with per-channel "
                               "activations (stats_mode collect), then use them (stats_mode use)",
@@ -253,6 +256,9 @@ def _resolve_device(requested: str | None, ids: tuple[int, ...]) -> str:
         device = requested
     else:
         raise ConfigError(f"unknown device {requested!r}: expected cuda or cpu", "device")
+    if device == "cpu" and ids:
+        raise ConfigError(f"device_ids {' '.join(map(str, ids))} choose GPUs, but device is cpu", "device_ids",
+                          "device")
     if device == "cuda" and ids:
         device = f"cuda:{ids[0]}"
     return device

@@ -65,6 +65,9 @@ REFUSED = [
     (lambda: DataConfig(workers=-1), ("data.workers",), ">= 0"),
     (lambda: RunConfig(stats_mode="sometimes"), ("stats_mode",), "one of collect, use, no"),
     (lambda: RunConfig(device="tpu"), ("device",), "unknown device"),
+    (lambda: RunConfig(device="cpu", device_ids=(0, 1)), ("device_ids", "device"), "but device is cpu"),
+    (lambda: RunConfig(act=ActivationConfig(per_channel=True), stats_mode="use"), ("act.per_channel", "act.bits"),
+     "give act.bits too"),
     (lambda: RunConfig(act=ActivationConfig(bits=4, per_channel=True)), ("act.per_channel", "stats_mode"),
      "per-channel activation grids come from statistics"),
     (lambda: RunConfig(act=ActivationConfig(bits=4), correct=CorrectionConfig(act_bias=True), stats_mode="collect"),
@@ -147,6 +150,8 @@ def test_from_flat_is_the_nested_config():
 # -- (b) what moved from the CLI into the library still reaches the user as one line naming the flag ---------
 
 MOVED = [
+    (["--device", "cpu", "--device_ids", "0"], "--device_ids 0 choose GPUs, but --device is cpu"),
+    (["-pcq_a", "-sm", "use"], "--qtype"),
     # (flags, the flag the line must name) for every check that the driver's config_from_args made before
     (["--qtype", "int4,int8"], "--qtype"),
     (["--compare", "laplace"], "--compare"),
