@@ -25,6 +25,7 @@ from .data import (
     wnid_folder_dataset,
 )
 from .distributed import DistContext
+from .graph import relu_fed_layers
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
 from .stats import Statistics, StatisticsCollector, StatisticsError, folder_fingerprint, load_statistics
@@ -73,6 +74,11 @@ class Session:
         self.stats_fingerprint = folder_fingerprint(self.stats.folder) if self.stats is not None else ""
         self.evaluation = self._evaluation_indices() if cfg.stats_mode != "collect" else []
         self.relu_caps: dict[str, float | None] | None = None  # the layers that only feed a ReLU, traced once
+        if cfg.act.half_range and cfg.stats_mode != "collect":
+            self.relu_caps = relu_fed_layers(self.model, self.example_input().to(self.device))
+            if not self.relu_caps:
+                log.warning("-hr: no conv/linear output of %s feeds only a ReLU-like activation, so every grid stays "
+                            "two-sided (the half range changes nothing here)", cfg.arch)
         self._correction: DataLoader | None = None
         if cfg.correct.act_bias:
             self.dist.check_items(len(self.correction_images()[1]), data.batch_size, "-bca calibration")

@@ -82,3 +82,19 @@ def test_half_range_plans_one_sided_grids_for_relu_fed_layers(tiny_model, tmp_pa
         return (seen["q"] - reference).square().mean().item()
 
     assert post_relu_error(True) < 0.7 * post_relu_error(False)
+
+
+def test_half_range_on_a_network_without_relu_says_it_changes_nothing(tmp_path, caplog):
+    import logging
+
+    from pytorch_quantizer.config import DataConfig, RunConfig
+    from pytorch_quantizer.demo import demo_folder
+    from pytorch_quantizer.quant_config import ActivationConfig
+    from pytorch_quantizer.session import Session
+
+    root = demo_folder(tmp_path / "photos")
+    cfg = RunConfig(arch="efficientnet_b0", weights="none", data=DataConfig(root=root, workers=0), device="cpu",
+                    act=ActivationConfig(bits=4, half_range=True))
+    with caplog.at_level(logging.WARNING, logger="pytorch_quantizer"):
+        session = Session(cfg)
+    assert session.relu_caps == {} and "changes nothing here" in caplog.text
