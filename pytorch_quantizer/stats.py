@@ -248,6 +248,8 @@ class StatisticsCollector:
 def write_statistics(folder: str | os.PathLike, write, meta: dict[str, Any]) -> Path:
     """Call ``write(staging)`` for a temporary sibling folder, add ``meta.json``, then swap it in."""
     folder = Path(folder).expanduser()
+    if folder.is_symlink():  # the swap happens in the link's target, so the link keeps pointing at the statistics
+        folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:

@@ -99,3 +99,18 @@ def test_an_earlier_release_folder_loads_unverified(caplog):
     with caplog.at_level(logging.INFO, logger="pytorch_quantizer"):
         stats = load_statistics(LEGACY)
     assert stats.layer_names and "without file hashes: not verified" in caplog.text
+
+
+def test_a_symlinked_folder_keeps_its_link(tiny_model, tmp_path):
+    target = tmp_path / "real" / "stats"
+    target.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    for scale in (1.0, 2.0):  # the first save fills the empty target, the second replaces it
+        with torch.no_grad(), StatisticsCollector(tiny_model) as collector:
+            tiny_model(torch.randn(2, 3, 16, 16) * scale)
+        collector.save(link, {"arch": "tiny"})
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert load_statistics(link).meta["images"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no .link.old-* left beside it
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["stats"]
