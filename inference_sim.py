@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"logits' SQNR; needs no ImageNet and no network; rows to --results (default: {DEMO_RESULTS})")
     add("--agreement", dest="agreement", action="store_true",
         help="run FP32 first and give each quantized pass's top-1 agreement with it and its logits' SQNR (label-free "
-             "measures; sweeps and --compare give them anyway, having an FP32 pass)")
+             "measures; -ep and --compare give them anyway, having an FP32 pass)")
     add("--data", dest="data.root", type=Path,
         help="ImageNet root; images are read from DATA/val/<wnid>/ (default: ~/datasets/ILSVRC2012)")
     add("-a", "--arch", dest="arch", metavar="ARCH",

@@ -197,8 +197,8 @@ def demo(results: Path, dist: DistContext | None = None) -> list[dict]:
     lines = [f"demo: {DEMO_ARCH}, {DEMO_IMAGES} bundled photos, activations at {DEMO_BITS} bits (weights at 8), "
              "each held against FP32:"]
     for row in rows:
-        if row["agreement"] != "":
-            lines.append(f"  {row['threshold']:>8} clipping: top-1 agreement {row['agreement']:6.2f} %, "
+        if row["top1_agreement"] != "":
+            lines.append(f"  {row['threshold']:>8} clipping: top-1 agreement {row['top1_agreement']:6.2f} %, "
                          f"logits SQNR {row['sqnr_db']:6.2f} dB")
     lines.append(f"rows appended to {results}; next, ImageNet: see the README's quickstart")
     _say(dist or DistContext(), "\n".join(lines))

@@ -303,8 +303,8 @@ def test_rows_and_files_identify_their_settings(data_dir, stats_dir, tmp_path):
     files = [Path(f) for f in rows["file"]]
     assert files[0] == files[1] and len(set(files)) == 5 and all(f.is_file() for f in files)
     assert {"weights_fingerprint", "stats_fingerprint", "cal_images", "eval_images", "version", "data.seed",
-            "data.cal_size", "data.subset", "data.batch_size", "stats_folder", "top1_se", "agreement",
-            "sqnr_db"} <= set(rows.columns)
+            "data.cal_size", "data.subset", "data.batch_size", "stats_folder", "top1_se", "top1_agreement",
+            "sqnr_db", "agreement"} <= set(rows.columns)
     assert rows["stats_fingerprint"].str.len().min() == 16
 
 

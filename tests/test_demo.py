@@ -109,7 +109,7 @@ def test_demo_flag_runs_end_to_end(tmp_path, capsys):
     assert list(rows["pass"]) == ["collect", "fp32", "compare int4", "compare int4"]
     quantized = rows[rows["pass"] == "compare int4"]
     assert list(quantized["threshold"]) == ["no", "laplace"] and (quantized["images"] == DEMO_IMAGES).all()
-    assert (quantized["agreement"].astype(float).between(0, 100)).all() and (quantized["sqnr_db"] != "").all()
+    assert (quantized["top1_agreement"].astype(float).between(0, 100)).all() and (quantized["sqnr_db"] != "").all()
     assert (rows["arch"] == "efficientnet_lite0").all()
 
 
