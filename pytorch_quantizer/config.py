@@ -30,6 +30,7 @@ from .quant_config import (
     QuantConfig,
     WeightConfig,
     check_method,
+    check_moments_only,
     check_width,
 )
 from .stats import COLLECTED_OBSERVERS
@@ -179,6 +180,8 @@ class RunConfig:
             return
         for name in self.compare:
             check_method(name, "compare")
+            if act.per_channel:
+                check_moments_only(name, "compare", "per-channel activation grids come from per-channel moments")
         if act.bits is None:
             raise ConfigError("a comparison of clipping methods compares quantized activations: give act.bits, "
                               "one width or several (the FP32 reference row is always included)", "compare", "act.bits")

@@ -50,6 +50,14 @@ def check_method(name: str, path: str) -> str:
     return name
 
 
+def check_moments_only(method: str, path: str, why: str) -> None:
+    """``method`` needs nothing but the moments (no histogram): what per-channel grids and weights can give it."""
+    requires = get_method(method).requires
+    if any(name != "moments" for name in requires):
+        raise ConfigError(f"{why}: {path} {method!r} needs {', '.join(requires)}; take one that needs only moments "
+                          "(no, laplace, gaus, mix, minmax, Nstd, ...)", path)
+
+
 SAME = "same"  # WeightConfig.bias_bits: the biases at the weights' width
 AUTO = "auto"  # WeightConfig.bits until the run resolves it: 8 when anything is quantized, else float
 
@@ -75,6 +83,8 @@ class ActivationConfig:
         for name in ("bits", "first_bits", "classifier_bits", "kept_bits"):
             check_width(getattr(self, name), f"act.{name}")
         check_method(self.method, "act.method")
+        if self.per_channel:
+            check_moments_only(self.method, "act.method", "per-channel activation grids come from per-channel moments")
         check_choice(self.placement, ACT_POINTS, "act.placement")
         check_choice(self.sigma, SIGMA_ESTIMATORS, "act.sigma")
         if self.half_range and self.placement == "input":
@@ -97,10 +107,7 @@ class WeightConfig:
     def __post_init__(self) -> None:
         check_width(self.edge_bits, "weight.edge_bits")
         check_method(self.method, "weight.method")
-        requires = get_method(self.method).requires
-        if any(name != "moments" for name in requires):
-            raise ConfigError(f"weight clipping takes a method that needs only moments (a weight is one sample); "
-                              f"{self.method!r} needs {', '.join(requires)}", "weight.method")
+        check_moments_only(self.method, "weight.method", "weight clipping reads each weight's own moments")
         if self.bits == AUTO:
             return
         if self.bias_bits == SAME:

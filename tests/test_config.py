@@ -150,6 +150,8 @@ def test_from_flat_is_the_nested_config():
 # -- (b) what moved from the CLI into the library still reaches the user as one line naming the flag ---------
 
 MOVED = [
+    (["-pcq_a", "-th", "kld", "--qtype", "int4", "-sm", "use"], "-th 'kld' needs moments, histogram"),
+    (["-pcq_a", "--compare", "laplace,kld,p99", "--qtype", "int4", "-sm", "use"], "--compare 'kld' needs"),
     (["--device", "cpu", "--device_ids", "0"], "--device_ids 0 choose GPUs, but --device is cpu"),
     (["-pcq_a", "-sm", "use"], "--qtype"),
     # (flags, the flag the line must name) for every check that the driver's config_from_args made before
