@@ -165,9 +165,12 @@ def alloc_bits(text: str) -> float:
 
 def device_ids(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.replace(",", " ").split())
+        ids = tuple(int(v) for v in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"device ids must be integers such as '0 1' or 0,1; got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("device ids must be integers such as '0 1' or 0,1; got none")
+    return ids
 
 
 class QtypeAction(argparse.Action):
@@ -356,7 +359,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
 
 def flag_message(err, parser: argparse.ArgumentParser, given: set[str]) -> str:
     """A library refusal in the CLI's terms: prefixed with the flags the user gave among the fields it concerns
-    (else the first field's flag), and each field path in the text replaced by its flag."""
+    (else the first field's flag), and each field in the text replaced by its flag: paths such as ``act.bits`` or
+    ``stats_mode`` as they stand, one-word fields only when quoted as ```device```."""
     flags = flags_of(parser)
     if "compare_bits" in given:
         given = given | {"act.bits"}
@@ -365,7 +369,10 @@ def flag_message(err, parser: argparse.ArgumentParser, given: set[str]) -> str:
     text = str(err)
     for field in sorted(err.fields, key=len, reverse=True):
         if field in flags:
-            text = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w.])", flags[field].split("/")[0], text)
+            flag = flags[field].split("/")[0]
+            text = text.replace(f"`{field}`", flag)
+            if "." in field or "_" in field:  # a field path, never an English word (a bare `device` may be one)
+                text = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w.])", flag, text)
     return f"{named}: {text}" if named else text
 
 

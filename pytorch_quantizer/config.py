@@ -38,7 +38,9 @@ from .stats import COLLECTED_OBSERVERS
 PRECISION_SWEEP = (8, 7, 6, 5, 4)
 STATISTICS_ROOT = Path("~/asiq_data/statistics")
 STATS_MODES = ("collect", "use", "no")
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+MAX_SEED = 2**63 - 1
+MAX_BATCH = 2**20  # images a batch: far beyond any memory, small enough for every index type
+MAX_WORKERS = 256  # data-loading processes  # torch.Generator.manual_seed takes a 64-bit integer
 # Settings that cannot change any number or file content a run produces (only where its rows go and how it logs).
 NOT_SHAPING = ("results", "print_freq", "world_size", "dist_timeout")
 
@@ -71,8 +73,10 @@ class DataConfig:
         for name in ("cal_size", "subset"):
             _positive(getattr(self, name), f"data.{name}")
         _positive(self.batch_size, "data.batch_size", allow_none=False)
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"data.workers must be >= 0, got {self.workers!r}", "data.workers")
+        if self.batch_size > MAX_BATCH:
+            raise ConfigError(f"data.batch_size must be at most {MAX_BATCH}, got {self.batch_size}", "data.batch_size")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"data.workers must be in 0..{MAX_WORKERS}, got {self.workers!r}", "data.workers")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"data.seed must be an integer in 0..2**63-1, got {self.seed!r}", "data.seed")
 
@@ -168,12 +172,15 @@ class RunConfig:
     def _check_widths(self) -> None:
         act = self.act
         if self.compare_bits and not self.compare:
-            raise ConfigError("several activation widths are for a comparison of methods (compare); give one width",
+            raise ConfigError("several activation widths are for a comparison of methods (`compare`); give one width",
                               "act.bits", "compare")
         if len(set(self.compare_bits)) != len(self.compare_bits):
             raise ConfigError(f"each activation width once, got {self.compare_bits}", "act.bits")
         if len(set(self.compare)) != len(self.compare):
             raise ConfigError(f"each method once, got {', '.join(self.compare)}", "compare")
+        if None in self.compare_bits:
+            raise ConfigError("the compared activation widths are integer widths (the FP32 row comes first anyway), "
+                              "got fp32 among them", "act.bits")
         for bits in self.compare_bits:
             check_width(bits, "act.bits")
         if not self.compare:
@@ -260,7 +267,7 @@ def _resolve_device(requested: str | None, ids: tuple[int, ...]) -> str:
     else:
         raise ConfigError(f"unknown device {requested!r}: expected cuda or cpu", "device")
     if device == "cpu" and ids:
-        raise ConfigError(f"device_ids {' '.join(map(str, ids))} choose GPUs, but device is cpu", "device_ids",
+        raise ConfigError(f"device_ids {' '.join(map(str, ids))} choose GPUs, but `device` is cpu", "device_ids",
                           "device")
     if device == "cuda" and ids:
         device = f"cuda:{ids[0]}"

@@ -54,10 +54,11 @@ def check_moments_only(method: str, path: str, why: str) -> None:
     """``method`` needs nothing but the moments (no histogram): what per-channel grids and weights can give it."""
     requires = get_method(method).requires
     if any(name != "moments" for name in requires):
-        raise ConfigError(f"{why}: {path} {method!r} needs {', '.join(requires)}; take one that needs only moments "
+        raise ConfigError(f"{why}: `{path}` {method!r} needs {', '.join(requires)}; take one that needs only moments "
                           "(no, laplace, gaus, mix, minmax, Nstd, ...)", path)
 
 
+MAX_BIAS_ROUNDS = 100  # measuring passes of the activations' bias correction (two are the default)
 SAME = "same"  # WeightConfig.bias_bits: the biases at the weights' width
 AUTO = "auto"  # WeightConfig.bits until the run resolves it: 8 when anything is quantized, else float
 
@@ -177,9 +178,9 @@ class CorrectionConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.act_bias_rounds, bool) or not isinstance(self.act_bias_rounds, int) \
-                or self.act_bias_rounds < 1:
-            raise ConfigError(f"correct.act_bias_rounds must be a positive integer, got {self.act_bias_rounds!r}",
-                              "correct.act_bias_rounds")
+                or not 1 <= self.act_bias_rounds <= MAX_BIAS_ROUNDS:
+            raise ConfigError(f"correct.act_bias_rounds must be an integer in 1..{MAX_BIAS_ROUNDS} (each is a pass "
+                              f"over the calibration images), got {self.act_bias_rounds!r}", "correct.act_bias_rounds")
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,10 @@ def check_output_folders(cfg: RunConfig) -> None:
     is created here, so a run refused later leaves nothing behind."""
     for flag, folder in output_folders(cfg):
         check_writable_folder(folder, flag)
+    if cfg.stats_mode == "collect" and cfg.stats_folder is not None:
+        folder = Path(cfg.stats_folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"-sf: {folder} is a file, not a statistics folder; give a folder path")
 
 
 def _agreement_line(measured: Measured) -> str:

@@ -432,8 +432,12 @@ class Statistics:
         return (self.folder / CALIBRATION_FILE).is_file() or (self.folder / LEGACY_CALIBRATION_FILE).is_file()
 
     def check_calibration(self) -> None:
-        """The calibration list, when there is one, names as many images as ``meta.json`` counts, each once."""
+        """The calibration list, when there is one, names as many images as ``meta.json`` counts, each once; a
+        folder of this release whose meta says where it calibrated must have one."""
         if not self.lists_calibration:
+            if "files" in self.meta and self.meta.get("calibration") is not None:
+                raise StatisticsError(f"{self.folder / CALIBRATION_FILE} is missing, but {META_FILE} says the "
+                                      "statistics were calibrated on listed images; collect them again")
             return
         try:
             names = self.calibration_images()
@@ -472,6 +476,19 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def _load_state(folder: Path, layer: str, observer: str, granularity: Granularity) -> Any:
+    """One observer's state of one layer; a file it cannot parse is named in the error."""
+    try:
+        return observer_class(observer).load(folder, layer, granularity)
+    except (StatisticsError, ObserverError):
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        files = sorted(p.name for p in folder.glob(f"{layer}_{observer}*")) or \
+            sorted(p.name for p in folder.glob(f"{layer}*") if p.name.removeprefix(layer)[:1] in (".", "_"))
+        raise StatisticsError(f"statistics in {folder}: {', '.join(files)} ({observer} of {layer}) unreadable: "
+                              f"{type(err).__name__}: {err}") from err
+
+
 def load_statistics(folder: str | os.PathLike) -> Statistics:
     """Read a statistics folder (format 1 or 2); clear one-line errors when it is not one."""
     folder = Path(folder).expanduser()
@@ -497,7 +514,7 @@ def load_statistics(folder: str | os.PathLike) -> Statistics:
         for layer in meta["layers"]:
             loaded: dict[str, Any] = {}
             for name, granularity in observers:
-                state = observer_class(name).load(folder, layer["name"], granularity)
+                state = _load_state(folder, layer["name"], name, granularity)
                 loaded[name] = _merge(loaded[name], state) if name in loaded else state
             states[layer["name"]] = loaded
     except StatisticsError:
