@@ -154,7 +154,7 @@ def test_a_failing_rank_keeps_earlier_statistics(data_dir, one_process_stats, tm
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(["-cs", "1"], "torchrun started 2 processes for 1 calibration images"),
-     (["--device", "cpu", "--device_ids", "0 1 2"], "lists 3 GPUs, but torchrun started 2 processes")],
+     (["--device", "cpu", "--device_ids", "0 1 2"], "--device_ids 0 1 2 choose GPUs, but --device is cpu")],
 )
 def test_bad_launches_exit_with_one_line(data_dir, tmp_path, flags, message):
     proc = collect(2, data_dir, tmp_path, *flags)
