@@ -31,7 +31,7 @@ from .model_quantizer import ModelQuantizer, model_policy
 from .observers import PER_CHANNEL
 from .policy import LayerPlan, mse_order
 from .quant_config import QuantConfig
-from .results import Accuracy, qtype_name
+from .results import Accuracy
 from .session import Mapped, Session
 from .stats import StatisticsCollector
 
@@ -257,6 +257,3 @@ def layer_selection(session: Session, loader: DataLoader, order: list[str], reco
         out.append({"k": k, "added_layer": kept[-1] if kept else "", "top1": row["top1"], "top5": row["top5"]})
     return pd.DataFrame(out)
 
-
-def plan_path(out: Path, arch: str, bits: int | None, method: str, settings: str) -> Path:
-    return out / "plans" / f"{arch}_{qtype_name(bits)}_{method}_{settings}.csv"
