@@ -142,6 +142,7 @@ class Family:
     syntax: str  # how the names are written, for error messages and --help: "pP (0 < P <= 100)"
 
 
+DOUBLE_DIGITS = 17  # significant decimal digits that identify a double (IEEE 754 binary64)
 _FAMILIES: list[Family] = []
 _MEMBERS: dict[str, type[ClippingMethod]] = {}
 
@@ -403,10 +404,25 @@ class Percentile(HistogramMethod):
         return Range(0.0, percentile_upper(hist, self.percent), math.nan)
 
 
+def _family_number(match: re.Match[str]) -> float:
+    """A family's number (the P of ``pP``, the N of ``Nstd``), refused when written with more digits than a
+    double's 17 significant ones: ``p99.99...9`` with 300 nines would silently read as ``p100``, and the name,
+    which goes into file names, would be too long for the file system."""
+    text = match.group(1)
+    digits = len(text.replace(".", ""))
+    if digits > DOUBLE_DIGITS:
+        name = match.group(0)
+        shown = name if len(name) <= 24 else f"{name[:20]}... ({len(name)} characters)"
+        raise ValueError(f"clipping method {shown}: its number is written with {digits} digits, more than the "
+                         f"{DOUBLE_DIGITS} significant digits a double holds; write it with fewer")
+    return float(text)
+
+
 def _percentile(match: re.Match[str]) -> type[ClippingMethod]:
-    percent = float(match.group(1))
+    percent = _family_number(match)
     if not 0.0 < percent <= 100.0:
-        raise ValueError(f"clipping method {match.group(0)!r}: the percentile must be in (0, 100], got {percent:g}")
+        raise ValueError(f"clipping method {match.group(0)!r}: the percentile must be in (0, 100], "
+                         f"got {match.group(1)}")
     return type(f"Percentile_{match.group(0)}", (Percentile,), {"name": match.group(0), "percent": percent})
 
 
@@ -435,9 +451,9 @@ class StdRange(ClippingMethod):
 
 
 def _std_range(match: re.Match[str]) -> type[ClippingMethod]:
-    stds = float(match.group(1))
+    stds = _family_number(match)
     if not stds > 0.0:
-        raise ValueError(f"clipping method {match.group(0)!r}: N in Nstd must be > 0, got {stds:g}")
+        raise ValueError(f"clipping method {match.group(0)!r}: N in Nstd must be > 0, got {match.group(1)}")
     return type(f"StdRange_{match.group(0)}", (StdRange,), {"name": match.group(0), "stds": stds})
 
 

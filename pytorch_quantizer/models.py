@@ -10,6 +10,7 @@ import copy
 import hashlib
 import importlib
 import importlib.util
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -205,7 +206,7 @@ def _load_state_dict_file(model: nn.Module, path: Path, arch: str) -> None:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load fails in many ways (pickle, zip, weights_only); all mean "unusable file"
-        raise ModelError(f"cannot read weights file {path}: {_one_line(exc)}") from exc
+        raise ModelError(f"cannot read weights file {path}: {_unreadable_reason(path, exc)}") from exc
     for key in ("state_dict", "model"):  # common training-checkpoint wrappers
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -228,6 +229,32 @@ def _load_state_dict_file(model: nn.Module, path: Path, arch: str) -> None:
             problems.append(f"{len(result.unexpected_keys)} unexpected keys ({_few(result.unexpected_keys)})")
     if problems:
         raise ModelError(f"weights file {path} does not fit {arch}: {'; '.join(problems)}")
+    not_finite = [f"{k} ({int((~v.isfinite()).sum())} of {v.numel()})" for k, v in state.items()
+                  if v.is_floating_point() and not bool(v.isfinite().all())]
+    if not_finite:
+        raise ModelError(f"weights file {path} holds NaN or infinite values in {len(not_finite)} tensors: "
+                         f"{_few(not_finite)}")
+
+
+# torch.save writes a zip archive (PyTorch >= 1.6) or a pickle stream starting with the PROTO opcode (legacy)
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load`` refused ``path``, in words: torch's own messages are multi-line, carry ANSI codes, or
+    are bare (a text file gives ``KeyError: 101``, an empty one ``EOFError``)."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not head:
+        return "the file is empty"
+    if not head.startswith(_CHECKPOINT_MAGIC):
+        return "not a file written by torch.save (neither a zip archive nor a pickle)"
+    if "weights only load failed" in str(exc).lower():
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it pickles a Python object{what} besides tensors, which weights-only loading refuses for "
+                "safety; save model.state_dict() instead")
+    return _one_line(exc)
 
 
 def _few(items: Sequence[str], limit: int = 3) -> str:
@@ -237,7 +264,8 @@ def _few(items: Sequence[str], limit: int = 3) -> str:
 
 def _one_line(exc: BaseException) -> str:
     """First non-empty line of an exception message, so errors stay one line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # terminal colour codes (torch's weights-only message)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
 
@@ -262,6 +290,9 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor, rtol: float = 
     with torch.no_grad():
         outputs = _tensors(folded(example_input))
     for ref, out in zip(reference, outputs, strict=True):
+        if not bool(ref.isfinite().all()):
+            raise ModelError("the network's output is NaN or infinite before any BatchNorm is folded: its weights or "
+                             "BatchNorm statistics hold non-finite values")
         err = (ref - out).abs().max().item()
         scale = ref.abs().max().item()
         if not err <= rtol * max(scale, 1e-12):  # also catches NaN

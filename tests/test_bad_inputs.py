@@ -340,7 +340,11 @@ row("-ep_w int4,int17", "-ep -ep_w int4,int17", "invalid type 'int17'")
 # clipping methods: -th, -thw, --compare
 BAD_METHODS = (("median", "unknown clipping method 'median'"), ("p0", "the percentile must be in (0, 100], got 0"),
                ("p100.5", "the percentile must be in (0, 100], got 100.5"), ("p-1", "unknown clipping method 'p-1'"),
-               ("0std", "N in Nstd must be > 0, got 0"), ("0.0std", "N in Nstd must be > 0, got 0"),
+               ("0std", "N in Nstd must be > 0, got 0"), ("0.0std", "N in Nstd must be > 0, got 0.0"),
+               ("p100.0000000001", "the percentile must be in (0, 100], got 100.0000000001"),
+               ("p99." + "9" * 300, "clipping method p99.9999999999999999... (304 characters): its number is written "
+                "with 302 digits, more than the 17 significant digits"),
+               ("0" * 40 + "3std", "its number is written with 41 digits"),
                ("-1std", "unknown clipping method '-1std'"), ("P99", "unknown clipping method 'P99'"),
                ("p", "unknown clipping method 'p'"), ("std", "unknown clipping method 'std'"),
                ("1e3std", "unknown clipping method '1e3std'"), ("pnan", "unknown clipping method 'pnan'"),
@@ -430,12 +434,30 @@ row("--weights missing file", "--weights {tmp}/missing.pth", "does not exist")
 row("--weights ~/missing.pth", "--weights ~/missing.pth", "weights file {tmp}/home/missing.pth does not exist")
 row("--weights missing file without suffix", "--weights {tmp}/missing", "does not exist")
 row("--weights unknown name", "--weights IMAGENET1K_V9", "'IMAGENET1K_V9' is neither a weights name of")
-row("--weights text file", "--weights {tmp}/w.pth", "cannot read weights file", setup=text_file("w.pth", "hello\n"))
-row("--weights empty file", "--weights {tmp}/w.pth", "cannot read weights file", setup=text_file("w.pth", ""))
+row("--weights text file", "--weights {tmp}/w.pth", "w.pth: not a file written by torch.save",
+    setup=text_file("w.pth", "hello\n"))
+row("--weights empty file", "--weights {tmp}/w.pth", "w.pth: the file is empty", setup=text_file("w.pth", ""))
+row("--weights a pickled module", "--weights {tmp}/w.pth",
+    "w.pth: it pickles a Python object (torch.nn.modules.linear.Linear) besides tensors",
+    setup=torch_file("w.pth", torch.nn.Linear(2, 2)))
+row("--weights a checkpoint holding a Namespace", "--weights {tmp}/w.pth", "(argparse.Namespace) besides tensors",
+    setup=torch_file("w.pth", {"model": {}, "args": argparse.Namespace(lr=0.1)}))
 row("--weights directory", "--weights {tmp}/wdir", "is not a file", setup=folder("wdir"))
 row("--weights a list", "--weights {tmp}/w.pth", "does not hold a state_dict", setup=torch_file("w.pth", [1, 2]))
 row("--weights another model's state_dict", "--weights {tmp}/w.pth", "does not fit mobilenet_v3_small",
     setup=torch_file("w.pth", {"fc.weight": torch.zeros(2, 2)}))
+
+
+def nan_weights(tmp: Path, shared: dict) -> None:
+    import torchvision
+
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    state["features.0.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp / "w.pth")
+
+
+row("--weights with a NaN", "--weights {tmp}/w.pth",
+    "w.pth holds NaN or infinite values in 1 tensors: features.0.0.weight (1 of 432)", setup=nan_weights)
 
 # every refusal of the configuration (config.py, quant_config.py), through the command line
 COMBINATIONS = [
