@@ -351,16 +351,22 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     from pytorch_quantizer.quant_config import ConfigError
 
     values = {k: v for k, v in vars(args).items() if k != "demo"}
+    parser = parser or build_parser()
     try:
-        return from_flat(values)
+        cfg = from_flat(values)
     except ConfigError as err:
-        raise ConfigError(flag_message(err, parser or build_parser(), set(values)), *err.fields) from None
+        raise ConfigError(flag_message(err, parser, set(values)), *err.fields) from None
+    for path, why in cfg.without_effect().items():
+        if path in values:  # a flag the user gave; a default that changes nothing needs no word
+            warning = flag_message(ConfigError(why, path, "weight.bits", "sweep_weight_bits"), parser, {path}, False)
+            logging.getLogger("pytorch_quantizer").warning("warning: %s", warning)
+    return cfg
 
 
-def flag_message(err, parser: argparse.ArgumentParser, given: set[str]) -> str:
+def flag_message(err, parser: argparse.ArgumentParser, given: set[str], prefix: bool = True) -> str:
     """A library refusal in the CLI's terms: prefixed with the flags the user gave among the fields it concerns
-    (else the first field's flag), and each field in the text replaced by its flag: paths such as ``act.bits`` or
-    ``stats_mode`` as they stand, one-word fields only when quoted as ```device```."""
+    (else the first field's flag; ``prefix`` False: none), and each field in the text replaced by its flag: paths
+    such as ``act.bits`` or ``stats_mode`` as they stand, one-word fields only when quoted as ```device```."""
     flags = flags_of(parser)
     if "compare_bits" in given:
         given = given | {"act.bits"}
@@ -373,7 +379,7 @@ def flag_message(err, parser: argparse.ArgumentParser, given: set[str]) -> str:
             text = text.replace(f"`{field}`", flag)
             if "." in field or "_" in field:  # a field path, never an English word (a bare `device` may be one)
                 text = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w.])", flag, text)
-    return f"{named}: {text}" if named else text
+    return f"{named}: {text}" if named and prefix else text
 
 
 def report_error(prog: str, err: BaseException, ctx: distributed.DistContext | None) -> None:

@@ -250,6 +250,20 @@ class RunConfig:
         return self.stats_mode == "use" and (self.act.bits is not None or self.eval_precision
                                              or self.layer_selection or bool(self.compare))
 
+    def without_effect(self) -> dict[str, str]:
+        """The settings that change nothing in this run, each with why: the CLI warns of those the user gave, and
+        ``settings_hash`` leaves them out, so that a no-op flag never renames the run's files."""
+        out = {}
+        weight, edge = self.weight, self.weight.edge_bits
+        widths = set(self.sweep_weight_bits) if self.eval_precision and self.sweep_weight_bits else {weight.bits}
+        if edge is not None and not self.alloc.weights and all(w is None or edge <= w for w in widths):
+            used = ", ".join(f"int{w}" for w in sorted(w for w in widths if w))
+            out["weight.edge_bits"] = (
+                f"weight.edge_bits int{edge} has no effect: it widens the first conv's and the classifier's weights "
+                + (f"where weight.bits is narrower, and weight.bits is {used}" if used else
+                   "when they are quantized, and weight.bits keeps them float"))
+        return out
+
     def quant(self) -> QuantConfig:
         """The run's quantization (``QuantConfig.with_pass`` varies it for one pass of a sweep)."""
         return QuantConfig(self.act, self.weight, self.alloc, self.correct, seed=self.data.seed)
@@ -321,5 +335,8 @@ def settings_hash(cfg: RunConfig, weights_fingerprint: str, stats_fingerprint: s
     and the statistics' fingerprints: the suffix of the files the run writes, so that runs that differ in any of
     them never overwrite each other's files, and identical runs write identical files."""
     shaping = {k: v for k, v in flatten(cfg).items() if k not in NOT_SHAPING}
+    for path in cfg.without_effect():  # as if left at its default, which keeps the default runs' names
+        group, _, name = path.rpartition(".")
+        shaping[path] = getattr(GROUPS[group]() if group else RunConfig, name)
     text = json.dumps([shaping, weights_fingerprint, stats_fingerprint], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]

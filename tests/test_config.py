@@ -214,6 +214,39 @@ def test_config_from_args_names_the_flags_and_keeps_the_fields():
     assert "(-sm collect), then use them (-sm use)" in str(err.value)
 
 
+@pytest.mark.parametrize("flags, idle", [
+    ("-qw int8 --edge_weights int4", True),
+    ("-qw int4 --edge_weights int4", True),
+    ("-qw f32 --edge_weights int8", True),
+    ("-qw int2 --edge_weights int4", False),
+    ("-qw int8 --edge_weights same", False),  # None: edges like the others, which is the default's effect at int8
+    ("-ep -ep_w int2,int8 --edge_weights int4", False),  # the int2 pass widens its edges
+    ("-ep -ep_w int4,int8 --edge_weights int4", True),
+])
+def test_a_flag_without_effect_warns_and_keeps_the_settings_hash(caplog, flags, idle):
+    """``--edge_weights`` narrower than every weight width changes nothing: one warning line, and the run's file
+    names (its settings hash) are those of the same run without the flag."""
+    parser = inference_sim.build_parser()
+    argv = ["--qtype", "int4", "--device", "cpu", *shlex.split(flags)]
+    with caplog.at_level("WARNING", logger="pytorch_quantizer"):
+        cfg = inference_sim.config_from_args(parser.parse_args(argv), parser)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    plain = inference_sim.config_from_args(parser.parse_args(_without_edge(argv)), parser)
+    assert ("weight.edge_bits" in cfg.without_effect()) == idle
+    if idle:
+        assert len(warnings) == 1 and warnings[0].startswith("warning: --edge_weights int") \
+            and "has no effect" in warnings[0] and "\n" not in warnings[0], warnings
+        assert settings_hash(cfg, "w", "s") == settings_hash(plain, "w", "s")
+    else:
+        assert not warnings
+        assert settings_hash(cfg, "w", "s") != settings_hash(plain, "w", "s")
+
+
+def _without_edge(argv: list[str]) -> list[str]:
+    i = argv.index("--edge_weights")
+    return argv[:i] + argv[i + 2:]
+
+
 # -- (c) adding a setting: one field, one add_argument and the code that uses it ----------------------------
 
 
