@@ -23,6 +23,7 @@ try:  # an interrupt while torch loads (seconds) is one line, not an import trac
     from pytorch_quantizer.clipping import ALLOCATION_MODES, MAX_BITS, MIN_BITS, PRIORS, SIGMA_ESTIMATORS
     from pytorch_quantizer.layers import ACT_POINTS
     from pytorch_quantizer.methods import get_method, method_class, method_names
+    from pytorch_quantizer.quant_config import MISSING_STATS
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="prior whose scale and optimal alpha bit allocation uses (default: -th's, laplace or gaus)")
     add("--sigma", dest="act.sigma", choices=SIGMA_ESTIMATORS,
         help="Gaussian sigma estimate: from the range (the seed's) or the sample std (default: range)")
+    add("--missing_stats", dest="act.missing_stats", choices=MISSING_STATS,
+        help="a quantized layer the statistics have nothing for: refuse the run (error), or leave it float and "
+             "log it (float) (default: error)")
     add("--no_fold_bn", dest="fold_bn", action="store_false", help="keep BatchNorm layers instead of folding them")
     add("-ep", "--eval_precision", dest="eval_precision", action="store_true",
         help="FP32, then int8..int4 in one run")

@@ -118,7 +118,8 @@ def timed_plan(session: Session, stats: Statistics, method: str, bits: int) -> t
     specs = model_policy(quant, session.model, session.layers).specs(session.layers)
     allocation = BitAllocation.of(quant) if quant.alloc.activations else None
     start = time.perf_counter()
-    plan = plan_layers(session.layers, stats, specs, quant.act.sigma, quant.act.per_channel, allocation)
+    plan = plan_layers(session.layers, stats, specs, quant.act.sigma, quant.act.per_channel, allocation,
+                       quant.act.missing_stats == "float")
     return quant, plan, time.perf_counter() - start
 
 

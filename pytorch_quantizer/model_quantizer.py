@@ -70,7 +70,7 @@ class ModelQuantizer:
                 )
             self.plan = plan if plan is not None else plan_layers(
                 self.layers, statistics, self.specs, act.sigma, act.per_channel,
-                allocation if config.alloc.activations else None)
+                allocation if config.alloc.activations else None, act.missing_stats == "float")
             self._qparams = {p.name: self._plan_qparams(p) for p in self.plan}
         elif act.per_channel:
             raise ValueError("-pcq_a takes its per-channel grids from statistics: collect them with -sm collect -pcq_a "

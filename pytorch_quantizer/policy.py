@@ -9,6 +9,7 @@ inference.
 
 from __future__ import annotations
 
+import logging
 import statistics as pystats
 from collections import Counter
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ from .methods import ClippingMethod, get_method
 from .observers import Observation
 from .quant_config import QuantConfig
 from .stats import Statistics, StatisticsError
+
+log = logging.getLogger(__name__)
 
 
 class Role(StrEnum):
@@ -247,7 +250,7 @@ class LayerPlan:
 
     name: str
     module_name: str
-    role: str  # a LayerSpec role, or "unobserved" (never called by the forward: no statistics, not quantized)
+    role: str  # a LayerSpec role; "unobserved" (never called by the forward) or "missing" (no statistics): float
     bits: int | None  # None: left in float
     method: str  # the rule actually applied ("no" when the method's clip would not cut the observed range)
     alpha: float
@@ -311,13 +314,14 @@ def _channel_plan(layer: ActivationLayer, spec: ActSpec, role: Role, obs: Observ
 
 def plan_layers(
     layers: list[ActivationLayer], statistics: Statistics, specs: list[LayerSpec], sigma_estimator: str = "range",
-    per_channel: bool = False, allocation: BitAllocation | None = None,
+    per_channel: bool = False, allocation: BitAllocation | None = None, missing_float: bool = False,
 ) -> list[LayerPlan]:
     """Each layer's grid from the saved observations, its spec (``LayerPolicy.specs``) and its method, computed once.
 
     ``per_channel`` gives every quantized layer one grid per channel of its quantized tensor (dim 1, at output or
     input placement alike), from the per-channel moments; ``allocation`` shares the levels among the channels of
-    the layers whose spec has ``levels_bits``."""
+    the layers whose spec has ``levels_bits``.  A quantized layer the forward calls but the folder has nothing for
+    is refused, unless ``missing_float`` (``--missing_stats float``) leaves it float (role "missing"), logged."""
     if per_channel and not statistics.has_channel_moments:
         raise StatisticsError(f"the statistics in {statistics.folder} hold no per-channel moments; collect them with "
                               "-sm collect -pcq_a")
@@ -327,14 +331,17 @@ def plan_layers(
     for name, method in methods.items():
         if any(a.bits is not None and a.method == name for a in acts):
             statistics.require(method.requires, f"clipping method {name!r}")
-    plans = []
+    plans, left_float = [], []
     for layer, spec in zip(layers, specs, strict=True):
         act = spec.act
-        if act.bits is not None and statistics.missing(layer.name):
+        missing = act.bits is not None and statistics.missing(layer.name)
+        if missing and not missing_float:
             raise StatisticsError(f"the statistics in {statistics.folder} have nothing for {layer.name}, which this "
-                                  "run quantizes (and which the forward calls); collect them again")
+                                  "run quantizes (and which the forward calls); collect them again, or leave such "
+                                  "layers float with --missing_stats float")
         if act.bits is None or not statistics.has(layer.name):  # kept in float, or never called by the forward
-            role = spec.role.value if act.bits is None else "unobserved"
+            role = spec.role.value if act.bits is None else "missing" if missing else "unobserved"
+            left_float += [layer.name] if missing else []
             plans.append(LayerPlan(layer.name, layer.module_name, role, None, "float", 0.0, 0.0, 0.0, 0.0))
             continue
         obs = statistics.observation(layer.name)
@@ -345,6 +352,9 @@ def plan_layers(
             grid = method.grid(obs, act.bits, act.one_sided_for(obs), act.cap)
             plans.append(LayerPlan(layer.name, layer.module_name, spec.role.value, act.bits, grid.method, grid.alpha,
                                    grid.delta, grid.offset, grid.predicted_mse, grid.one_sided, act.cap))
+    if left_float:
+        log.warning("%d layers have no statistics in %s and stay float (--missing_stats float): %s",
+                    len(left_float), statistics.folder, ", ".join(left_float))
     return plans
 
 

@@ -16,6 +16,7 @@ from .clipping import ALLOCATION_MODES, PRIORS, SIGMA_ESTIMATORS, allocation_quo
 from .layers import ACT_POINTS
 from .methods import get_method
 
+MISSING_STATS = ("error", "float")  # what a quantized layer without statistics gets (act.missing_stats)
 
 class ConfigError(ValueError):
     """A setting the library refuses; ``fields`` are the config paths (``act.bits``, ``stats_mode``) it concerns."""
@@ -79,6 +80,7 @@ class ActivationConfig:
     first_bits: int | None = 8  # the first conv's output (the seed's rule; its input, the image, stays float)
     classifier_bits: int | None = 8  # the classifier's output, over its extreme range, never clipped
     kept_bits: int = 8  # the width of the layers a layer-selection sweep keeps
+    missing_stats: str = "error"  # a quantized layer without statistics: refused, or left float and logged
 
     def __post_init__(self) -> None:
         for name in ("bits", "first_bits", "classifier_bits", "kept_bits"):
@@ -88,6 +90,7 @@ class ActivationConfig:
             check_moments_only(self.method, "act.method", "per-channel activation grids come from per-channel moments")
         check_choice(self.placement, ACT_POINTS, "act.placement")
         check_choice(self.sigma, SIGMA_ESTIMATORS, "act.sigma")
+        check_choice(self.missing_stats, MISSING_STATS, "act.missing_stats")
         if self.half_range and self.placement == "input":
             raise ConfigError("half range marks outputs that feed a ReLU; with input placement every non-negative "
                               "input gets a one-sided grid already", "act.half_range", "act.placement")

@@ -91,8 +91,24 @@ def test_a_layer_the_run_quantizes_needs_statistics(folder, tiny_model):
     stats = load_statistics(folder)
     layers = activation_layers(tiny_model)
     specs = layer_policy(QuantConfig(act=ActivationConfig(bits=4, method="laplace")), layers).specs(layers)
-    with pytest.raises(StatisticsError, match="nothing for conv1_activation"):
+    with pytest.raises(StatisticsError, match="nothing for conv1_activation.*--missing_stats float"):
         plan_layers(layers, stats, specs)
+
+
+def test_missing_stats_float_leaves_the_layers_float_and_says_so(folder, tiny_model, caplog):
+    meta = json.loads((folder / "meta.json").read_text())
+    rewrite_meta(folder, layers=[layer for layer in meta["layers"] if layer["name"] != "conv1_activation"],
+                 files={k: v for k, v in meta["files"].items() if not k.startswith("conv1_activation")})
+    for path in folder.glob("conv1_activation*"):
+        path.unlink()
+    layers = activation_layers(tiny_model)
+    specs = layer_policy(QuantConfig(act=ActivationConfig(bits=4, method="laplace")), layers).specs(layers)
+    with caplog.at_level(logging.WARNING, logger="pytorch_quantizer"):
+        plans = plan_layers(layers, load_statistics(folder), specs, missing_float=True)
+    by_name = {p.name: p for p in plans}
+    assert (by_name["conv1_activation"].role, by_name["conv1_activation"].bits) == ("missing", None)
+    assert all(p.bits is not None for p in plans if p.name != "conv1_activation" and p.role != "unobserved")
+    assert "1 layers have no statistics" in caplog.text and "conv1_activation" in caplog.text
 
 
 def test_an_earlier_release_folder_loads_unverified(caplog):
