@@ -94,11 +94,12 @@ def evaluate(session: Session, loader: DataLoader, desc: str, check_outputs: boo
     return Measured(acc, time.perf_counter() - start, agreement)
 
 
-def collect(session: Session, observers: Iterable[str | tuple] | None = None, folder: Path | None = None
-            ) -> Measured:
+def collect(session: Session, observers: Iterable[str | tuple] | None = None, folder: Path | None = None,
+            before_swap: Callable[[Measured], object] | None = None) -> Measured:
     """FP32 pass over the calibration images with statistics hooks feeding ``observers`` (default: the run's, and
     per-channel moments with per-channel activations, in the same pass: one calibration serves every method); the
-    folder (default the run's) is replaced only on success."""
+    folder (default the run's) is replaced only on success, after ``before_swap(measured)`` (the run's results
+    row) has succeeded on rank 0."""
     cfg, dist = session.cfg, session.dist
     devices = [f"cuda:{i}" for i in cfg.device_ids] if session.runner is not session.model else ()
     log.info("calibration: %d of the %d images in %s", len(session.calibration), len(session.cal_dataset),
@@ -123,7 +124,8 @@ def collect(session: Session, observers: Iterable[str | tuple] | None = None, fo
         if dist.is_main:
             if dist.active:
                 collector.merge(states)
-            session.save_statistics(collector, folder)
+            session.save_statistics(collector, folder,
+                                    None if before_swap is None else lambda: before_swap(measured))
     return measured
 
 

@@ -62,8 +62,7 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
         return recorder.rows
 
     if cfg.stats_mode == "collect":
-        measured = collect(session)
-        record(measured, "collect", None, None, file=session.stats_path)
+        measured = collect(session, before_swap=lambda m: record(m, "collect", None, None, file=session.stats_path))
         _say(dist, final_line(measured.acc))
         return recorder.rows
 

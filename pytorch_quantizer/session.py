@@ -5,6 +5,7 @@ the statistics it loaded or collected.  ``Session`` checks all of it before any 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -220,15 +221,22 @@ class Session:
         stats.check_layers(self.layers)
         return stats
 
-    def save_statistics(self, collector: StatisticsCollector, folder: Path) -> None:
+    def save_statistics(self, collector: StatisticsCollector, folder: Path,
+                        before_swap: Callable[[], object] | None = None) -> None:
         """Write what ``collector`` gathered over the calibration images to ``folder`` (replaced only when
-        complete), with the model's identity and the images' names."""
+        complete), with the model's identity and the images' names; ``before_swap()`` runs when they are staged,
+        with ``stats_fingerprint`` already theirs (the run's last writes, before the earlier folder is replaced)."""
         names = relative_paths(self.cal_dataset)
         images = [names[i] for i in self.calibration]
         meta = {**self.model_meta(), "calibration": {
             "folder": str(Path(self.cal_dataset.root).resolve()), "cal_set_size": self.cfg.data.cal_size}}
-        collector.save(folder, meta, calibration=images)
-        self.stats_fingerprint = folder_fingerprint(folder)
+
+        def staged(staging: Path) -> None:
+            self.stats_fingerprint = folder_fingerprint(staging)  # names and bytes: the swapped folder's too
+            if before_swap is not None:
+                before_swap()
+
+        collector.save(folder, meta, calibration=images, before_swap=staged)
         log.info("statistics of %d images saved to %s", collector.samples, folder)
 
     def use_statistics(self, stats: Statistics) -> None:

@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,9 +218,11 @@ class StatisticsCollector:
             frames[layer.name] = pd.DataFrame(moments.table().numpy(), columns=list(STAT_COLUMNS))
         return frames
 
-    def save(self, folder: str | os.PathLike, meta: dict[str, Any], calibration: Sequence[str] | None = None) -> Path:
+    def save(self, folder: str | os.PathLike, meta: dict[str, Any], calibration: Sequence[str] | None = None,
+             before_swap: Callable[[Path], object] | None = None) -> Path:
         """Write the statistics folder atomically (see the module docstring); ``meta`` describes the model and
-        ``calibration`` names the images seen, in order (``calibration.txt``, so evaluation can leave them out)."""
+        ``calibration`` names the images seen, in order (``calibration.json``, so evaluation can leave them out);
+        ``before_swap``: see ``write_statistics``."""
         if calibration is not None and len(calibration) != self.samples:
             raise StatisticsError(f"{len(calibration)} calibration image names for {self.samples} samples")
         layers = self.observed()
@@ -242,11 +244,15 @@ class StatisticsCollector:
                 for observer in self.observers[layer.name]:
                     observer.export(staging, layer.name)
 
-        return write_statistics(folder, write, full_meta)
+        return write_statistics(folder, write, full_meta, before_swap)
 
 
-def write_statistics(folder: str | os.PathLike, write, meta: dict[str, Any]) -> Path:
-    """Call ``write(staging)`` for a temporary sibling folder, add ``meta.json``, then swap it in."""
+def write_statistics(folder: str | os.PathLike, write, meta: dict[str, Any],
+                     before_swap: Callable[[Path], object] | None = None) -> Path:
+    """Call ``write(staging)`` for a temporary sibling folder, add ``meta.json``, then swap it in.
+
+    ``before_swap(staging)`` runs on the complete staged folder just before the swap: the run's other writes (its
+    results row) go there, so that a run that fails to write them leaves the earlier statistics in place."""
     folder = Path(folder).expanduser()
     if folder.is_symlink():  # the swap happens in the link's target, so the link keeps pointing at the statistics
         folder = folder.resolve()
@@ -256,6 +262,8 @@ def write_statistics(folder: str | os.PathLike, write, meta: dict[str, Any]) -> 
         write(staging)
         meta = {**meta, "files": {path.name: file_record(path) for path in sorted(staging.iterdir())}}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if before_swap is not None:
+            before_swap(staging)
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

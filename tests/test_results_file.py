@@ -91,3 +91,40 @@ def test_output_folders_under_a_file_are_refused_before_any_pass(tmp_path, flag)
                     act=ActivationConfig(bits=None), **kwargs)
     with pytest.raises(ValueError, match=f"{flag}: cannot write into .*a_file is a file"):
         check_output_folders(cfg)
+
+
+def test_a_collect_whose_results_row_fails_keeps_the_earlier_statistics(tmp_path, monkeypatch, capsys):
+    """The statistics swap is a collect's last step: when the results row cannot be written, the run exits 2 and
+    the earlier folder is untouched, with no staging folder left."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    import inference_sim
+    from pytorch_quantizer import results
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        folder = tmp_path / "data" / "val" / ("n01440764", "n01443537")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
+    argv = ["-a", "mobilenet_v3_small", "--weights", "none", "-b", "2", "-j", "0", "--device", "cpu",
+            "--data", str(tmp_path / "data"), "-sm", "collect", "-cs", "2", "-sf", str(tmp_path / "stats"),
+            "--results", str(tmp_path / "r.csv")]
+    assert inference_sim.main(argv) == 0
+
+    def digests() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "stats").iterdir()}
+
+    before, rows = digests(), (tmp_path / "r.csv").read_text()
+
+    def refuse(path, row):
+        raise OSError(f"{path}: the disk is full")
+
+    monkeypatch.setattr(results, "append_result", refuse)
+    capsys.readouterr()
+    assert inference_sim.main([*argv, "-cs", "3"]) == 2  # another calibration: other statistics were staged
+    assert capsys.readouterr().err.strip().endswith("r.csv: the disk is full")
+    assert digests() == before and (tmp_path / "r.csv").read_text() == rows
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stats.")]
