@@ -35,6 +35,7 @@ from .policy import channel_plan_table, plan_table
 from .quant_config import ActivationConfig
 from .results import Recorder, check_results_file, check_writable_folder, final_line, qtype_name
 from .session import Session
+from .stats import check_replaceable
 
 log = logging.getLogger("pytorch_quantizer")
 
@@ -148,6 +149,7 @@ def check_output_folders(cfg: RunConfig) -> None:
         folder = Path(cfg.stats_folder).expanduser()
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"-sf: {folder} is a file, not a statistics folder; give a folder path")
+        check_replaceable(folder)
 
 
 def _agreement_line(measured: Measured) -> str:

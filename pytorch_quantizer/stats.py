@@ -299,13 +299,19 @@ def verify_files(folder: Path, meta: dict[str, Any]) -> None:
                                   f"{META_FILE}'s record): damaged or replaced; collect the statistics again")
 
 
+def check_replaceable(folder: Path) -> None:
+    """Refuse a folder that a collect would replace but that holds something other than statistics (a user's own
+    files).  Called before the pass, so the refusal costs nothing, and again at the swap."""
+    if folder.is_dir() and not (folder / META_FILE).exists() and any(folder.iterdir()):
+        raise StatisticsError(f"{folder} exists and is not a statistics folder; refusing to replace it")
+
+
 def _swap_in(staging: Path, folder: Path) -> None:
     """Replace ``folder`` by ``staging``: the old folder is moved aside first and removed only afterwards."""
     if not folder.exists():
         staging.rename(folder)
         return
-    if not (folder / META_FILE).exists() and any(folder.iterdir()):
-        raise StatisticsError(f"{folder} exists and is not a statistics folder; refusing to replace it")
+    check_replaceable(folder)
     retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     folder.rename(retired)
     try:

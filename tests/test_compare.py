@@ -76,9 +76,9 @@ def collects(monkeypatch) -> list[tuple[str, ...]]:
     calls: list[tuple[str, ...]] = []
     original = run.collect
 
-    def counted(session, observers=None, folder=None):
+    def counted(session, observers=None, folder=None, **kwargs):
         calls.append(tuple(observers) if observers is not None else session.cfg.observers)
-        return original(session, observers, folder)
+        return original(session, observers, folder, **kwargs)
 
     monkeypatch.setattr(run, "collect", counted)
     monkeypatch.setattr(compare, "collect_pass", counted)
