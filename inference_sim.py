@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("-qw", "--qweight", dest="weight.bits", type=qweight, metavar="intN",
         help="weight and bias type intN, or f32 for float weights (default: int8 when activations are quantized, "
              "f32 otherwise)")
+    add("--float_bias", dest="weight.float_bias", action="store_true",
+        help="keep biases in float, as a deployment's int32 biases at the accumulator's scale are (default: at -qw's "
+             "width, per tensor, as the seed does)")
     methods = method_names()
     add("--edge_weights", dest="weight.edge_bits", type=edge_weights, metavar="intN",
         help="weights of the first conv and the classifier when -qw is narrower (the follow-up keeps them at 8 "
@@ -298,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a quantized layer the statistics have nothing for: refuse the run (error), or leave it float and "
              "log it (float) (default: error)")
     add("--no_fold_bn", dest="fold_bn", action="store_false", help="keep BatchNorm layers instead of folding them")
+    add("--equalize", dest="equalize", action="store_true",
+        help="cross-layer equalization and high-bias absorption (DFQ) of the folded float model, before statistics "
+             "are collected or used (statistics must be collected with it too)")
     add("-ep", "--eval_precision", dest="eval_precision", action="store_true",
         help="FP32, then int8..int4 in one run")
     add("-ep_a", "--ep_qtypes", dest="sweep_bits", type=qtype_list, metavar="intN,...",

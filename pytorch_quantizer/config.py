@@ -99,6 +99,7 @@ class RunConfig:
     stats_folder: Path | None = None
     observers: tuple[str, ...] = COLLECTED_OBSERVERS  # what a collect pass gathers
     fold_bn: bool = True
+    equalize: bool = False  # cross-layer equalization + high-bias absorption of the folded float model (DFQ)
     eval_precision: bool = False  # FP32, then each width of sweep_bits (x sweep_weight_bits)
     sweep_bits: tuple[int, ...] = PRECISION_SWEEP
     sweep_weight_bits: tuple[int | None, ...] = ()  # empty: weight.bits alone
@@ -128,6 +129,9 @@ class RunConfig:
         if self.weight.bits == AUTO:  # int8 weights when anything else is quantized, float otherwise
             bits = 8 if act.bits is not None or sweeps else None
             set_(self, "weight", replace(self.weight, bits=bits))
+        if self.equalize and not self.fold_bn:
+            raise ConfigError("`equalize` rescales the BatchNorm-folded network (and reads the BatchNorm statistics "
+                              "for its bias absorption): drop `fold_bn`", "equalize", "fold_bn")
         self._check_widths()
         self._check_sweeps()
         _check_observers(self.observers)
@@ -236,7 +240,8 @@ class RunConfig:
         folding, so that statistics of other weights never replace these."""
         if self.stats_folder is not None:
             return Path(self.stats_folder).expanduser()
-        name = f"{self.arch}-{fingerprint}" + ("" if self.fold_bn else "-unfolded")
+        name = f"{self.arch}-{fingerprint}" + ("" if self.fold_bn else "-unfolded") + ("-equalized" if self.equalize
+                                                                                          else "")
         return (STATISTICS_ROOT / name).expanduser()
 
     @property
@@ -262,6 +267,8 @@ class RunConfig:
                 f"weight.edge_bits int{edge} has no effect: it widens the first conv's and the classifier's weights "
                 + (f"where weight.bits is narrower, and weight.bits is {used}" if used else
                    "when they are quantized, and weight.bits keeps them float"))
+        if weight.float_bias and all(w is None for w in widths):
+            out["weight.float_bias"] = "weight.float_bias has no effect: weight.bits keeps weights and biases float"
         return out
 
     def quant(self) -> QuantConfig:

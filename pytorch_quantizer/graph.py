@@ -45,7 +45,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .layers import QUANTIZED_TYPES, activation_layers
+from .layers import QUANTIZED_TYPES, ChannelClamp, activation_layers
 
 Kind = Literal["relu", "identity", "ignore", "other"]
 Use = tuple[Kind, float | None]  # how one consumer uses a layer output, and its cap for "relu"
@@ -83,7 +83,7 @@ def relu_fed_layers(model: nn.Module, example_input: torch.Tensor | None = None)
     update its BatchNorm statistics), and without ``example_input`` a ``ValueError`` names the model.
     """
     try:
-        graph = _LayerLeafTracer().trace(model)
+        graph = layer_graph(model)
     except Exception as exc:  # fx fails in many ways (TraceError, TypeError, AttributeError...): all mean "cannot"
         if example_input is None:
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -139,16 +139,30 @@ def _classify_module(module: nn.Module) -> Use:
         return "identity", None
     if isinstance(module, nn.ReLU):
         return "relu", None
+    if isinstance(module, ChannelClamp):  # the loosest of its caps, as for several consumers
+        return "relu", float(module.upper.max())
     if isinstance(module, nn.Hardtanh):  # nn.ReLU6 is Hardtanh(0, 6)
         return _clip_use(module.min_val, module.max_val)
     return "other", None
 
 
+def is_identity(module: nn.Module) -> bool:
+    """Whether a leaf module passes its input on unchanged (``nn.Identity``, dropout when not training)."""
+    return _classify_module(module)[0] == "identity"
+
+
 class _LayerLeafTracer(fx.Tracer):
-    """fx tracer that keeps every Conv2d/Linear subclass as one node, like the standard ``torch.nn`` leaves."""
+    """fx tracer that keeps every Conv2d/Linear subclass (and ``ChannelClamp``) as one node, like the standard
+    ``torch.nn`` leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LAYER_TYPES) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*_LAYER_TYPES, ChannelClamp)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def layer_graph(model: nn.Module) -> fx.Graph:
+    """The model's fx graph with every Conv2d/Linear (subclasses too) as one ``call_module`` node; raises what
+    ``torch.fx`` raises for a model it cannot trace."""
+    return _LayerLeafTracer().trace(model)
 
 
 def _graph_uses(model: nn.Module, graph: fx.Graph) -> dict[str, list[list[Use]]]:

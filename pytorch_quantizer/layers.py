@@ -39,6 +39,23 @@ def activation_layers(model: nn.Module) -> list[ActivationLayer]:
     return layers
 
 
+class ChannelClamp(nn.Module):
+    """``min(relu(x), upper[c])`` with one cap a channel (dim 1): a ReLU6/Hardtanh(0, cap) whose channels were
+    rescaled by cross-layer equalization (``equalize``), which keeps ``min(relu(x / s), cap / s)`` equal to
+    ``min(relu(x), cap) / s``."""
+
+    def __init__(self, upper: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("upper", upper.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        upper = self.upper.view(1, -1, *([1] * (x.dim() - 2)))
+        return torch.minimum(x.clamp_min(0), upper)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.numel()}"
+
+
 class HookSet:
     """Forward hooks on a list of layers that can be removed together; usable as a context manager."""
 

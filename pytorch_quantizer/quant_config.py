@@ -104,7 +104,8 @@ class WeightConfig:
     edge_bits: int | None = 8  # the first conv's and the classifier's weights when ``bits`` is narrower (None: same)
     per_channel: bool = False  # one grid per output channel
     method: str = "no"  # clipping of the weights from their own moments ("no": min/max)
-    bias_bits: int | None | str = SAME  # SAME: the weights' width
+    bias_bits: int | None | str = SAME  # SAME: the weights' width (float with float_bias)
+    float_bias: bool = False  # biases stay float: what a deployment's int32 biases at the accumulator's scale are
     preserve_zero: bool = True  # weights keep exact zeros, as GEMMLOWP/TFLite weight grids do
     pow2_scale: bool = False
 
@@ -115,7 +116,7 @@ class WeightConfig:
         if self.bits == AUTO:
             return
         if self.bias_bits == SAME:
-            object.__setattr__(self, "bias_bits", self.bits)
+            object.__setattr__(self, "bias_bits", None if self.float_bias else self.bits)
         check_width(self.bits, "weight.bits")
         check_width(self.bias_bits, "weight.bias_bits")
         if self.method != "no" and self.bits is None:
@@ -216,5 +217,5 @@ class QuantConfig:
         layers (SAME / None: unchanged)."""
         act = self.act if bits == SAME else replace(self.act, bits=bits)
         act = act if method is None else replace(act, method=method)
-        weight = self.weight if weight_bits == SAME else replace(self.weight, bits=weight_bits, bias_bits=weight_bits)
+        weight = self.weight if weight_bits == SAME else replace(self.weight, bits=weight_bits, bias_bits=SAME)
         return replace(self, act=act, weight=weight, keep_8bit=self.keep_8bit if keep_8bit is None else keep_8bit)

@@ -26,6 +26,7 @@ from .data import (
     wnid_folder_dataset,
 )
 from .distributed import DistContext
+from .equalize import batchnorm_moments, equalize
 from .graph import relu_fed_layers
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
@@ -61,6 +62,14 @@ class Session:
         model, pairs = original, []
         if cfg.fold_bn:
             model, pairs = fold_batchnorm(original, self.example_input())
+        if cfg.equalize:  # the config refuses it unfolded
+            equalized = equalize(model, self.example_input(), batchnorm_moments(original, pairs))
+            model = equalized.model
+            log.info(equalized.summary())
+            if cfg.weight.bias_bits is not None:
+                log.warning("--equalize divides channels by their scales, biases too, so biases quantized at int%d "
+                            "per tensor lose the small ones: add --float_bias (int32 biases, as deployments keep "
+                            "them)", cfg.weight.bias_bits)
         self.model = model.to(self.device).eval()
         # several GPUs: replicas share the hooks and parameters of self.model, which the quantizer edits
         self.runner: nn.Module = self.model
@@ -208,7 +217,7 @@ class Session:
     def model_meta(self) -> dict:
         cfg = self.cfg
         return {"arch": cfg.arch, "weights": cfg.weights, "fingerprint": self.fingerprint, "bn_folded": cfg.fold_bn,
-                "seed": cfg.data.seed, "version": __version__}
+                "equalized": cfg.equalize, "seed": cfg.data.seed, "version": __version__}
 
     def _load_statistics(self) -> Statistics | None:
         if not self.cfg.needs_statistics:
@@ -216,7 +225,8 @@ class Session:
                 log.info("no --qtype: activations stay in float, no statistics are used")
             return None
         stats = load_statistics(self.stats_path)
-        expected = {k: v for k, v in self.model_meta().items() if k in ("arch", "fingerprint", "bn_folded")}
+        identity = ("arch", "fingerprint", "bn_folded", "equalized")  # what statistics of another model differ in
+        expected = {k: v for k, v in self.model_meta().items() if k in identity}
         stats.check_model(expected)
         stats.check_layers(self.layers)
         return stats

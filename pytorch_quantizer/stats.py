@@ -299,6 +299,10 @@ def verify_files(folder: Path, meta: dict[str, Any]) -> None:
                                   f"{META_FILE}'s record): damaged or replaced; collect the statistics again")
 
 
+# what a folder written before a meta key existed means by its absence
+RECORDED_BEFORE: dict[str, Any] = {"equalized": False}
+
+
 def check_replaceable(folder: Path) -> None:
     """Refuse a folder that a collect would replace but that holds something other than statistics (a user's own
     files).  Called before the pass, so the refusal costs nothing, and again at the swap."""
@@ -413,7 +417,7 @@ class Statistics:
     def check_model(self, expected: dict[str, Any]) -> None:
         """Refuse statistics of another model: every key of ``expected`` must match the recorded meta."""
         for key, value in expected.items():
-            recorded = self.meta.get(key)
+            recorded = self.meta.get(key, RECORDED_BEFORE.get(key))
             if recorded != value:
                 raise StatisticsError(
                     f"statistics in {self.folder} were collected with {key}={recorded!r}, "
