@@ -91,6 +91,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every pass runs")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of: {', '.join(CASES)}")
     parser.add_argument("--compare-methods", default=COMPARE_METHODS)
     parser.add_argument("--compare-widths", default=COMPARE_WIDTHS)
@@ -103,6 +104,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for flag in ("images", "batch_size", "rounds"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is visible to torch")
     if args.workers < 0:
         parser.error(f"--workers must be at least 0, got {args.workers}")
     if not (args.data / "val").is_dir():
@@ -149,14 +152,14 @@ class Plain:
         from pytorch_quantizer.models import build_model
 
         model, preprocess = build_model(self.args.arch, self.args.weights)
-        return model.eval(), preprocess
+        return model.to(self.args.device).eval(), preprocess
 
     def _loader(self, transform) -> torch.utils.data.DataLoader:
         from torchvision.datasets import ImageFolder
 
         dataset = ImageFolder(str(self.root / "val"), transform=transform)
         return torch.utils.data.DataLoader(dataset, batch_size=self.args.batch_size, shuffle=False,
-                                           num_workers=self.args.workers)
+                                           num_workers=self.args.workers, pin_memory=self.args.device == "cuda")
 
     def evaluate(self) -> float:
         """The whole pass (model build included); returns top-1 (%) so the work cannot be skipped."""
@@ -164,7 +167,7 @@ class Plain:
         correct = total = 0
         with torch.inference_mode():
             for images, target in self._loader(preprocess.transform()):
-                output = model(images)
+                output = model(images.to(self.args.device, non_blocking=True)).cpu()
                 top5 = output.topk(min(5, output.shape[1]), dim=1).indices
                 correct += int((top5[:, 0] == target).sum())
                 total += len(target)
@@ -174,12 +177,14 @@ class Plain:
         """Seconds of the DataLoader alone (decode, resize, crop, normalise) and of the forward alone."""
         model, preprocess = self._model()
         start = time.perf_counter()
-        batches = [images for images, _ in self._loader(preprocess.transform())]
+        batches = [images.to(self.args.device) for images, _ in self._loader(preprocess.transform())]
         decode = time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode():
             for images in batches:
                 model(images)
+        if self.args.device == "cuda":
+            torch.cuda.synchronize()
         return decode, time.perf_counter() - start
 
 
@@ -217,7 +222,7 @@ def _quiet_logging() -> Iterator[None]:
 
 def case_argv(args: argparse.Namespace, case: str, root: Path, stats: dict[str, Path], run: int) -> list[str]:
     common = ["--data", str(root), "-a", args.arch, "--weights", args.weights, "-b", str(args.batch_size),
-              "-j", str(args.workers), "--device", "cpu", "--results", str(root / "results.csv")]
+              "-j", str(args.workers), "--device", args.device, "--results", str(root / "results.csv")]
     extra = list(CASES[case])
     if case.startswith("collect"):
         extra += ["--cal-data", str(root / "cal"), "-sf", str(root / "collected" / f"{case}-{run}")]
@@ -255,7 +260,8 @@ def run(args: argparse.Namespace, root: Path, say: Callable[[str], None]) -> str
     plain_s = statistics.median(times["plain"])
     ratios = {case: statistics.median(t / p for t, p in zip(times[case], times["plain"], strict=True))
               for case in args.cases}
-    say(f"{count} images, batch {args.batch_size}, {args.workers} workers, {torch.get_num_threads()} threads; "
+    say(f"{count} images on {args.device}, batch {args.batch_size}, {args.workers} workers, "
+        f"{torch.get_num_threads()} threads; "
         f"{args.arch} ({args.weights}); median of {args.rounds} interleaved rounds")
     say(f"plain torchvision loop: {plain_s:.3f} s; decode/transform alone {decode:.3f} s and forward alone "
         f"{forward:.3f} s (decode share {decode / (decode + forward):.2f})")
