@@ -219,6 +219,26 @@ def test_collector_gathers_moments_and_histograms_in_one_pass(tiny_model, tmp_pa
     assert obs.extra["histogram"].max == pytest.approx(out.max().item())
 
 
+def test_collector_hands_the_moments_extremes_to_the_histogram(tiny_model, monkeypatch):
+    """The histogram takes each batch's range from the moments observer (not a second read of the output), in
+    whatever order the observers are named, and that range is the output's exact minimum and maximum."""
+    seen: list[tuple[float, float, float, float]] = []
+    original = HistogramObserver._update
+
+    def spy(self, x, extremes=None):
+        assert extremes is not None, "the histogram was not given the moments' extremes"
+        seen.append((float(extremes[0]), float(extremes[1]), float(x.min()), float(x.max())))
+        return original(self, x, extremes)
+
+    monkeypatch.setattr(HistogramObserver, "_update", spy)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for names in (("moments", "histogram"), ("histogram", "moments")):
+        with torch.no_grad(), StatisticsCollector(tiny_model, observers=names):
+            tiny_model(x)
+    assert len(seen) >= 2
+    assert all((a, b) == (c, d) for a, b, c, d in seen)
+
+
 # -- percentiles and KL on hand-built histograms ----------------------------------------------------------------
 def test_percentile_of_a_uniform_histogram():
     hist = uniform()
