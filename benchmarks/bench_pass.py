@@ -157,12 +157,17 @@ class Plain:
     def _loader(self, transform) -> torch.utils.data.DataLoader:
         from torchvision.datasets import ImageFolder
 
+        from pytorch_quantizer.data import imagenet_wnids
+
         dataset = ImageFolder(str(self.root / "val"), transform=transform)
+        # the linked folder holds some of the 1000 classes: map its class index to ImageNet's, as a full val has
+        wnids = imagenet_wnids()
+        dataset.target_transform = {i: wnids.index(c) for i, c in enumerate(dataset.classes)}.__getitem__
         return torch.utils.data.DataLoader(dataset, batch_size=self.args.batch_size, shuffle=False,
                                            num_workers=self.args.workers, pin_memory=self.args.device == "cuda")
 
     def evaluate(self) -> float:
-        """The whole pass (model build included); returns top-1 (%) so the work cannot be skipped."""
+        """The whole pass (model build included); returns top-1 (%), which the driver's FP32 pass must match."""
         model, preprocess = self._model()
         correct = total = 0
         with torch.inference_mode():
@@ -248,8 +253,9 @@ def run(args: argparse.Namespace, root: Path, say: Callable[[str], None]) -> str
         driver([*common, *COLLECT_FOR[kind], "--cal-data", str(root / "cal"), "-sf", str(folder)], root)
     passes = 1 + len(args.compare_methods.split(",")) * len(args.compare_widths.split(","))
     times: dict[str, list[float]] = {name: [] for name in ["plain", *args.cases]}
+    top1: list[float] = []
     for round_ in range(args.rounds + 1):  # round 0 warms up (kernel builds, file caches, workers)
-        results = {"plain": timed(plain.evaluate)}
+        results = {"plain": timed(lambda: top1.append(plain.evaluate()))}
         for case in args.cases:
             argv = case_argv(args, case, root, stats, round_)
             results[case] = timed(lambda argv=argv: driver(argv, root))
@@ -271,6 +277,13 @@ def run(args: argparse.Namespace, root: Path, say: Callable[[str], None]) -> str
         seconds = statistics.median(times[case])
         versus = f"{seconds / fp32:8.3f}" if fp32 else f"{'-':>8}"
         say(f"{case:<14} {seconds:9.3f} {ratios[case]:8.3f} {versus}")
+    if "fp32" in args.cases:
+        import pandas as pd
+
+        rows = pd.read_csv(root / "results.csv")
+        driver_top1 = float(rows.loc[rows["qtype"] == "fp32", "top1"].iloc[-1])
+        verdict = "the same" if abs(driver_top1 - top1[-1]) < 1e-6 else "DIFFERENT: not the same images or crops?"
+        say(f"top-1 on these images: plain loop {top1[-1]:.2f} %, driver FP32 {driver_top1:.2f} % ({verdict})")
     if "compare" in args.cases:
         bound = decode + passes * forward
         say(f"compare ran {passes} pass(es) (FP32 + {passes - 1} quantized) in "
