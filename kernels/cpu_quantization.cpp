@@ -334,25 +334,33 @@ at::Tensor per_sample_stats(const at::Tensor& x) {
 
 
 // ---------------------------------------------------------------------------------------------------------
-// Histogram binning (observers.HistogramObserver._accumulate): for each value of a contiguous float32 x,
+// Histogram binning (observers.HistogramObserver._accumulate): x is a contiguous float32 tensor read as rows of
+// its first dimension (a sample each; a 0-d or 1-d tensor is rows of one value); of each row the values at
+// offsets 0, stride, 2 stride, ... are binned (stride 1: every value; observers.sample_stride picks it), with
 //   counts[clamp(floor((x - lo) * scale) - start, 0, bins - 1)] += 1      (NaN counts in bin 0)
-// with the float32 steps of the PyTorch expression there, so both give the same bins.  floor is taken by
-// truncation after clamping to +-2^30 (SSE2 has no floor; every bin index in a window is far inside that range,
-// so a clamped value lands in the same end bin).  Indices are computed a block at a time (vectorisable), then
-// counted into kWays interleaved histograms (runs of one bin, such as a ReLU's zeros, do not serialise on one
-// counter); every task has its own, summed at the end: integer sums, the same counts for any thread count.
+// in the float32 steps of the PyTorch expression there, so both give the same bins.  The strided values are read
+// in place (no gathered copy).  floor is taken by truncation after clamping to +-2^30 (SSE2 has no floor; every
+// bin index in a window is far inside that range, so a clamped value lands in the same end bin).  Indices are
+// computed a block at a time (vectorisable), then counted into kWays interleaved histograms (runs of one bin, such
+// as a ReLU's zeros, do not serialise on one counter); every task has its own, summed at the end: integer sums,
+// the same counts for any thread count.
 
 constexpr int64_t kWays = 4;
 constexpr float kFloorRange = 1073741824.0f;  // 2^30
 
-void histogram_accumulate_(const at::Tensor& x, at::Tensor& counts, double lo, double scale, double start) {
+void histogram_accumulate_(const at::Tensor& x, at::Tensor& counts, double lo, double scale, double start,
+                           int64_t stride) {
   check_tensor(x, "x");
   if (!x.is_contiguous()) fail(std::string(kPrefix) + ": histogram_accumulate_ takes a contiguous tensor");
   if (counts.device().type() != at::kCPU || counts.scalar_type() != at::kLong || counts.dim() != 1 ||
       !counts.is_contiguous() || counts.size(0) < 1)
     fail(std::string(kPrefix) + ": histogram_accumulate_ counts must be a contiguous 1-d int64 CPU tensor");
-  const int64_t bins = counts.size(0), n = x.numel();
-  if (n == 0) return;
+  if (stride < 1) fail(std::string(kPrefix) + ": histogram_accumulate_ needs a stride >= 1");
+  const int64_t bins = counts.size(0), total = x.numel();
+  if (total == 0) return;
+  const int64_t rows = x.dim() >= 2 ? x.size(0) : total, row = total / rows;
+  const int64_t taken = (row + stride - 1) / stride;  // values binned per row
+  const int64_t n = rows * taken;
   const float lo_f = static_cast<float>(lo), scale_f = static_cast<float>(scale),
               start_f = static_cast<float>(start);
   const int32_t top = static_cast<int32_t>(bins - 1), start_i = static_cast<int32_t>(start);
@@ -361,22 +369,33 @@ void histogram_accumulate_(const at::Tensor& x, at::Tensor& counts, double lo, d
   std::vector<int64_t> partial(tasks * kWays * bins, 0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     int32_t idx[kBlock];
+    float v[kBlock];
     for (int64_t t = begin; t < end; ++t) {
       int64_t* h = partial.data() + t * kWays * bins;
       const int64_t a = n * t / tasks, b = n * (t + 1) / tasks;
+      int64_t r = a / taken, k = a % taken;  // the row and the position in it of binned value a
       for (int64_t i = a; i < b; i += kBlock) {
         const int64_t len = std::min(kBlock, b - i);
-        const float* p = data + i;
+        const float* p;
+        if (stride == 1) {
+          p = data + i;  // every value: the binned values are the tensor itself
+        } else {
+          for (int64_t j = 0; j < len; ++j) {
+            v[j] = data[r * row + k * stride];
+            if (++k == taken) k = 0, ++r;
+          }
+          p = v;
+        }
         for (int64_t j = 0; j < len; ++j) {
           float u = (p[j] - lo_f) * scale_f;
           u = u == u ? u : start_f;  // NaN: floor(start) - start = bin 0
           u = u > kFloorRange ? kFloorRange : u;
           u = u < -kFloorRange ? -kFloorRange : u;
-          int32_t k = static_cast<int32_t>(u);
-          k -= static_cast<float>(k) > u ? 1 : 0;  // truncation -> floor
-          k -= start_i;
-          k = k < 0 ? 0 : k;
-          idx[j] = k > top ? top : k;
+          int32_t q = static_cast<int32_t>(u);
+          q -= static_cast<float>(q) > u ? 1 : 0;  // truncation -> floor
+          q -= start_i;
+          q = q < 0 ? 0 : q;
+          idx[j] = q > top ? top : q;
         }
         int64_t j = 0;
         for (; j + kWays <= len; j += kWays) {
@@ -398,7 +417,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   aciq_kernels::bind_kernels(m, "CPU", &quantize_, &quantize_per_channel_, &per_sample_stats,
                              " (two reads per row, deterministic for any thread count)");
   m.def("histogram_accumulate_", &histogram_accumulate_,
-        "Add the float32 CPU tensor x's values to int64 counts at bin clamp(floor((x - lo) * scale) - start, 0, "
-        "bins - 1) (HistogramObserver's binning)",
-        py::arg("x"), py::arg("counts"), py::arg("lo"), py::arg("scale"), py::arg("start"));
+        "Add the values at offsets 0, stride, 2 stride, ... of each row (first dimension) of the float32 CPU tensor "
+        "x to int64 counts at bin clamp(floor((x - lo) * scale) - start, 0, bins - 1) (HistogramObserver's binning)",
+        py::arg("x"), py::arg("counts"), py::arg("lo"), py::arg("scale"), py::arg("start"), py::arg("stride") = 1);
 }

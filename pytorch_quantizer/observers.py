@@ -156,6 +156,17 @@ class Observer(ABC):
     @abstractmethod
     def update(self, x: torch.Tensor, key: tuple[int, int]) -> None: ...
 
+    def observe(self, x: torch.Tensor, key: tuple[int, int],
+                extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``update``, given the exact minimum and maximum of ``x`` when another observer of the layer has read them
+        already (``extremes``; the collector passes them so that ``x`` is not read again just for its range)."""
+        self.update(x, key)
+
+    def extremes(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The exact float32 minimum and maximum (0-d, on the activation's device) of the output recorded under
+        ``key``, when this observer computes them anyway (the moments do); None otherwise."""
+        return None
+
     @abstractmethod
     def export(self, folder: Path, layer: str) -> None:
         """Write this layer's state into ``folder`` (a staging folder; the collector swaps it in when complete)."""
@@ -236,6 +247,14 @@ class MomentsObserver(Observer):
     def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
         self.channels = self.granularity.channels(x)
         self.records[key] = per_sample_stats(self.granularity.rows(x), self.fused)
+
+    def extremes(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Min of the per-row minima and max of the maxima: the tensor's exact range (float32 values, kept in
+        float64 by ``per_sample_stats``, so the cast back is exact)."""
+        record = self.records.get(key)
+        if record is None or record.numel() == 0:
+            return None
+        return record[:, 0].min().float(), record[:, 1].max().float()
 
     def table(self) -> torch.Tensor:
         """[rows, 7] on the CPU in sample order (rows: samples, or (sample, channel) pairs sample-major)."""
@@ -320,12 +339,13 @@ def _check_summary(path: Path, summary: pd.DataFrame, reductions: list[str]) -> 
     missing = set(SUMMARY_COLUMNS) - set(summary.columns)
     if missing or reductions != list(REDUCTIONS):
         raise ObserverError(f"{path} is malformed (missing columns {sorted(missing)}, rows {reductions})")
-    if not all(math.isfinite(v) for v in summary[list(SUMMARY_COLUMNS)].to_numpy().ravel()):
+    if not np.isfinite(summary[list(SUMMARY_COLUMNS)].to_numpy(np.float64)).all():  # vectorised: per channel, 1e5+
         raise ObserverError(f"{path} holds non-finite values")
 
 
 # -- histograms --------------------------------------------------------------------------------------------
 HISTOGRAM_BINS = 2048
+HISTOGRAM_SAMPLE_VALUES = 8192  # values binned per sample and layer, at most (``sample_stride``)
 EDGE_FORMAT = "%.17g"  # float64 edges round-trip exactly
 _MAX_BASE = 2.0**62  # first-batch bin indices are exact up to here (float32 integers, clamped)
 _LEVELS = 65  # merge levels 2^0 .. 2^64: at 2^64 any clamped range fits in 2 bins
@@ -418,11 +438,38 @@ class Histogram:
     @classmethod
     def of_tensor(cls, x: torch.Tensor, bins: int = HISTOGRAM_BINS,
                   extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Histogram:
-        """The histogram of one tensor (all its values), as the observer would record it from one batch;
-        ``extremes``: its ``aminmax`` when the caller has it already (not read twice)."""
-        observer = HistogramObserver(bins=bins)
+        """The histogram of one tensor (all its values, not subsampled: one live tensor is binned once), as the
+        observer would record it from one batch; ``extremes``: its ``aminmax`` when the caller has it already."""
+        observer = HistogramObserver(bins=bins, sample_values=None)
         observer._update(x, extremes)  # a fresh observer: nothing to lock, no device to move to
         return observer.histogram()
+
+
+def sample_stride(per_sample: int, period: int, budget: int = HISTOGRAM_SAMPLE_VALUES) -> int:
+    """The stride at which the histogram observer bins a sample's values: the smallest ``s >= ceil(per_sample /
+    budget)`` with ``gcd(s, period) == 1``, so at most ``budget`` values (offsets 0, s, 2s, ... of the sample,
+    ``ceil(per_sample / s)`` of them) are binned per sample.
+
+    Why a subsample: binning every value reads each activation a second time after the moments, and cost about
+    0.8 of a mobilenet_v2 forward pass; 8192 values a sample cut that to a few percent while the range searched on
+    the histogram moves little (``tests/test_calibrators.py``, bound in docs/statistics.md).  Why coprime with
+    ``period`` (H*W of an NCHW output, the features of an [N, T, F] one, 1 otherwise): a stride that divides it
+    would see the same few pixel positions of every channel (or the same features); a coprime stride walks
+    across every position and every channel, and the rows of a sample are taken alike whatever the batch, so the
+    histogram stays a function of the samples, as exact to merge across torchrun ranks as before.  The range
+    (minimum and maximum) is never subsampled: it comes from the full tensor."""
+    if per_sample < 1 or period < 1 or budget < 1:
+        raise ValueError(f"sample_stride needs positive sizes, got {per_sample}, {period}, {budget}")
+    stride = max(1, -(-per_sample // budget))
+    while math.gcd(stride, period) != 1:
+        stride += 1
+    return stride
+
+
+def _period(x: torch.Tensor) -> int:
+    """What a sample's stride must be coprime with: the product of the dimensions after the channels (1 for
+    [N, F] outputs)."""
+    return math.prod(x.shape[2:]) if x.dim() >= 3 else 1
 
 
 def _base_index(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
@@ -450,6 +497,12 @@ class HistogramObserver(Observer):
     are added one at a time on the first chunk's device; the counts stay exact, but which chunk comes first (and so
     the lattice) is the threads' order, not the samples'.
 
+    Subsampled counts: of each sample only ``sample_stride`` values are binned (at most ``sample_values``, default
+    ``HISTOGRAM_SAMPLE_VALUES``; None bins every value), the strided values read in place by the kernel.  The
+    range is exact all the same: ``observe`` takes the full tensor's minimum and maximum from the moments observer
+    (the collector passes them), or reads them itself.  What it costs the searched ranges is bounded in
+    ``tests/test_calibrators.py::test_subsampled_histogram_moves_searched_ranges_little`` (docs/statistics.md).
+
     Under torchrun every rank first ``prime``s its lattice with the batch that one process would see first (the
     collector runs it, ``StatisticsCollector.priming``), then bins its shard; rank 0 ``merge``s the ranks' counts at
     the level that fits the overall range, which by the rule above is the one process's histogram, count for
@@ -458,13 +511,18 @@ class HistogramObserver(Observer):
     name = "histogram"
     per_channel = False
 
-    def __init__(self, granularity: Granularity = PER_TENSOR, bins: int = HISTOGRAM_BINS) -> None:
+    def __init__(self, granularity: Granularity = PER_TENSOR, bins: int = HISTOGRAM_BINS,
+                 sample_values: int | None = HISTOGRAM_SAMPLE_VALUES) -> None:
         if granularity.axis is not None:
             raise ObserverError("the histogram observer is per tensor: per-channel histograms are not supported")
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 4:
             raise ObserverError(f"a histogram needs an integer number of bins >= 4, got {bins!r}")
+        if sample_values is not None and (isinstance(sample_values, bool) or not isinstance(sample_values, int)
+                                          or sample_values < 1):
+            raise ObserverError(f"a histogram needs sample_values >= 1 or None, got {sample_values!r}")
         super().__init__(granularity)
         self.bins = bins
+        self.sample_values = sample_values
         self.counts: torch.Tensor | None = None  # int64 [bins]
         self.lo = self.inv = self.min = self.max = torch.zeros(())  # float32 0-d, on the device
         self.level = self.start = torch.zeros((), dtype=torch.float64)  # e and the window's first bin at level e
@@ -472,16 +530,28 @@ class HistogramObserver(Observer):
         self._lock = threading.Lock()  # DataParallel's replicas call update from their own threads
 
     def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
+        self.observe(x, key)
+
+    def observe(self, x: torch.Tensor, key: tuple[int, int],
+                extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         with self._lock:
-            self._update(x if self.counts is None else x.to(self.counts.device))
+            if self.counts is not None:
+                x = x.to(self.counts.device)
+                if extremes is not None:
+                    extremes = (extremes[0].to(self.counts.device), extremes[1].to(self.counts.device))
+            self._update(x, extremes)
 
     def _update(self, x: torch.Tensor, extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        flat = x.detach().reshape(-1)
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        if flat.numel() == 0:
+        x = x.detach()
+        rows = x.reshape(x.shape[0] if x.dim() >= 2 else x.numel(), -1)
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        if rows.numel() == 0:
             return
-        mn, mx = torch.aminmax(flat) if extremes is None else extremes
+        stride = 1
+        if self.sample_values is not None:
+            stride = sample_stride(rows.shape[1], _period(x), self.sample_values)
+        mn, mx = torch.aminmax(rows) if extremes is None else extremes
         first = self.counts is None
         if not self.primed:
             self._set_lattice(mn, mx)
@@ -490,11 +560,11 @@ class HistogramObserver(Observer):
         else:
             self.min, self.max = torch.minimum(self.min, mn), torch.maximum(self.max, mx)
         level, start = self._fit(self.min, self.max)
-        counts = torch.zeros(self.bins, dtype=torch.int64, device=flat.device)
+        counts = torch.zeros(self.bins, dtype=torch.int64, device=rows.device)
         if not first:
             self._move(counts, self.counts, self.level, self.start, level, start)
         self.level, self.start, self.counts = level, start, counts
-        self._accumulate(flat, torch.ldexp(self.inv, -level.float()), start.float())
+        self._accumulate(rows, torch.ldexp(self.inv, -level.float()), start.float(), stride)
 
     def _set_lattice(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
         width = mx - mn
@@ -547,14 +617,15 @@ class HistogramObserver(Observer):
             self._move(counts, state["counts"], state["level"], state["start"], level, start)
         self.level, self.start, self.counts = level, start, counts
 
-    def _accumulate(self, flat: torch.Tensor, scale: torch.Tensor, start: torch.Tensor) -> None:
-        """counts[clamp(nan_to_0(floor((x - lo) * scale) - start), 0, bins - 1)] += 1 for every value."""
-        kernel = _histogram_kernel(flat)
+    def _accumulate(self, rows: torch.Tensor, scale: torch.Tensor, start: torch.Tensor, stride: int) -> None:
+        """counts[clamp(nan_to_0(floor((x - lo) * scale) - start), 0, bins - 1)] += 1 for the values at offsets
+        0, stride, 2 stride, ... of each row (sample) of ``rows``."""
+        kernel = _histogram_kernel(rows)
         if kernel is not None:
-            kernel(flat.contiguous(), self.counts, self.lo.item(), scale.item(), start.item())
+            kernel(rows.contiguous(), self.counts, self.lo.item(), scale.item(), start.item(), stride)
             return
-        t = flat - self.lo
-        index = t.mul_(scale).floor_().sub_(start).nan_to_num_(nan=0.0).clamp_(0, self.bins - 1).long()
+        t = rows[:, ::stride] - self.lo
+        index = t.mul_(scale).floor_().sub_(start).nan_to_num_(nan=0.0).clamp_(0, self.bins - 1).long().reshape(-1)
         if index.device.type == "cpu":
             self.counts += torch.bincount(index, minlength=self.bins)
         else:  # bincount sizes its output from the data's maximum: a host synchronisation
@@ -599,11 +670,13 @@ class HistogramObserver(Observer):
 
 
 def _histogram_kernel(flat: torch.Tensor):
-    """The compiled CPU ``histogram_accumulate_`` when built, else None (CUDA tensors use PyTorch's ops)."""
+    """The compiled CPU ``histogram_accumulate_`` when built with its ``stride`` argument, else None (CUDA tensors
+    and stale in-place builds from before the subsample use PyTorch's ops)."""
     if flat.device.type != "cpu":
         return None
     module = kernel_module("cpu")
-    return getattr(module, "histogram_accumulate_", None) if module is not None else None
+    kernel = getattr(module, "histogram_accumulate_", None) if module is not None else None
+    return kernel if kernel is not None and "stride" in (kernel.__doc__ or "") else None
 
 
 def stats_from_row(row: Mapping[str, float], numel: int) -> TensorStats:

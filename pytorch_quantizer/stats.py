@@ -150,6 +150,9 @@ class StatisticsCollector:
 
     def _hook(self, name: str):
         observers = self.observers[name]
+        # the observers that read the output's exact range anyway (the moments) run first and hand it to the others
+        # (the histogram), so that no observer reads the whole output again just for its minimum and maximum
+        ordered = sorted(observers, key=lambda o: type(o).extremes is Observer.extremes)
 
         def hook(module: nn.Module, output: torch.Tensor) -> None:
             if self._priming:
@@ -162,8 +165,10 @@ class StatisticsCollector:
                 self._calls[(name, replica)] = call + 1
                 self._samples[name] = self._samples.get(name, 0) + output.shape[0]
                 self.numel[name] = output[0].numel()
-            for observer in observers:  # kept on the activation's device: no host synchronisation per layer
-                observer.update(output, (call, replica))
+            extremes = None
+            for observer in ordered:  # kept on the activation's device: no host synchronisation per layer
+                observer.observe(output, (call, replica), extremes)
+                extremes = extremes or observer.extremes((call, replica))
 
         return hook
 
