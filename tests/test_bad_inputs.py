@@ -702,7 +702,8 @@ row("statistics of another architecture", f"{USE} -sf {{stats}} -a squeezenet1_1
     "collected with arch='mobilenet_v3_small', but this run has arch='squeezenet1_1'")
 row("statistics of other weights (another seed)", f"{USE} -sf {{stats}} --seed 1", "collected with fingerprint=")
 row("folded statistics with --no_fold_bn", f"{USE} -sf {{stats}} --no_fold_bn", "collected with bn_folded=True")
-row("statistics of the plain model with --equalize", f"{USE} -sf {{stats}} --equalize", "collected with equalized=False")
+row("statistics of the plain model with --equalize", f"{USE} -sf {{stats}} --equalize",
+    "collected with equalized=False")
 row("--equalize with --no_fold_bn", "--equalize --no_fold_bn --qtype int4", "drop --no_fold_bn")
 row("output statistics with --act_point input", f"{USE} -sf {{stats}} --act_point input",
     "collect them with --act_point input")
