@@ -1,0 +1,446 @@
+"""The network as a run quantizes it, written as an ONNX QDQ model (QuantizeLinear/DequantizeLinear pairs), and
+evaluated in ONNX Runtime: the check that the simulator's grids mean the same thing in a real integer engine.
+
+How a GEMMLOWP grid becomes an ONNX (scale, zero point)
+-------------------------------------------------------
+The simulator (``gemmlowp``) maps x onto the ``Q = 2**M - 1`` steps of a grid over ``[o, o + delta]``::
+
+    s = delta / Q,   q = round_half_even(clamp((x - o) / s, 0, Q)),   y = q * s + o
+
+ONNX's pair (opset 21) over a storage type of range ``[lo, hi]`` computes::
+
+    q' = saturate(round_half_even(x / s') + z, lo, hi),   y = (q' - z) * s'
+
+Take ``s' = s`` and ``q' = q + lo`` (unsigned storage: ``lo = 0``, ``q' = q``).  Then ``y = (q + lo - z) * s`` equals
+``q * s + o`` for every q exactly when ``z = lo - o / s``, and the saturation bounds ``[lo, lo + Q]`` are the
+grid's ends exactly when the type has ``Q + 1`` levels (uint8 at 8 bits, uint4 at 4 bits for activations; int8 /
+int4 for weights, ``lo = -2**(M-1)``).  So an M-bit grid is exact in ONNX iff ``o / s`` is an integer with ``z``
+in the type's range, i.e. 0.0 lies on the grid: what ``-pz`` guarantees (``o = round(o / s) * s``).  Without
+``-pz`` the export writes the nearest exact grid, ``z = round(lo - o / s)`` clamped to the type, i.e. the offset
+moves to ``o' = (lo - z) * s``, by at most half a step when 0 lies inside the range; the log gives the largest
+move, in steps.  Rounding differs only at ties: the simulator rounds ``(x - o) * (1/s)``, ONNX ``x / s + z``, two
+float32 computations of the same number that fall on different sides of a half only when it is a tie to within
+an ulp, and the dequantized value ``(q' - z) * s`` is one float32 rounding where ``q * s + o`` is two (one ulp
+apart at most).
+
+Widths without an ONNX type: the activations of 5-7 bits would need a clamp inside the pair to keep their level
+count, which no integer kernel fuses; they are refused (``config``) rather than emulated.  Weights are constants
+whose codes are already on their grid, so any width up to 8 is stored exactly in int8 (up to 4 in int4, up to 16
+in int16) with its level count kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_write
+from .gemmlowp import QParams
+from .model_quantizer import ModelQuantizer
+
+log = logging.getLogger("pytorch_quantizer")
+
+OPSET = 21  # the first opset with the 4-bit types; torch's TorchScript exporter writes 20, lifted here
+TORCH_OPSET = 20
+IR_VERSION = 10  # the first IR version with INT4 / UINT4
+ONNX_EXTRA = 'pip install -e ".[onnx]"'
+ACT_WIDTHS = (4, 8)  # activation widths that have an ONNX type of exactly their level count
+INTEGER_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm")
+FLOAT_OPS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+
+
+class ExportError(ValueError):
+    """The network cannot be written as asked (a layer not found in the exported graph, a missing package)."""
+
+
+def require_onnx(runtime: bool) -> None:
+    """onnx (and with ``runtime`` onnxruntime) importable, else one line naming the extra that installs them."""
+    for name in ("onnx", *(("onnxruntime",) if runtime else ())):
+        try:
+            __import__(name)
+        except ImportError:
+            flag = "--eval_onnx" if name == "onnxruntime" else "--export_onnx"
+            raise ExportError(f"{flag} needs {name}, which is not installed: {ONNX_EXTRA}") from None
+
+
+@dataclass(frozen=True)
+class OnnxGrid:
+    """One QuantizeLinear/DequantizeLinear grid: scale and zero point (scalars, or one per channel along
+    ``axis``), the storage type's bounds and ONNX type, and how far the export moved the grid's offset (in steps)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    lo: int
+    hi: int
+    onnx_type: int
+    axis: int | None
+    moved: float = 0.0
+    widened: int = 0  # grids (channels) widened to hold 0
+
+    def zero_point_tensor(self, name: str) -> Any:
+        from onnx import helper
+
+        values = self.zero_point.astype(np.int64).reshape(-1).tolist()
+        dims = [] if self.axis is None else [len(values)]
+        return helper.make_tensor(name, self.onnx_type, dims, values)
+
+
+def storage(bits: int, signed: bool) -> tuple[int, int, int]:
+    """(lo, hi, ONNX type) of the narrowest ONNX integer type holding ``bits``-bit codes."""
+    from onnx import TensorProto as T
+
+    for width, stype, utype in ((4, T.INT4, T.UINT4), (8, T.INT8, T.UINT8), (16, T.INT16, T.UINT16)):
+        if bits <= width:
+            return (-(2 ** (width - 1)), 2 ** (width - 1) - 1, stype) if signed else (0, 2**width - 1, utype)
+    raise ExportError(f"no ONNX integer type holds {bits}-bit codes")
+
+
+def onnx_grid(qp: QParams, bits: int, axis: int | None, signed: bool = False) -> OnnxGrid:
+    """The ONNX grid of a simulator grid (see the module docstring): ``s' = s``, ``z = round(lo - o / s)``;
+    ``moved`` the largest ``|o' - o| / s``.  A grid whose range lies wholly above (below) 0 cannot hold 0 as a
+    level with its own scale: it is widened to start (end) at 0 with the same level count (``widened`` counts
+    them; ``moved`` then measures the move of its far end, in old steps).  A channel whose grid is a single value
+    (scale 0: the simulator outputs its offset) gets ``s' = |o|`` and ``z`` placing that value on the grid."""
+    lo, hi, onnx_type = storage(bits, signed)
+    steps = float(2**bits - 1)
+    scale = np.atleast_1d(np.asarray(_numpy(qp.scale), dtype=np.float32)).astype(np.float64)
+    offset = np.atleast_1d(np.asarray(_numpy(qp.offset), dtype=np.float32)).astype(np.float64)
+    dead = scale == 0
+    safe = np.where(dead, 1.0, scale)
+    top = offset + steps * safe
+    above, below = ~dead & (offset > 0), ~dead & (top < 0)
+    new_scale = np.where(above, top / steps, np.where(below, -offset / steps, safe))
+    new_offset = np.where(above, 0.0, np.where(below, -steps * new_scale, offset))
+    zero = np.clip(np.round(lo - new_offset / new_scale), lo, hi)
+    moved = np.abs((lo - zero) * new_scale - offset) / safe
+    moved = np.where(above | below, np.abs(new_offset + steps * new_scale - top) / safe + moved, moved)
+    moved = np.where(dead, 0.0, moved)
+    out_scale = np.where(dead, np.where(offset != 0, np.abs(offset), 1.0), new_scale).astype(np.float32)
+    zero = np.where(dead, np.clip(lo - np.sign(offset), lo, hi), zero)
+    if axis is None:
+        out_scale, zero = out_scale.reshape(()), zero.reshape(())
+    return OnnxGrid(out_scale, zero.astype(np.int64), lo, hi, onnx_type, axis, float(moved.max(initial=0.0)),
+                    int((above | below).sum()))
+
+
+def _numpy(value: float | torch.Tensor) -> np.ndarray | float:
+    return value.detach().cpu().double().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def weight_codes(values: np.ndarray, qp: QParams, bits: int) -> tuple[np.ndarray, OnnxGrid] | None:
+    """Integer codes (signed storage, per output channel = axis 0 when ``qp`` is per channel) whose dequantized
+    values are the simulator's quantized weight ``values``, and their grid; None when the grid's zero falls between
+    two levels (no integer zero point reproduces it: the weight is then written in float)."""
+    per_channel = isinstance(qp.scale, torch.Tensor)
+    grid = onnx_grid(qp, bits, 0 if per_channel else None, signed=True)
+    if grid.moved > 1e-3 or grid.widened:
+        return None
+    shape = (-1,) + (1,) * (values.ndim - 1) if per_channel else ()
+    scale = grid.scale.astype(np.float64).reshape(shape)
+    zero = grid.zero_point.reshape(shape)
+    codes = np.round(values.astype(np.float64) / scale) + zero
+    if codes.min() < grid.lo or codes.max() > grid.hi:
+        return None
+    back = ((codes - zero) * scale).astype(np.float32)
+    # the simulator's q * s + o rounds twice, so its value may sit ulps of o (up to 2**M steps) off the level
+    if not (np.abs(back.astype(np.float64) - values) <= 1e-4 * scale).all():
+        return None
+    return codes.astype(np.int64), grid
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote: activation pairs by type, weights by storage, the weights left in float (and why), the
+    largest move of an activation grid's offset (in steps), and the planned tensors the pairs went to."""
+
+    path: Path
+    activation_pairs: Counter = field(default_factory=Counter)
+    weights: Counter = field(default_factory=Counter)
+    float_weights: list[str] = field(default_factory=list)
+    moved_steps: float = 0.0
+    moved_layers: int = 0
+    widened: int = 0
+    quantized_tensors: list[str] = field(default_factory=list)
+
+
+class _Graph:
+    """Small editing helpers over an onnx GraphProto: fresh names, producers and consumers, initializers."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.used = {n for node in graph.node for n in (*node.input, *node.output)} | set(self.inits)
+        self.used |= {v.name for v in (*graph.input, *graph.output)}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+    def consumers(self, tensor: str) -> list[Any]:
+        return [n for n in self.graph.node if tensor in n.input]
+
+    def producer(self, tensor: str) -> Any | None:
+        return next((n for n in self.graph.node if tensor in n.output), None)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, following the Identity nodes the exporter adds for deduplicated ones."""
+        from onnx import numpy_helper
+
+        while name not in self.inits:
+            node = self.producer(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return numpy_helper.to_array(self.inits[name])
+
+    def add_initializer(self, tensor: Any) -> str:
+        self.graph.initializer.append(tensor)
+        self.inits[tensor.name] = tensor
+        return tensor.name
+
+    def drop_unused(self) -> None:
+        """Remove the initializers no node reads any more (the float weights replaced by integer codes)."""
+        read = {name for node in self.graph.node for name in node.input} | {v.name for v in self.graph.output}
+        for tensor in [t for t in self.graph.initializer if t.name not in read]:
+            self.graph.initializer.remove(tensor)
+            del self.inits[tensor.name]
+
+    def add_node(self, node: Any, before: Any | None = None) -> None:
+        nodes = list(self.graph.node)
+        index = len(nodes) if before is None else nodes.index(before)
+        self.graph.node.insert(index, node)
+
+    def qdq(self, tensor: str, grid: OnnxGrid, stem: str, before: Any | None, out: str | None = None) -> str:
+        """Q then DQ of ``tensor`` (inserted before node ``before``, None: at the end) into ``out`` (default a fresh
+        name); returns the dequantized tensor's name."""
+        from onnx import helper, numpy_helper
+
+        scale = self.add_initializer(numpy_helper.from_array(grid.scale, self.fresh(f"{stem}.scale")))
+        zero = self.add_initializer(grid.zero_point_tensor(self.fresh(f"{stem}.zero_point")))
+        quantized = self.fresh(f"{stem}.quantized")
+        out = out if out is not None else self.fresh(f"{stem}.dequantized")
+        axis = {} if grid.axis is None else {"axis": grid.axis}
+        self.add_node(helper.make_node("QuantizeLinear", [tensor, scale, zero], [quantized],
+                                       self.fresh(f"{stem}/QuantizeLinear"), **axis), before)
+        self.add_node(helper.make_node("DequantizeLinear", [quantized, scale, zero], [out],
+                                       self.fresh(f"{stem}/DequantizeLinear"), **axis), before)
+        return out
+
+
+def scope_module(node_name: str) -> str:
+    """The module path of a node the TorchScript exporter named by its scopes, ``/features/features.1/block/block.0/
+    block.0.0/Conv`` -> ``features.1.block.0.0``: a container's children are named ``<its scope>.<key>``, so a
+    scope that extends the previous one replaces it, any other is the next attribute."""
+    parts: list[str] = []
+    for scope in node_name.split("/")[1:-1]:
+        if parts and scope.startswith(parts[-1] + "."):
+            parts[-1] = scope
+        else:
+            parts.append(scope)
+    return ".".join(parts)
+
+
+def layer_nodes(graph: _Graph, module_name: str) -> list[Any]:
+    """The Conv/Gemm/MatMul nodes the exporter made of module ``module_name`` (``scope_module``); each one's
+    weight is then checked to be that module's (``_weight``)."""
+    return [n for n in graph.graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and scope_module(n.name) == module_name]
+
+
+def output_tensor(graph: _Graph, node: Any) -> str:
+    """The layer's output: the node's, or for a linear exported as MatMul then Add (the bias), the Add's."""
+    out = node.output[0]
+    if node.op_type == "MatMul":
+        after = graph.consumers(out)
+        if len(after) == 1 and after[0].op_type == "Add" and any(graph.constant(i) is not None for i in after[0].input):
+            return after[0].output[0]
+    return out
+
+
+def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tensor, path: Path) -> ExportReport:
+    """Write ``model`` as ``quantizer`` quantizes it (its plan's activation grids at its placement, its weights'
+    grids; BatchNorm as the model has it, folded by the session) to ``path`` atomically, as an opset-21 QDQ model
+    with input ``input`` and output ``logits`` (batch dimension free).  ``example``: an input of the model's size."""
+    import onnx
+
+    report = ExportReport(path)
+    weights = quantizer.weights
+    attached_here = not weights.attached
+    if attached_here:
+        weights.attach()
+    try:
+        grids = dict(weights.grids)
+        twin = copy.deepcopy(model).cpu().float().eval()
+    finally:
+        if attached_here:
+            weights.detach()
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(twin, (example.cpu().float(),), buffer, dynamo=False, opset_version=TORCH_OPSET,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    graph = _Graph(proto.graph)
+    modules = dict(twin.named_modules())
+    placement = quantizer.config.act.placement
+    planned = {p.name: p.bits for p in quantizer.plan} if quantizer.plan is not None else {}
+    for layer, spec in zip(quantizer.layers, quantizer.specs, strict=True):
+        nodes = layer_nodes(graph, layer.module_name)
+        bits = planned.get(layer.name)
+        if not nodes:
+            if bits is not None or layer.name in grids:
+                raise ExportError(f"{layer.name} ({layer.module_name}) is quantized, but the exported graph has no "
+                                  "node of that module")
+            continue
+        weight = modules[layer.module_name].weight.detach().numpy()
+        for node in nodes:
+            _weight(graph, node, layer.name, weight, grids.get(layer.name), spec.weight.bits, report)
+        if bits is None:
+            continue
+        grid = onnx_grid(quantizer.activation_grid(layer.name), bits, 1 if quantizer.config.act.per_channel else None)
+        if grid.moved > 1e-3:
+            report.moved_layers += 1
+            report.moved_steps = max(report.moved_steps, grid.moved)
+        report.widened += grid.widened
+        for node in nodes:
+            _activation(graph, node, layer.name, placement, grid, report)
+    graph.drop_unused()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = OPSET
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp), suffix=".onnx")
+    return report
+
+
+def _weight(graph: _Graph, node: Any, name: str, weight: np.ndarray, qp: QParams | None, bits: int | None,
+            report: ExportReport) -> None:
+    """Replace ``node``'s weight by integer codes and a DequantizeLinear when its grid has an integer zero."""
+    from onnx import helper, numpy_helper
+
+    stored = graph.constant(node.input[1])
+    transposed = stored is not None and stored.shape != weight.shape
+    if stored is None or not np.array_equal(stored.T if transposed else stored, weight):
+        raise ExportError(f"the weight of {name} in the exported graph is not the simulator's")
+    if qp is None or bits is None:
+        return
+    found = weight_codes(weight, qp, bits)
+    if found is None:
+        report.float_weights.append(name)
+        return
+    codes, grid = found
+    if transposed:  # a MatMul reads [in, out]: the output channels are axis 1
+        codes = codes.T
+        grid = OnnxGrid(grid.scale, grid.zero_point, grid.lo, grid.hi, grid.onnx_type,
+                        None if grid.axis is None else 1)
+    values = helper.make_tensor(graph.fresh(f"{name}.weight_codes"), grid.onnx_type, list(codes.shape),
+                                codes.reshape(-1).tolist())
+    codes_name = graph.add_initializer(values)
+    scale = graph.add_initializer(numpy_helper.from_array(grid.scale, graph.fresh(f"{name}.weight_scale")))
+    zero = graph.add_initializer(grid.zero_point_tensor(graph.fresh(f"{name}.weight_zero_point")))
+    out = graph.fresh(f"{name}.weight")
+    axis = {} if grid.axis is None else {"axis": grid.axis}
+    graph.add_node(helper.make_node("DequantizeLinear", [codes_name, scale, zero], [out],
+                                    graph.fresh(f"{name}/weight/DequantizeLinear"), **axis), node)
+    node.input[1] = out
+    report.weights[helper.tensor_dtype_to_string(grid.onnx_type).removeprefix("TensorProto.")] += 1
+
+
+def _activation(graph: _Graph, node: Any, name: str, placement: str, grid: OnnxGrid, report: ExportReport) -> None:
+    """A Q/DQ pair on the layer's input (this node's alone: another reader keeps its own grid, as each hook
+    quantizes a copy) or on its output (every reader sees it: renamed so that the readers keep their names)."""
+    from onnx import helper
+
+    if placement == "input":
+        node.input[0] = graph.qdq(node.input[0], grid, f"{name}.input", node)
+        report.quantized_tensors.append(f"{name}.input")
+    else:
+        tensor = output_tensor(graph, node)
+        producer = graph.producer(tensor)
+        raw = graph.fresh(f"{tensor}.float")
+        producer.output[list(producer.output).index(tensor)] = raw
+        nodes = list(graph.graph.node)
+        after = nodes[nodes.index(producer) + 1] if nodes.index(producer) + 1 < len(nodes) else None
+        graph.qdq(raw, grid, f"{name}.output", after, out=tensor)  # the readers and graph outputs keep the name
+        report.quantized_tensors.append(f"{name}.output")
+    report.activation_pairs[helper.tensor_dtype_to_string(grid.onnx_type).removeprefix("TensorProto.")] += 1
+
+
+def describe(report: ExportReport) -> str:
+    """One log line of what the export wrote."""
+    pairs = ", ".join(f"{n} {t}" for t, n in sorted(report.activation_pairs.items())) or "none"
+    stored = ", ".join(f"{n} {t}" for t, n in sorted(report.weights.items())) or "none"
+    text = (f"ONNX QDQ model (opset {OPSET}) written to {report.path}: activation pairs {pairs}; integer weights "
+            f"{stored}")
+    if report.float_weights:
+        text += (f"; {len(report.float_weights)} weights in float (their grid's zero falls between levels): "
+                 + ", ".join(report.float_weights[:5]) + (" ..." if len(report.float_weights) > 5 else ""))
+    if report.moved_layers:
+        text += (f"; {report.moved_layers} activation grids moved to put 0.0 on a level (no -pz), by up to "
+                 f"{report.moved_steps:.3f} steps")
+    if report.widened:
+        text += (f"; {report.widened} activation grids (channels) lay wholly on one side of 0 and were widened to "
+                 "reach it, level count kept")
+    return text
+
+
+class OrtModel:
+    """An ONNX model in ONNX Runtime's CPU execution provider, with the optimised graph's kernels counted (whether
+    the QDQ pairs were fused into integer kernels: a check that ran in float would prove nothing)."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: its notes on serializing the optimised graph are not ours
+        if threads:
+            options.intra_op_num_threads = threads
+        self.four_bit = _has_four_bit(onnx.load(str(path), load_external_data=False))
+        if self.four_bit:  # its QDQ fusion would make a QLinearConv of 4-bit inputs, which no CPU kernel takes
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        with tempfile.TemporaryDirectory(prefix="aciq-ort-") as tmp:
+            optimised = Path(tmp) / "optimised.onnx"
+            options.optimized_model_filepath = str(optimised)
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.kernels = Counter(n.op_type for n in onnx.load(str(optimised), load_external_data=False).graph.node)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().cpu().float().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input: array})[0])
+
+    def kernel_line(self) -> str:
+        """How many layers run in integer kernels and how many in float, in the optimised graph."""
+        integer = {op: self.kernels[op] for op in INTEGER_OPS if self.kernels[op]}
+        floats = {op: self.kernels[op] for op in FLOAT_OPS if self.kernels[op]}
+        fmt = lambda d: ", ".join(f"{n} {op}" for op, n in d.items()) or "none"  # noqa: E731
+        line = f"ONNX Runtime's optimised graph: integer kernels {fmt(integer)}; float {fmt(floats)}"
+        if self.four_bit:
+            line += (" (4-bit tensors: ORT's CPU provider has no 4-bit conv or matmul kernel, so QDQ fusion is off "
+                     "and every layer runs in float between exact Q/DQ pairs)")
+        elif not integer:
+            line += " (no QDQ pair was fused: ORT ran the layers in float after dequantizing)"
+        return line
+
+
+def _has_four_bit(proto: Any) -> bool:
+    from onnx import TensorProto
+
+    return any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in proto.graph.initializer)
