@@ -183,11 +183,11 @@ class RunConfig:
         if self.export_onnx is None:
             return
         act, why = self.act, None
-        if not self.quantizes:
-            why = "nothing is quantized: give act.bits and/or weight.bits", "act.bits", "weight.bits"
-        elif self.stats_mode == "collect":
+        if self.stats_mode == "collect":
             why = ("a collect pass quantizes nothing; export with stats_mode use (or no, for weights alone)",
                    "stats_mode")
+        elif not self.quantizes:
+            why = "nothing is quantized: give act.bits and/or weight.bits", "act.bits", "weight.bits"
         elif self.compare or self.eval_precision or self.layer_selection:
             why = ("a sweep or comparison evaluates many networks; export one setting at a time",
                    "compare", "eval_precision", "layer_selection")
@@ -213,7 +213,7 @@ class RunConfig:
                     break
         if why is not None:
             message, *fields_ = why
-            raise ConfigError(f"export_onnx: {message}", "export_onnx", *fields_)
+            raise ConfigError(message, "export_onnx", *fields_)
 
     def _check_widths(self) -> None:
         act = self.act
