@@ -170,6 +170,7 @@ class ExportReport:
     moved_steps: float = 0.0
     moved_layers: int = 0
     widened: int = 0
+    widened_weights: int = 0  # per-channel int8 weights stored in int16 (zero points differing between channels)
     quantized_tensors: list[str] = field(default_factory=list)
 
 
@@ -331,7 +332,7 @@ def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tens
 def _weight(graph: _Graph, node: Any, name: str, weight: np.ndarray, qp: QParams | None, bits: int | None,
             report: ExportReport) -> None:
     """Replace ``node``'s weight by integer codes and a DequantizeLinear when its grid has an integer zero."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     stored = graph.constant(node.input[1])
     transposed = stored is not None and stored.shape != weight.shape
@@ -344,6 +345,11 @@ def _weight(graph: _Graph, node: Any, name: str, weight: np.ndarray, qp: QParams
         report.float_weights.append(name)
         return
     codes, grid = found
+    if grid.axis is not None and grid.onnx_type == TensorProto.INT8 and np.unique(grid.zero_point).size > 1:
+        # ORT's QLinearConv reads one zero point for every channel of an int8 weight (measured: logits off by
+        # units on mobilenet_v2 -pcw); int16 codes keep the values exact and the conv out of that kernel
+        grid = OnnxGrid(grid.scale, grid.zero_point, -(2**15), 2**15 - 1, TensorProto.INT16, grid.axis)
+        report.widened_weights += 1
     if transposed:  # a MatMul reads [in, out]: the output channels are axis 1
         codes = codes.T
         grid = OnnxGrid(grid.scale, grid.zero_point, grid.lo, grid.hi, grid.onnx_type,
@@ -393,6 +399,9 @@ def describe(report: ExportReport) -> str:
     if report.moved_layers:
         text += (f"; {report.moved_layers} activation grids moved to put 0.0 on a level (no -pz), by up to "
                  f"{report.moved_steps:.3f} steps")
+    if report.widened_weights:
+        text += (f"; {report.widened_weights} per-channel weights with zero points differing between channels "
+                 "stored in int16 (ORT's QLinearConv takes one zero point for all channels), so run in float")
     if report.widened:
         text += (f"; {report.widened} activation grids (channels) lay wholly on one side of 0 and were widened to "
                  "reach it, level count kept")

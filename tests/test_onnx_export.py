@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import inference_sim
+from pytorch_quantizer.fake_quant import quantize_per_channel_with_qparams, quantize_with_qparams
 from pytorch_quantizer.gemmlowp import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel
 from pytorch_quantizer.onnx_export import ONNX_EXTRA, onnx_grid, require_onnx, scope_module, weight_codes
-from pytorch_quantizer.fake_quant import quantize_per_channel_with_qparams, quantize_with_qparams
 
 onnx = pytest.importorskip("onnx", reason=f"onnx not installed ({ONNX_EXTRA})")
 ort = pytest.importorskip("onnxruntime", reason=f"onnxruntime not installed ({ONNX_EXTRA})")
