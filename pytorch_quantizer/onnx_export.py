@@ -398,7 +398,7 @@ def describe(report: ExportReport) -> str:
                  + ", ".join(report.float_weights[:5]) + (" ..." if len(report.float_weights) > 5 else ""))
     if report.moved_layers:
         text += (f"; {report.moved_layers} activation grids moved to put 0.0 on a level (no -pz), by up to "
-                 f"{report.moved_steps:.3f} steps")
+                 f"{report.moved_steps:.3f} steps: the grids -pz gives (its run is the simulator's accuracy on them)")
     if report.widened_weights:
         text += (f"; {report.widened_weights} per-channel weights with zero points differing between channels "
                  "stored in int16 (ORT's QLinearConv takes one zero point for all channels), so run in float")
