@@ -35,6 +35,7 @@ import copy
 import io
 import logging
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,7 @@ class ExportReport:
     widened: int = 0
     widened_weights: int = 0  # per-channel int8 weights stored in int16 (zero points differing between channels)
     quantized_tensors: list[str] = field(default_factory=list)
+    identity: list[str] = field(default_factory=list)  # planned, but with an empty range: unquantized in both
 
 
 class _Graph:
@@ -289,12 +291,7 @@ def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tens
     finally:
         if attached_here:
             weights.detach()
-    buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(twin, (example.cpu().float(),), buffer, dynamo=False, opset_version=TORCH_OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = onnx.load_from_string(_torch_export(twin, example))
     graph = _Graph(proto.graph)
     modules = dict(twin.named_modules())
     placement = quantizer.config.act.placement
@@ -303,16 +300,22 @@ def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tens
         nodes = layer_nodes(graph, layer.module_name)
         bits = planned.get(layer.name)
         if not nodes:
-            if bits is not None or layer.name in grids:
-                raise ExportError(f"{layer.name} ({layer.module_name}) is quantized, but the exported graph has no "
-                                  "node of that module")
+            if bits is not None:
+                raise ExportError(f"{layer.name} ({layer.module_name}): its activation is quantized, but the "
+                                  "exported graph has no Conv/Gemm/MatMul node of that module to put the pair on")
+            if grids.get(layer.name) is not None:  # used through its weight alone (attention's out_proj)
+                report.float_weights.append(layer.name)
             continue
         weight = modules[layer.module_name].weight.detach().numpy()
         for node in nodes:
             _weight(graph, node, layer.name, weight, grids.get(layer.name), spec.weight.bits, report)
         if bits is None:
             continue
-        grid = onnx_grid(quantizer.activation_grid(layer.name), bits, 1 if quantizer.config.act.per_channel else None)
+        qp = quantizer.activation_grid(layer.name)
+        if qp is None:  # an empty observed range (delta 0): the simulator leaves the tensor as it is
+            report.identity.append(layer.name)
+            continue
+        grid = onnx_grid(qp, bits, 1 if quantizer.config.act.per_channel else None)
         if grid.moved > 1e-3:
             report.moved_layers += 1
             report.moved_steps = max(report.moved_steps, grid.moved)
@@ -327,6 +330,27 @@ def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tens
     onnx.checker.check_model(proto, full_check=True)
     atomic_write(path, lambda tmp: onnx.save(proto, tmp), suffix=".onnx")
     return report
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor) -> bytes:
+    """The TorchScript exporter's opset-20 model, batch dimension free.  PyTorch's fused attention fast path
+    (``aten::_native_multi_head_attention``) has no ONNX form: it is switched off for the export and restored.
+    An exporter failure is one ``ExportError`` line."""
+    buffer = io.BytesIO()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes, once per export
+            torch.onnx.export(model, (example.cpu().float(),), buffer, dynamo=False, opset_version=TORCH_OPSET,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    except (RuntimeError, TypeError, torch.onnx.errors.OnnxExporterError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"--export_onnx: torch's ONNX exporter cannot export this network: {first}") from None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return buffer.getvalue()
 
 
 def _weight(graph: _Graph, node: Any, name: str, weight: np.ndarray, qp: QParams | None, bits: int | None,
@@ -394,11 +418,16 @@ def describe(report: ExportReport) -> str:
     text = (f"ONNX QDQ model (opset {OPSET}) written to {report.path}: activation pairs {pairs}; integer weights "
             f"{stored}")
     if report.float_weights:
-        text += (f"; {len(report.float_weights)} weights in float (their grid's zero falls between levels): "
+        text += (f"; {len(report.float_weights)} weights as float values (their grid's zero falls between levels, or "
+                 "the module is used through its weight alone): "
                  + ", ".join(report.float_weights[:5]) + (" ..." if len(report.float_weights) > 5 else ""))
     if report.moved_layers:
         text += (f"; {report.moved_layers} activation grids moved to put 0.0 on a level (no -pz), by up to "
                  f"{report.moved_steps:.3f} steps: the grids -pz gives (its run is the simulator's accuracy on them)")
+    if report.identity:
+        text += (f"; {len(report.identity)} planned activations had an empty range (the simulator leaves them "
+                 "unquantized), no pair: " + ", ".join(report.identity[:5]) + (" ..." if len(report.identity) > 5
+                                                                              else ""))
     if report.widened_weights:
         text += (f"; {report.widened_weights} per-channel weights with zero points differing between channels "
                  "stored in int16 (ORT's QLinearConv takes one zero point for all channels), so run in float")
