@@ -302,3 +302,16 @@ def test_mobilenet_v2_w8a8_in_integer_kernels(shared_data, tmp_path, caplog, cap
     row = pd.read_csv(tmp_path / "r.csv", keep_default_na=False).iloc[-1]
     assert row["pass"] == "onnxruntime" and int(row["images"]) == 16
     assert float(row["top1_agreement"]) >= 75.0 and float(row["max_logit_diff"]) < 3.0, row.to_dict()
+
+
+def test_exporter_failure_is_one_line_and_restores_the_attention_fast_path(monkeypatch):
+    from pytorch_quantizer.onnx_export import ExportError, _torch_export
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::foo' to ONNX opset version 20 is not supported.\nmore")
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(ExportError, match=r"cannot export this network: Exporting the operator 'aten::foo'") as err:
+        _torch_export(torch.nn.Linear(2, 2), torch.zeros(1, 2))
+    assert "\n" not in str(err.value) and torch.backends.mha.get_fastpath_enabled() == before
