@@ -42,7 +42,7 @@ MAX_SEED = 2**63 - 1
 MAX_BATCH = 2**20  # images a batch: far beyond any memory, small enough for every index type
 MAX_WORKERS = 256  # data-loading processes  # torch.Generator.manual_seed takes a 64-bit integer
 # Settings that cannot change any number or file content a run produces (only where its rows go and how it logs).
-NOT_SHAPING = ("results", "print_freq", "world_size", "dist_timeout", "export_onnx", "eval_onnx")
+NOT_SHAPING = ("results", "print_freq", "world_size", "dist_timeout", "export_onnx", "eval_onnx", "onnx_relu_pairs")
 EXPORT_ACT_WIDTHS = (4, 8)  # activation widths with an ONNX type of exactly their level count (uint4, uint8)
 
 
@@ -111,6 +111,7 @@ class RunConfig:
     dump_dir: Path | None = None
     export_onnx: Path | None = None  # write the quantized network as an ONNX QDQ model here (onnx_export)
     eval_onnx: bool = False  # evaluate that model in ONNX Runtime right after the simulator's pass
+    onnx_relu_pairs: bool = False  # repeat each output grid after the Relu/Clip reading it (same values; ORT fuses)
     results: Path = Path("results/results.csv")
     compile: bool = False  # each pass under torch.compile (use mode, round-to-nearest)
     print_freq: int = 10
@@ -180,6 +181,10 @@ class RunConfig:
         elif self.eval_onnx:
             raise ConfigError("eval_onnx evaluates the exported model: give export_onnx PATH too", "eval_onnx",
                               "export_onnx")
+        if self.onnx_relu_pairs and (self.export_onnx is None or self.act.placement != "output"):
+            raise ConfigError("onnx_relu_pairs repeats the grids of the layers' outputs after their activation "
+                              "function: give export_onnx, with act.placement output", "onnx_relu_pairs",
+                              "export_onnx", "act.placement")
         if self.export_onnx is None:
             return
         act, why = self.act, None

@@ -173,6 +173,7 @@ class ExportReport:
     widened: int = 0
     widened_weights: int = 0  # per-channel int8 weights stored in int16 (zero points differing between channels)
     quantized_tensors: list[str] = field(default_factory=list)
+    repeated: int = 0  # grids repeated after a Relu/Clip (relu_pairs)
     identity: list[str] = field(default_factory=list)  # planned, but with an empty range: unquantized in both
 
 
@@ -205,6 +206,8 @@ class _Graph:
 
         while name not in self.inits:
             node = self.producer(name)
+            if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+                return numpy_helper.to_array(node.attribute[0].t)
             if node is None or node.op_type != "Identity":
                 return None
             name = node.input[0]
@@ -274,10 +277,13 @@ def output_tensor(graph: _Graph, node: Any) -> str:
     return out
 
 
-def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tensor, path: Path) -> ExportReport:
+def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tensor, path: Path,
+                relu_pairs: bool = False) -> ExportReport:
     """Write ``model`` as ``quantizer`` quantizes it (its plan's activation grids at its placement, its weights'
     grids; BatchNorm as the model has it, folded by the session) to ``path`` atomically, as an opset-21 QDQ model
-    with input ``input`` and output ``logits`` (batch dimension free).  ``example``: an input of the model's size."""
+    with input ``input`` and output ``logits`` (batch dimension free).  ``example``: an input of the model's size.
+    ``relu_pairs`` (output placement): the same grid again after each Relu/Clip that reads a planned output and
+    keeps its values on that grid (``_repeat_after_clip``), so that ORT can fuse the next conv into QLinearConv."""
     import onnx
 
     report = ExportReport(path)
@@ -321,7 +327,9 @@ def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tens
             report.moved_steps = max(report.moved_steps, grid.moved)
         report.widened += grid.widened
         for node in nodes:
-            _activation(graph, node, layer.name, placement, grid, report)
+            tensor = _activation(graph, node, layer.name, placement, grid, report)
+            if relu_pairs and tensor is not None:
+                _repeat_after_clip(graph, tensor, layer.name, grid, report)
     graph.drop_unused()
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
@@ -391,14 +399,17 @@ def _weight(graph: _Graph, node: Any, name: str, weight: np.ndarray, qp: QParams
     report.weights[helper.tensor_dtype_to_string(grid.onnx_type).removeprefix("TensorProto.")] += 1
 
 
-def _activation(graph: _Graph, node: Any, name: str, placement: str, grid: OnnxGrid, report: ExportReport) -> None:
+def _activation(graph: _Graph, node: Any, name: str, placement: str, grid: OnnxGrid, report: ExportReport
+                ) -> str | None:
     """A Q/DQ pair on the layer's input (this node's alone: another reader keeps its own grid, as each hook
-    quantizes a copy) or on its output (every reader sees it: renamed so that the readers keep their names)."""
+    quantizes a copy) or on its output (every reader sees it: renamed so that the readers keep their names).
+    Returns the quantized output's name (None for an input pair)."""
     from onnx import helper
 
     if placement == "input":
         node.input[0] = graph.qdq(node.input[0], grid, f"{name}.input", node)
         report.quantized_tensors.append(f"{name}.input")
+        tensor = None
     else:
         tensor = output_tensor(graph, node)
         producer = graph.producer(tensor)
@@ -409,6 +420,41 @@ def _activation(graph: _Graph, node: Any, name: str, placement: str, grid: OnnxG
         graph.qdq(raw, grid, f"{name}.output", after, out=tensor)  # the readers and graph outputs keep the name
         report.quantized_tensors.append(f"{name}.output")
     report.activation_pairs[helper.tensor_dtype_to_string(grid.onnx_type).removeprefix("TensorProto.")] += 1
+    return tensor
+
+
+def _on_levels(value: float, grid: OnnxGrid) -> bool:
+    """Whether clipping a tensor of ``grid`` at ``value`` leaves every value on the grid: ``value`` is one of its
+    levels (in every channel), or lies beyond its ends."""
+    scale = np.asarray(grid.scale, dtype=np.float64).reshape(-1)
+    zero = np.asarray(grid.zero_point, dtype=np.float64).reshape(-1)
+    position = value / scale + zero
+    beyond = (position <= grid.lo) | (position >= grid.hi)
+    return bool((beyond | (np.abs(position - np.round(position)) < 1e-4)).all())
+
+
+def _repeat_after_clip(graph: _Graph, tensor: str, name: str, grid: OnnxGrid, report: ExportReport) -> None:
+    """The grid of ``tensor`` again on the output of each Relu/Clip reading it, where the clip's bounds are levels
+    of the grid (0 always is one: its zero point is an integer): requantizing a value already on a grid returns it
+    unchanged, so the network computes the same, and ORT finds DequantizeLinear right before the next conv."""
+    for reader in graph.consumers(tensor):
+        if reader.op_type == "Relu":
+            bounds = [0.0]
+        elif reader.op_type == "Clip":
+            bounds = [float(v) for i in reader.input[1:3] if i and (v := graph.constant(i)) is not None]
+            if len([i for i in reader.input[1:3] if i]) != len(bounds):
+                continue  # a bound computed at run time
+        else:
+            continue
+        if not all(_on_levels(b, grid) for b in bounds):
+            continue
+        out = reader.output[0]
+        raw = graph.fresh(f"{out}.float")
+        reader.output[0] = raw
+        nodes = list(graph.graph.node)
+        after = nodes[nodes.index(reader) + 1] if nodes.index(reader) + 1 < len(nodes) else None
+        graph.qdq(raw, grid, f"{name}.after_{reader.op_type.lower()}", after, out=out)
+        report.repeated += 1
 
 
 def describe(report: ExportReport) -> str:
@@ -424,6 +470,9 @@ def describe(report: ExportReport) -> str:
     if report.moved_layers:
         text += (f"; {report.moved_layers} activation grids moved to put 0.0 on a level (no -pz), by up to "
                  f"{report.moved_steps:.3f} steps: the grids -pz gives (its run is the simulator's accuracy on them)")
+    if report.repeated:
+        text += (f"; {report.repeated} grids repeated after the Relu/Clip that reads them (values unchanged, for "
+                 "ORT's fusion)")
     if report.identity:
         text += (f"; {len(report.identity)} planned activations had an empty range (the simulator leaves them "
                  "unquantized), no pair: " + ", ".join(report.identity[:5]) + (" ..." if len(report.identity) > 5

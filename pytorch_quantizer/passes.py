@@ -166,7 +166,7 @@ def onnx_pass(session: Session, loader: DataLoader, quantizer: ModelQuantizer,
 
     cfg = session.cfg
     start = time.perf_counter()
-    report = export_onnx(session.model, quantizer, session.example_input(), cfg.export_onnx)
+    report = export_onnx(session.model, quantizer, session.example_input(), cfg.export_onnx, cfg.onnx_relu_pairs)
     log.info("%s (%.1f s)", describe(report), time.perf_counter() - start)
     if not cfg.eval_onnx:
         return None

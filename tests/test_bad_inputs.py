@@ -522,6 +522,9 @@ row("--export_onnx with -baa", f"-sm use -sf {{stats}} --qtype int4 -pcq_a -baa 
     "its own level count")
 row("--export_onnx with -vcw", f"-sm use -sf {{stats}} --qtype int4 -vcw {EXPORT}", "off their grid")
 row("--export_onnx with nothing quantized", f"-qw f32 {EXPORT}", "nothing is quantized")
+row("--onnx_relu_pairs without --export_onnx", "-qw int8 --onnx_relu_pairs", "give --export_onnx")
+row("--onnx_relu_pairs with input placement", f"-sm use -sf {{stats}} --qtype int8 --act_point input "
+    f"--onnx_relu_pairs {EXPORT}", "with --act_point output")
 row("--export_onnx a folder", "-qw int8 --export_onnx {tmp}/out", "is a folder", setup=folder("out"))
 row("--export_onnx under a file", "-qw int8 --export_onnx {tmp}/f/m.onnx", "is a file, not a folder",
     setup=text_file("f", "x"))

@@ -315,3 +315,36 @@ def test_exporter_failure_is_one_line_and_restores_the_attention_fast_path(monke
     with pytest.raises(ExportError, match=r"cannot export this network: Exporting the operator 'aten::foo'") as err:
         _torch_export(torch.nn.Linear(2, 2), torch.zeros(1, 2))
     assert "\n" not in str(err.value) and torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_relu_pairs_repeat_the_grid_and_change_no_value(cli, tmp_path, caplog):
+    """--onnx_relu_pairs: each extra pair sits on a Relu/Clip output and has the grid of the planned pair it reads;
+    ORT (fusion off, so both run the same float kernels) gives the same logits with and without them."""
+    caplog.set_level("INFO", logger="pytorch_quantizer")
+    flags = ("--qtype", "int8", "-pz", "-hr")
+    code, plain = export(cli, tmp_path, *flags)
+    assert code == 0
+    plain = plain.rename(tmp_path / "plain.onnx")
+    code, paired = export(cli, tmp_path, *flags, "--onnx_relu_pairs")
+    assert code == 0
+    repeated = re.search(r"(\d+) grids repeated after the Relu/Clip", caplog.text)
+    assert repeated and int(repeated.group(1)) > 0
+    model = onnx.load(str(paired))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    extra = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and producers[n.input[0]].op_type != "Conv"
+             and producers[n.input[0]].op_type != "Gemm"]
+    assert len(extra) == int(repeated.group(1))
+    for q in extra:
+        clip = producers[q.input[0]]
+        assert clip.op_type in ("Relu", "Clip")
+        upstream = producers[producers[clip.input[0]].input[0]]  # Clip <- DQ <- Q of the planned pair
+        assert upstream.op_type == "QuantizeLinear"
+        assert np.array_equal(inits[q.input[1]], inits[upstream.input[1]])
+        assert np.array_equal(inits[q.input[2]], inits[upstream.input[2]])
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    outputs = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+               for p in (plain, paired)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
