@@ -25,8 +25,8 @@ apart at most).
 
 Widths without an ONNX type: the activations of 5-7 bits would need a clamp inside the pair to keep their level
 count, which no integer kernel fuses; they are refused (``config``) rather than emulated.  Weights are constants
-whose codes are already on their grid, so any width up to 8 is stored exactly in int8 (up to 4 in int4, up to 16
-in int16) with its level count kept.
+whose codes are already on their grid, so any width up to 8 is stored exactly in uint8 (up to 4 in int4, up to 16
+in int16) with its level count kept (``weight_codes`` says why uint8).
 """
 
 from __future__ import annotations
@@ -139,11 +139,16 @@ def _numpy(value: float | torch.Tensor) -> np.ndarray | float:
 
 
 def weight_codes(values: np.ndarray, qp: QParams, bits: int) -> tuple[np.ndarray, OnnxGrid] | None:
-    """Integer codes (signed storage, per output channel = axis 0 when ``qp`` is per channel) whose dequantized
-    values are the simulator's quantized weight ``values``, and their grid; None when the grid's zero falls between
-    two levels (no integer zero point reproduces it: the weight is then written in float)."""
+    """Integer codes (per output channel = axis 0 when ``qp`` is per channel) whose dequantized values are the
+    simulator's quantized weight ``values``, and their grid; None when the grid's zero falls between two levels (no
+    integer zero point reproduces it: the weight is then written in float).
+
+    Storage: uint8 for 5-8 bits, int4 up to 4, int16 beyond 8.  Not int8: on x86 CPUs without VNNI, ORT's
+    uint8 x int8 kernels sum pairs of products in int16 with saturation (VPMADDUBSW); measured on
+    efficientnet_lite0 at W8A8, its fused int8 graph gave logits 2.8 away from the same graph unfused, where
+    uint8 x uint8 kernels have no such saturation."""
     per_channel = isinstance(qp.scale, torch.Tensor)
-    grid = onnx_grid(qp, bits, 0 if per_channel else None, signed=True)
+    grid = onnx_grid(qp, bits, 0 if per_channel else None, signed=not 4 < bits <= 8)
     if grid.moved > 1e-3 or grid.widened:
         return None
     shape = (-1,) + (1,) * (values.ndim - 1) if per_channel else ()
@@ -377,8 +382,9 @@ def _weight(graph: _Graph, node: Any, name: str, weight: np.ndarray, qp: QParams
         report.float_weights.append(name)
         return
     codes, grid = found
-    if grid.axis is not None and grid.onnx_type == TensorProto.INT8 and np.unique(grid.zero_point).size > 1:
-        # ORT's QLinearConv reads one zero point for every channel of an int8 weight (measured: logits off by
+    eight_bit = grid.onnx_type in (TensorProto.INT8, TensorProto.UINT8)
+    if grid.axis is not None and eight_bit and np.unique(grid.zero_point).size > 1:
+        # ORT's QLinearConv reads one zero point for every channel of an 8-bit weight (measured: logits off by
         # units on mobilenet_v2 -pcw); int16 codes keep the values exact and the conv out of that kernel
         grid = OnnxGrid(grid.scale, grid.zero_point, -(2**15), 2**15 - 1, TensorProto.INT16, grid.axis)
         report.widened_weights += 1
