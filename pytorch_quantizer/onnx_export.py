@@ -179,6 +179,7 @@ class ExportReport:
     widened_weights: int = 0  # per-channel int8 weights stored in int16 (zero points differing between channels)
     quantized_tensors: list[str] = field(default_factory=list)
     repeated: int = 0  # grids repeated after a Relu/Clip (relu_pairs)
+    int32_biases: int = 0  # biases written as int32 at the accumulator's scale
     identity: list[str] = field(default_factory=list)  # planned, but with an empty range: unquantized in both
 
 
@@ -335,6 +336,9 @@ def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tens
             tensor = _activation(graph, node, layer.name, placement, grid, report)
             if relu_pairs and tensor is not None:
                 _repeat_after_clip(graph, tensor, layer.name, grid, report)
+    for layer in quantizer.layers:
+        for node in layer_nodes(graph, layer.module_name):
+            _integer_bias(graph, node, layer.name, report)
     graph.drop_unused()
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
@@ -403,6 +407,39 @@ def _weight(graph: _Graph, node: Any, name: str, weight: np.ndarray, qp: QParams
                                     graph.fresh(f"{name}/weight/DequantizeLinear"), **axis), node)
     node.input[1] = out
     report.weights[helper.tensor_dtype_to_string(grid.onnx_type).removeprefix("TensorProto.")] += 1
+
+
+def _integer_bias(graph: _Graph, node: Any, name: str, report: ExportReport) -> None:
+    """A conv/Gemm that reads a per-tensor DequantizeLinear and integer weights gets its bias as int32 codes at the
+    accumulator's scale ``s_x * s_w`` (per output channel with per-channel weights), the form ORT's QLinearConv
+    takes; within half an accumulator step of the simulator's bias.  The others keep the bias's float values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if len(node.input) < 3 or not node.input[2]:
+        return
+    bias = graph.constant(node.input[2])
+    source, weight = graph.producer(node.input[0]), graph.producer(node.input[1])
+    if bias is None or source is None or weight is None or "DequantizeLinear" not in (source.op_type, weight.op_type) \
+            or source.op_type != weight.op_type:
+        return
+    s_x, s_w = graph.constant(source.input[1]), graph.constant(weight.input[1])
+    if s_x is None or s_w is None or s_x.size != 1:
+        return
+    scale = (s_x.astype(np.float64).reshape(()) * s_w.astype(np.float64)).astype(np.float32)
+    codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+    if np.abs(codes).max(initial=0) >= 2**31 - 1:
+        return
+    axis = {"axis": 0} if scale.size > 1 else {}
+    stem = f"{name}.bias"
+    values = graph.add_initializer(numpy_helper.from_array(codes.astype(np.int32), graph.fresh(f"{stem}_codes")))
+    scale_name = graph.add_initializer(numpy_helper.from_array(scale, graph.fresh(f"{stem}_scale")))
+    zero = graph.add_initializer(helper.make_tensor(graph.fresh(f"{stem}_zero_point"), TensorProto.INT32,
+                                                    list(scale.shape), [0] * scale.size))
+    out = graph.fresh(stem)
+    graph.add_node(helper.make_node("DequantizeLinear", [values, scale_name, zero], [out],
+                                    graph.fresh(f"{stem}/DequantizeLinear"), **axis), node)
+    node.input[2] = out
+    report.int32_biases += 1
 
 
 def _activation(graph: _Graph, node: Any, name: str, placement: str, grid: OnnxGrid, report: ExportReport
@@ -476,6 +513,8 @@ def describe(report: ExportReport) -> str:
     if report.moved_layers:
         text += (f"; {report.moved_layers} activation grids moved to put 0.0 on a level (no -pz), by up to "
                  f"{report.moved_steps:.3f} steps: the grids -pz gives (its run is the simulator's accuracy on them)")
+    if report.int32_biases:
+        text += f"; {report.int32_biases} biases as int32 at the accumulator's scale"
     if report.repeated:
         text += (f"; {report.repeated} grids repeated after the Relu/Clip that reads them (values unchanged, for "
                  "ORT's fusion)")
@@ -511,7 +550,10 @@ class OrtModel:
         with tempfile.TemporaryDirectory(prefix="aciq-ort-") as tmp:
             optimised = Path(tmp) / "optimised.onnx"
             options.optimized_model_filepath = str(optimised)
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # its WeightBiasQuantization would quantize the float weights (those the export could not write as
+            # codes) on a grid of its own: a network the simulator never ran
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=["WeightBiasQuantization"])
             self.kernels = Counter(n.op_type for n in onnx.load(str(optimised), load_external_data=False).graph.node)
         self.input = self.session.get_inputs()[0].name
 

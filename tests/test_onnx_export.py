@@ -198,8 +198,10 @@ def test_output_pairs_at_every_planned_tensor_and_nowhere_else(cli, tmp_path, ca
         seen.add(module_of(layer.name))
     plan = planned(tmp_path)
     assert set(seen) == set(plan) and len(quantized) == len(plan)
-    weights = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] not in producers]
-    assert len(weights) == sum(1 for n in nodes if n.op_type in ("Conv", "Gemm"))  # every weight as integer codes
+    layers = [n for n in nodes if n.op_type in ("Conv", "Gemm")]
+    assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in layers)  # every weight as integer codes
+    fed = [n for n in layers if n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"]
+    assert fed and all(producers[n.input[2]].op_type == "DequantizeLinear" for n in fed)  # int32 biases there
     out = capsys.readouterr().out
     assert " * ONNX Runtime Prec@1 " in out.splitlines()[-2] and out.splitlines()[-3].startswith(" * Prec@1 ")
     rows = pd.read_csv(tmp_path / "r.csv", keep_default_na=False)
