@@ -552,8 +552,14 @@ class OrtModel:
             options.optimized_model_filepath = str(optimised)
             # its WeightBiasQuantization would quantize the float weights (those the export could not write as
             # codes) on a grid of its own: a network the simulator never ran
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=["WeightBiasQuantization"])
+            # with 4-bit grids its Clip/Relu-into-Q rewrites fail on a uint4 zero point (ORT 1.32)
+            disabled = ["WeightBiasQuantization", *(("ClipQuantRewrite", "ReluQuantRewrite") if self.four_bit else ())]
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                    disabled_optimizers=disabled)
+            except Exception as err:  # onnxruntime's own exception types: one line, as for any refusal
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ExportError(f"--eval_onnx: ONNX Runtime cannot run {path}: {first}") from None
             self.kernels = Counter(n.op_type for n in onnx.load(str(optimised), load_external_data=False).graph.node)
         self.input = self.session.get_inputs()[0].name
 

@@ -5,7 +5,8 @@
 # the export and ONNX Runtime's pass (its closing lines and an `onnxruntime` results row with top-1 agreement and the
 # largest logit difference).  -pz everywhere: 0.0 on a level, so the exported grids are the simulator's exactly;
 # -hr --onnx_relu_pairs: one-sided grids capped at ReLU6's 6 and repeated after each ReLU6 (values unchanged), so
-# that ORT fuses most convs into QLinearConv at W8A8 (41 of 52 on mobilenet_v2 instead of 7).
+# that ORT fuses most convs into QLinearConv at W8A8 (41 of 52 on mobilenet_v2 instead of 7).  W4A4 with -bca
+# (4-bit weights score ~0 without it, README); -bcw/-vcw move weights off their grid and cannot be exported.
 # Usage: bash scripts/onnx_table.sh [DATA_ROOT]   (default ../shared/data); SUBSET=N evaluates N images only.
 # About 2 passes of 2277 images per row (simulator + ORT): 5-10 min a row on 2 cores.
 set -euo pipefail
@@ -22,7 +23,7 @@ ROWS=(
   "w8a8:--qtype int8 -pz -hr --onnx_relu_pairs"
   "w8a8_pcw:--qtype int8 -pz -hr -pcw --onnx_relu_pairs"
   "w8a4:--qtype int4 -th laplace -hr -pz --onnx_relu_pairs"
-  "w4a4:--qtype int4 -qw int4 -pcw -th laplace -hr -pz --onnx_relu_pairs"
+  "w4a4:--qtype int4 -qw int4 -pcw -th laplace -hr -pz -bca --onnx_relu_pairs"
 )
 for model in MV2 LITE; do
   declare -n args="$model"
