@@ -321,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
              "FP32 and each method at each --qtype width: a table, a CSV and a bokeh chart under results/compare/; "
              "with -ct the layer-selection sweep per method, a CSV and a PNG")
     add("-dd", "--dump_dir", dest="dump_dir", type=Path, help="dump one batch's activations here")
+    add("--export_onnx", dest="export_onnx", type=Path, metavar="PATH",
+        help="write the network as this run quantizes it as an ONNX QDQ model (opset 21; -sm use, or -sm no for "
+             "weights alone), atomically; see docs/onnx.md")
+    add("--eval_onnx", dest="eval_onnx", action="store_true",
+        help="evaluate the --export_onnx model in ONNX Runtime (CPU) on the same images after the simulator's pass: "
+             "its top-1/top-5, top-1 agreement with the simulator and largest logit difference (a results row)")
+    add("--onnx_relu_pairs", dest="onnx_relu_pairs", action="store_true",
+        help="with --export_onnx (output placement): repeat each output's grid after the Relu/Clip that reads it "
+             "when its bounds are levels of the grid (values unchanged), so that ONNX Runtime can fuse the next "
+             "conv into an integer kernel; these pairs are outside the plan")
     add("-cs", "--cal_set_size", dest="data.cal_size", type=positive,
         help="calibrate on N images drawn with --seed (from --cal-data, else from --data, where they are then held "
              "out of every evaluation of the run)")

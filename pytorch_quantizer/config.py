@@ -42,7 +42,8 @@ MAX_SEED = 2**63 - 1
 MAX_BATCH = 2**20  # images a batch: far beyond any memory, small enough for every index type
 MAX_WORKERS = 256  # data-loading processes  # torch.Generator.manual_seed takes a 64-bit integer
 # Settings that cannot change any number or file content a run produces (only where its rows go and how it logs).
-NOT_SHAPING = ("results", "print_freq", "world_size", "dist_timeout")
+NOT_SHAPING = ("results", "print_freq", "world_size", "dist_timeout", "export_onnx", "eval_onnx", "onnx_relu_pairs")
+EXPORT_ACT_WIDTHS = (4, 8)  # activation widths with an ONNX type of exactly their level count (uint4, uint8)
 
 
 def _positive(value: int | None, name: str, allow_none: bool = True) -> None:
@@ -109,6 +110,9 @@ class RunConfig:
     compare_bits: tuple[int, ...] = ()  # empty: act.bits alone
     agreement: bool = False  # an FP32 pass first, then each quantized pass's top-1 agreement and logit SQNR with it
     dump_dir: Path | None = None
+    export_onnx: Path | None = None  # write the quantized network as an ONNX QDQ model here (onnx_export)
+    eval_onnx: bool = False  # evaluate that model in ONNX Runtime right after the simulator's pass
+    onnx_relu_pairs: bool = False  # repeat each output grid after the Relu/Clip reading it (same values; ORT fuses)
     results: Path = Path("results/results.csv")
     compile: bool = False  # each pass under torch.compile (use mode, round-to-nearest)
     print_freq: int = 10
@@ -171,7 +175,54 @@ class RunConfig:
                               "dist_timeout")
         if isinstance(self.print_freq, bool) or not isinstance(self.print_freq, int) or self.print_freq < 0:
             raise ConfigError(f"print_freq must be >= 0, got {self.print_freq!r}", "print_freq")
+        self._check_export()
         self.quant()  # the quantization groups together (allocation's prior, float weights) are checked now
+
+    def _check_export(self) -> None:  # noqa: C901 - one refusal a setting QDQ cannot express
+        """What an ONNX QDQ model can hold: one network with fixed grids of ONNX's integer widths."""
+        if self.export_onnx is not None:
+            object.__setattr__(self, "export_onnx", Path(self.export_onnx).expanduser())
+        elif self.eval_onnx:
+            raise ConfigError("eval_onnx evaluates the exported model: give export_onnx PATH too", "eval_onnx",
+                              "export_onnx")
+        if self.onnx_relu_pairs and (self.export_onnx is None or self.act.placement != "output"):
+            raise ConfigError("onnx_relu_pairs repeats the grids of the layers' outputs after their activation "
+                              "function: give export_onnx, with act.placement output", "onnx_relu_pairs",
+                              "export_onnx", "act.placement")
+        if self.export_onnx is None:
+            return
+        act, why = self.act, None
+        if self.stats_mode == "collect":
+            why = ("a collect pass quantizes nothing; export with stats_mode use (or no, for weights alone)",
+                   "stats_mode")
+        elif not self.quantizes:
+            why = "nothing is quantized: give act.bits and/or weight.bits", "act.bits", "weight.bits"
+        elif self.compare or self.eval_precision or self.layer_selection:
+            why = ("a sweep or comparison evaluates many networks; export one setting at a time",
+                   "compare", "eval_precision", "layer_selection")
+        elif self.world_size > 1:
+            why = "export from one process, not under torchrun", "export_onnx"
+        elif act.stochastic:
+            why = "QuantizeLinear rounds to nearest; stochastic rounding has no QDQ form", "act.stochastic"
+        elif self.alloc.activations:
+            why = ("bit allocation gives each activation channel its own level count, which a QuantizeLinear "
+                   "saturating at its type's ends cannot keep", "alloc.activations")
+        elif self.correct.weight_mean or self.correct.weight_variance:
+            why = ("weight bias and variance corrections move the weights off their grid; a QDQ weight is on one",
+                   "correct.weight_mean", "correct.weight_variance")
+        elif self.stats_mode == "no" and act.bits is not None:
+            why = ("stats_mode no takes each batch's own activation grids; a QDQ model has fixed ones: collect "
+                   "statistics and export with stats_mode use", "stats_mode", "act.bits")
+        if why is None and act.bits is not None:
+            for name in ("bits", "first_bits", "classifier_bits"):
+                bits = getattr(act, name)
+                if bits is not None and bits not in EXPORT_ACT_WIDTHS:
+                    why = (f"act.{name} int{bits} has no ONNX type of {2**bits} levels (QDQ activations are uint4 or "
+                           "uint8); export int4 or int8 activations", f"act.{name}")
+                    break
+        if why is not None:
+            message, *fields_ = why
+            raise ConfigError(message, "export_onnx", *fields_)
 
     def _check_widths(self) -> None:
         act = self.act

@@ -89,6 +89,10 @@ class ModelQuantizer:
             torch.tensor(p.channel_delta, dtype=torch.float64), torch.tensor(p.channel_offset, dtype=torch.float64),
             p.bits, act.preserve_zero, act.pow2_scale, torch.tensor(p.channel_levels, dtype=torch.float64))
 
+    def activation_grid(self, name: str) -> QParams | None:
+        """The planned grid of layer ``name``'s activation (None: float, or no plan: live grids)."""
+        return self._qparams.get(name)
+
     # -- attaching -----------------------------------------------------------------------------------------
     def attach(self) -> ModelQuantizer:
         if self._hooks.attached:

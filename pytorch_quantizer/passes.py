@@ -137,10 +137,11 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def quantized_pass(session: Session, loader: DataLoader, quant: QuantConfig, desc: str,
-                   plan: list[LayerPlan] | None = None, against: ReferenceLogits | None = None
-                   ) -> tuple[Measured, ModelQuantizer]:
+                   plan: list[LayerPlan] | None = None, against: ReferenceLogits | None = None,
+                   keep: ReferenceLogits | None = None) -> tuple[Measured, ModelQuantizer]:
     """One evaluation pass with ``quant`` and the session's statistics; ``plan`` (from ``plan_layers`` for this
-    config) is used as given; ``against``: the FP32 reference logits of ``loader``'s batches."""
+    config) is used as given; ``against``: the FP32 reference logits of ``loader``'s batches; ``keep`` records
+    this pass's logits (``onnx_pass`` holds ONNX Runtime's against them)."""
     stats, dist = session.stats, session.dist
     if quant.act.stochastic and dist.rank > 0:  # rank 0 keeps the seed's stream, the others their own
         quant = replace(quant, seed=rank_seed(quant.seed, dist.rank))
@@ -151,8 +152,34 @@ def quantized_pass(session: Session, loader: DataLoader, quant: QuantConfig, des
         shifts = measure_bias_shifts(session, quant, plan)
     quantizer = ModelQuantizer(session.model, quant, stats, shifts, plan=plan)
     with quantizer:
-        measured = evaluate(session, loader, desc, against=against)
+        measured = evaluate(session, loader, desc, against=against, keep=keep)
     return measured, quantizer
+
+
+def onnx_pass(session: Session, loader: DataLoader, quantizer: ModelQuantizer,
+              simulated: ReferenceLogits | None) -> Measured | None:
+    """Export the network as ``quantizer`` quantizes it to ``--export_onnx`` (``onnx_export``) and, with
+    ``--eval_onnx``, evaluate it in ONNX Runtime's CPU provider over ``loader``: its accuracy, and its agreement
+    with the simulator's logits of the same batches (``simulated``, recorded by the simulator's pass, so that the
+    check costs one pass, not two).  Returns the ORT pass (None without ``--eval_onnx``)."""
+    from .onnx_export import OrtModel, describe, export_onnx
+
+    cfg = session.cfg
+    start = time.perf_counter()
+    report = export_onnx(session.model, quantizer, session.example_input(), cfg.export_onnx, cfg.onnx_relu_pairs)
+    log.info("%s (%.1f s)", describe(report), time.perf_counter() - start)
+    if not cfg.eval_onnx:
+        return None
+    start = time.perf_counter()
+    model = OrtModel(cfg.export_onnx)
+    log.info("%s", model.kernel_line())
+    acc, agreement = Accuracy(), LogitAgreement()
+    for i, (images, target) in enumerate(tqdm(loader, desc="onnxruntime", unit="batch", leave=False,
+                                              dynamic_ncols=True, disable=None)):
+        logits = model(images)
+        acc.add(logits, target)
+        agreement.add(logits, simulated[i])
+    return Measured(acc, time.perf_counter() - start, agreement)
 
 
 def measure_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPlan] | None = None) -> ChannelMeans:

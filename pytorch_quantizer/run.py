@@ -20,6 +20,7 @@ from .compare import run_compare
 from .config import DataConfig, RunConfig, settings_hash
 from .demo import DEMO_IMAGES, demo_folder
 from .distributed import DistContext
+from .onnx_export import require_onnx
 from .passes import (
     Measured,
     collect,
@@ -27,6 +28,7 @@ from .passes import (
     evaluate,
     layer_order,
     layer_selection,
+    onnx_pass,
     precision_sweep,
     quantized_pass,
     selection_counts,
@@ -51,6 +53,8 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
         if dist.is_main:  # before any image or weight is read: an output that cannot be written fails the run now
             check_results_file(cfg.results)
             check_output_folders(cfg)
+            if cfg.export_onnx is not None:
+                require_onnx(cfg.eval_onnx)
         dist.claim_device()
         session = Session(cfg, dist)
     settings = settings_hash(cfg, session.fingerprint, session.stats_fingerprint)
@@ -103,7 +107,9 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
         _say(dist, final_line(measured.acc))
         return recorder.rows
 
-    measured, quantizer = quantized_pass(session, loader, quant, qtype_name(cfg.act.bits), against=reference)
+    simulated = ReferenceLogits() if cfg.eval_onnx else None
+    measured, quantizer = quantized_pass(session, loader, quant, qtype_name(cfg.act.bits), against=reference,
+                                         keep=simulated)
     plan_path = None
     if quantizer.plan is not None:
         plan_path = out / "plans" / f"{cfg.arch}_{qtype_name(cfg.act.bits)}_{method}_{settings}.csv"
@@ -115,8 +121,15 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
                 write_csv_atomic(channel_plan_table(quantizer.plan), channel_path)
                 log.info("per-channel plan written to %s", channel_path)
     record(measured, qtype_name(cfg.act.bits), cfg.act.bits, cfg.weight.bits, file=plan_path)
+    ort = onnx_pass(session, loader, quantizer, simulated) if cfg.export_onnx is not None else None
+    if ort is not None:
+        record(ort, "onnxruntime", cfg.act.bits, cfg.weight.bits, file=cfg.export_onnx)
     _say(dist, _agreement_line(measured))
     _say(dist, final_line(measured.acc))
+    if ort is not None:
+        _say(dist, f" * ONNX Runtime Prec@1 {ort.acc.prec1:.3f} Prec@5 {ort.acc.prec5:.3f}")
+        _say(dist, f" * ONNX Runtime against the simulator: top-1 agreement {ort.agreement.top1_agreement:.2f} % of "
+                   f"{ort.agreement.images} images, largest logit difference {ort.agreement.max_abs_diff:.4g}")
     return recorder.rows
 
 
@@ -136,6 +149,8 @@ def output_folders(cfg: RunConfig) -> list[tuple[str, Path]]:
         folders.append(("-sf", Path(cfg.stats_folder).expanduser().parent))
     if cfg.dump_dir is not None:
         folders.append(("-dd", Path(cfg.dump_dir).expanduser()))
+    if cfg.export_onnx is not None:
+        folders.append(("--export_onnx", cfg.export_onnx.parent))
     return folders
 
 
@@ -150,6 +165,8 @@ def check_output_folders(cfg: RunConfig) -> None:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"-sf: {folder} is a file, not a statistics folder; give a folder path")
         check_replaceable(folder)
+    if cfg.export_onnx is not None and cfg.export_onnx.is_dir():
+        raise ValueError(f"--export_onnx: {cfg.export_onnx} is a folder; give the path of the .onnx file to write")
 
 
 def _agreement_line(measured: Measured) -> str:

@@ -9,7 +9,8 @@ from typing import Protocol
 import torch
 
 from .clipping import TensorStats, aciq_range, allocated_alpha
-from .fake_quant import gemmlowp_quantize, gemmlowp_quantize_per_channel
+from .fake_quant import quantize_per_channel_with_qparams, quantize_with_qparams
+from .gemmlowp import QParams, gemmlowp_qparams, gemmlowp_qparams_per_channel
 from .layers import ActivationLayer
 from .methods import ClippingMethod, get_method
 from .observers import Observation
@@ -57,33 +58,46 @@ def clipped_ranges(w: torch.Tensor, bits: int, method: ClippingMethod, per_chann
             torch.tensor([g.offset for g in grids], dtype=torch.float64))
 
 
+def parameter_grid(
+    w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool,
+    method: ClippingMethod | None = None, allocation: BitAllocation | None = None, levels_bits: float | None = None,
+) -> QParams | None:
+    """The GEMMLOWP grid of a weight or bias, per tensor or per output channel (dim 0: then the ``QParams`` hold
+    one value per channel), over its min/max range; with a clipping ``method`` (``-thw``) over the range that method
+    chooses (``clipped_ranges``); with ``allocation`` and ``levels_bits`` (``-baw``) with per-channel level counts
+    and clipping instead.  None: identity (a constant tensor).  Kept apart from ``quantize_parameter`` so that an
+    export (``onnx_export``) writes the very grid the simulator used."""
+    channels = per_channel and w.dim() > 1
+    if allocation is not None and levels_bits is not None and w.dim() > 1:
+        delta, offset, levels = allocated_weight_grid(w, levels_bits, allocation)
+        return gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale, levels)
+    if method is not None and method.name not in ("no", "minmax"):
+        delta, offset = clipped_ranges(w, bits, method, channels)
+        if channels:
+            return gemmlowp_qparams_per_channel(delta, offset, bits, preserve_zero, pow2_scale)
+        return gemmlowp_qparams(delta.item(), offset.item(), bits, preserve_zero, pow2_scale)
+    if channels:
+        flat = w.reshape(w.shape[0], -1)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        return gemmlowp_qparams_per_channel((hi - lo).double(), lo.double(), bits, preserve_zero, pow2_scale)
+    lo, hi = torch.aminmax(w)
+    return gemmlowp_qparams((hi - lo).item(), lo.item(), bits, preserve_zero, pow2_scale)
+
+
 def quantize_parameter(
     w: torch.Tensor, bits: int, per_channel: bool, preserve_zero: bool, pow2_scale: bool,
     method: ClippingMethod | None = None, allocation: BitAllocation | None = None, levels_bits: float | None = None,
 ) -> torch.Tensor:
-    """GEMMLOWP quantization of a weight or bias, per tensor or per output channel (dim 0), over its min/max range;
-    with a clipping ``method`` (``-thw``) over the range that method chooses (``clipped_ranges``); with
-    ``allocation`` and ``levels_bits`` (``-baw``) with per-channel level counts and clipping instead."""
-    channels = per_channel and w.dim() > 1
-    if allocation is not None and levels_bits is not None and w.dim() > 1:
-        delta, offset, levels = allocated_weight_grid(w, levels_bits, allocation)
-        return gemmlowp_quantize_per_channel(w, delta, offset, bits, dim=0, preserve_zero=preserve_zero,
-                                             pow2_scale=pow2_scale, levels=levels)
-    if method is not None and method.name not in ("no", "minmax"):
-        delta, offset = clipped_ranges(w, bits, method, channels)
-        if channels:
-            return gemmlowp_quantize_per_channel(w, delta, offset, bits, dim=0, preserve_zero=preserve_zero,
-                                                 pow2_scale=pow2_scale)
-        return gemmlowp_quantize(w, delta.item(), offset.item(), bits, preserve_zero=preserve_zero,
-                                 pow2_scale=pow2_scale)
-    if channels:
-        flat = w.reshape(w.shape[0], -1)
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-        return gemmlowp_quantize_per_channel(
-            w, (hi - lo).double(), lo.double(), bits, dim=0, preserve_zero=preserve_zero, pow2_scale=pow2_scale
-        )
-    lo, hi = torch.aminmax(w)
-    return gemmlowp_quantize(w, (hi - lo).item(), lo.item(), bits, preserve_zero=preserve_zero, pow2_scale=pow2_scale)
+    """GEMMLOWP quantization of a weight or bias on its ``parameter_grid`` (a new tensor)."""
+    return quantize_on_grid(w, parameter_grid(w, bits, per_channel, preserve_zero, pow2_scale, method, allocation,
+                                              levels_bits))
+
+
+def quantize_on_grid(w: torch.Tensor, grid: QParams | None) -> torch.Tensor:
+    """``w`` fake-quantized on ``grid`` (per output channel when its parameters are tensors), as a new tensor."""
+    if grid is not None and isinstance(grid.scale, torch.Tensor):
+        return quantize_per_channel_with_qparams(w, grid, 0)
+    return quantize_with_qparams(w, grid)
 
 
 class WeightCorrection(Protocol):
@@ -161,6 +175,9 @@ class WeightQuantizer:
         self.allocation = allocation  # policy.BitAllocation over each weight's output channels (-baw), or None
         self._methods = {name: get_method(name, sigma_estimator) for name in {s.method for s in self.specs}}
         self._originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # layer name -> the grid its weight was quantized on while attached (None: float or identity); an export
+        # writes the weights as integer codes on these grids
+        self.grids: dict[str, QParams | None] = {}
 
     @property
     def attached(self) -> bool:
@@ -175,9 +192,8 @@ class WeightQuantizer:
                 weight, bias = layer.module.weight, getattr(layer.module, "bias", None)
                 shift = self.bias_shifts.get(layer.module_name)
                 for param, bits, quantize, corrections, add in (
-                    (weight, spec.bits, lambda p, b, s=spec: quantize_parameter(
-                        p, b, s.per_channel, cfg.preserve_zero, cfg.pow2_scale, self._methods[s.method],
-                        self.allocation, s.levels_bits), self.corrections, None),
+                    (weight, spec.bits, lambda p, b, s=spec, n=layer.name: self._quantize_weight(p, b, s, n),
+                     self.corrections, None),
                     (bias, cfg.bias_bits, lambda p, b: quantize_parameter(
                         p, b, False, cfg.preserve_zero, cfg.pow2_scale), (), shift),
                 ):
@@ -193,7 +209,15 @@ class WeightQuantizer:
                     param.copy_(quantized)
         return self
 
+    def _quantize_weight(self, w: torch.Tensor, bits: int, spec: WeightSpec, name: str) -> torch.Tensor:
+        cfg = self.config
+        grid = parameter_grid(w, bits, spec.per_channel, cfg.preserve_zero, cfg.pow2_scale, self._methods[spec.method],
+                              self.allocation, spec.levels_bits)
+        self.grids[name] = grid
+        return quantize_on_grid(w, grid)
+
     def detach(self) -> None:
+        self.grids.clear()
         with torch.no_grad():
             for param, original in self._originals:
                 param.copy_(original)

@@ -507,6 +507,27 @@ COMBINATIONS = [
 ]
 for case_id, argv, fragment in COMBINATIONS:
     row(case_id, argv, fragment)
+
+# --export_onnx / --eval_onnx (issue 21): settings QDQ cannot express, and where the file cannot go
+EXPORT = "--export_onnx {tmp}/m.onnx"
+row("--eval_onnx without --export_onnx", "-qw int8 --eval_onnx", "give --export_onnx PATH too")
+row("--export_onnx with -s", f"-sm use -sf {{stats}} --qtype int4 -s {EXPORT}", "stochastic rounding has no QDQ form")
+row("--export_onnx in collect mode", f"-sm collect {EXPORT}", "a collect pass quantizes nothing")
+row("--export_onnx with int6 activations", f"-sm use -sf {{stats}} --qtype int6 {EXPORT}", "no ONNX type of 64 levels")
+row("--export_onnx with live grids", f"--qtype int8 {EXPORT}", "a QDQ model has fixed ones")
+row("--export_onnx with -ep", f"-sm use -sf {{stats}} --qtype int8 -ep {EXPORT}", "export one setting at a time")
+row("--export_onnx with --compare", f"-sm use -sf {{stats}} --compare laplace --qtype int4 {EXPORT}",
+    "export one setting at a time")
+row("--export_onnx with -baa", f"-sm use -sf {{stats}} --qtype int4 -pcq_a -baa -th laplace {EXPORT}",
+    "its own level count")
+row("--export_onnx with -vcw", f"-sm use -sf {{stats}} --qtype int4 -vcw {EXPORT}", "off their grid")
+row("--export_onnx with nothing quantized", f"-qw f32 {EXPORT}", "nothing is quantized")
+row("--onnx_relu_pairs without --export_onnx", "-qw int8 --onnx_relu_pairs", "give --export_onnx")
+row("--onnx_relu_pairs with input placement", f"-sm use -sf {{stats}} --qtype int8 --act_point input "
+    f"--onnx_relu_pairs {EXPORT}", "with --act_point output")
+row("--export_onnx a folder", "-qw int8 --export_onnx {tmp}/out", "is a folder", setup=folder("out"))
+row("--export_onnx under a file", "-qw int8 --export_onnx {tmp}/f/m.onnx", "is a file, not a folder",
+    setup=text_file("f", "x"))
 row("--compare int4,fp32 widths", "--compare laplace --qtype int4,fp32 -cs 4", "fp32")
 
 # --demo runs alone

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 FLAGS = DOCS / "flags.md"
-INSTALL = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test,efficientnet]"'
+INSTALL = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test,efficientnet,onnx]"'
 TEST_COMMAND = "python -m pytest -q"
 MAX_README_LINES = 200
 
