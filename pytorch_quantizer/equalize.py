@@ -60,7 +60,7 @@ class EqualizeError(ValueError):
 class Equalized:
     """An equalized copy of a model and what was done to it."""
 
-    model: nn.Module  # a torch.fx GraphModule with the same module paths
+    model: nn.Module  # the same module paths; a torch.fx GraphModule where a capped module is called twice
     pairs: tuple[tuple[str, str], ...]  # (producer, consumer) layer paths
     sweeps: int
     clamps: int  # capped activations turned into per-channel clamps
@@ -83,6 +83,7 @@ class _Pair:
     first: str
     second: str
     clamp: ChannelClamp | None  # the per-channel cap between them, if any
+    site: fx.Node | None = None  # the call of the capped activation the clamp replaces
 
 
 def batchnorm_moments(original: nn.Module, folded: list[tuple[str, str]]) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -122,6 +123,7 @@ def equalize(model: nn.Module, example_input: torch.Tensor, moments: Moments | N
         reference = model(example_input)
     module = fx.GraphModule(model, graph)  # shares model's modules, which are edited in place from here on
     pairs = _find_pairs(module)
+    module = _install_clamps(model, module, pairs)
     sweeps, divisors = _sweep(module, pairs, tol, max_sweeps)
     with torch.no_grad():
         error = (module(example_input) - reference).abs().max().item() / max(reference.abs().max().item(), 1e-12)
@@ -162,15 +164,32 @@ def _find_pairs(module: fx.GraphModule) -> list[_Pair]:
         second = layer(consumer)
         if second is None or _channels(first)[1] != _channels(second)[0]:
             continue
+        site = None
         if isinstance(caps, torch.Tensor):  # this call's own clamp, its caps then scaled with the channels
-            clamp = ChannelClamp(caps.expand(_channels(first)[1]))
-            name = f"equalize_clamp{len(pairs)}"
-            module.add_submodule(name, clamp)
-            activation.target = name
-            modules[name] = clamp
-        pairs.append(_Pair(node.target, consumer.target, clamp))
-    module.recompile()
+            clamp, site = ChannelClamp(caps.expand(_channels(first)[1])), activation
+        pairs.append(_Pair(node.target, consumer.target, clamp, site))
     return pairs
+
+
+def _install_clamps(model: nn.Module, module: fx.GraphModule, pairs: list[_Pair]) -> nn.Module:
+    """Put each pair's clamp in place of its capped activation: in ``model``'s own hierarchy when every such module
+    is called once (the model keeps its class and code, which the ONNX export maps its nodes by), else as new calls
+    in the traced graph (a shared ReLU6 needs one clamp a call)."""
+    sites = [pair for pair in pairs if pair.site is not None]
+    calls: dict[str, int] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    if all(calls[pair.site.target] == 1 for pair in sites):
+        for pair in sites:
+            model.set_submodule(pair.site.target, pair.clamp)
+        return model
+    for index, pair in enumerate(sites):
+        name = f"equalize_clamp{index}"
+        module.add_submodule(name, pair.clamp)
+        pair.site.target = name
+    module.recompile()
+    return module
 
 
 def _only_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:

@@ -312,6 +312,10 @@ def export_onnx(model: nn.Module, quantizer: ModelQuantizer, example: torch.Tens
         nodes = layer_nodes(graph, layer.module_name)
         bits = planned.get(layer.name)
         if not nodes:
+            if bits is not None and isinstance(twin, torch.fx.GraphModule):
+                raise ExportError("this network calls a ReLU6 module at several places, so --equalize rewrote its "
+                                  "graph with torch.fx, whose exported node names the export cannot map to its "
+                                  "modules yet: export it without --equalize")
             if bits is not None:
                 raise ExportError(f"{layer.name} ({layer.module_name}): its activation is quantized, but the "
                                   "exported graph has no Conv/Gemm/MatMul node of that module to put the pair on")

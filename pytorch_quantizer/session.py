@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import __version__
@@ -26,7 +26,7 @@ from .data import (
     wnid_folder_dataset,
 )
 from .distributed import DistContext
-from .equalize import batchnorm_moments, equalize
+from .equalize import EqualizeError, batchnorm_moments, equalize
 from .graph import relu_fed_layers
 from .layers import activation_layers
 from .models import build_model, fold_batchnorm, weights_fingerprint
@@ -66,6 +66,10 @@ class Session:
             equalized = equalize(model, self.example_input(), batchnorm_moments(original, pairs))
             model = equalized.model
             log.info(equalized.summary())
+            if cfg.export_onnx is not None and isinstance(model, fx.GraphModule):  # refused now, not after the pass
+                raise EqualizeError(f"{cfg.arch} calls a ReLU6 module at several places, so --equalize rewrote its "
+                                    "graph with torch.fx, whose exported node names --export_onnx cannot map to its "
+                                    "modules yet: export it without --equalize")
             if cfg.weight.bias_bits is not None:
                 log.warning("--equalize divides channels by their scales, biases too, so biases quantized at int%d "
                             "per tensor lose the small ones: add --float_bias (int32 biases, as deployments keep "

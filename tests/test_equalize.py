@@ -163,3 +163,34 @@ def test_cli_refuses_equalize_unfolded(data_dir, tmp_path, capsys, flags, fragme
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err and "--no_fold_bn" in err, err
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_a_model_without_shared_caps_keeps_its_class_and_module_paths():
+    """Clamps go into the model's own hierarchy when each capped module is called once (what the ONNX export maps
+    nodes by); only a shared ReLU6 needs the traced graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    result = equalize(model, x)
+    assert type(result.model) is nn.Sequential and isinstance(result.model[1], ChannelClamp)
+    assert isinstance(equalize(skewed_chain(), x).model, torch.fx.GraphModule)  # Chain calls self.act twice
+    with torch.no_grad():
+        assert torch.allclose(model(x), result.model(x), atol=1e-5)
+
+
+def test_cli_equalize_exports_to_onnx_or_refuses_before_the_pass(data_dir, tmp_path, capsys):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    base = ["-cs", "4", "--equalize", "--weights", "none"]
+    for arch in ("mobilenet_v2", "efficientnet_lite0"):
+        assert run_cli(data_dir, tmp_path, "-a", arch, *base, "-sm", "collect", "-sf", str(tmp_path / arch)) == 0
+    capsys.readouterr()
+    assert run_cli(data_dir, tmp_path, "-a", "mobilenet_v2", *base, "-sm", "use", "-sf", str(tmp_path / "mobilenet_v2"),
+                   "--qtype", "int8", "-pz", "--export_onnx", str(tmp_path / "m.onnx"), "--eval_onnx") == 0
+    assert "ONNX Runtime against the simulator: top-1 agreement 100.00 %" in capsys.readouterr().out
+    rows = len(open(tmp_path / "results.csv").readlines())
+    assert run_cli(data_dir, tmp_path, "-a", "efficientnet_lite0", *base, "-sm", "use", "-sf",
+                   str(tmp_path / "efficientnet_lite0"), "--qtype", "int8", "-pz", "--export_onnx",
+                   str(tmp_path / "e.onnx")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export it without --equalize" in err, err
+    assert not (tmp_path / "e.onnx").exists() and len(open(tmp_path / "results.csv").readlines()) == rows
