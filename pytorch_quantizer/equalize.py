@@ -36,6 +36,7 @@ padding and linears; other consumers are left alone (a padded 3x3 conv would see
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -141,10 +142,7 @@ def _find_pairs(module: fx.GraphModule) -> list[_Pair]:
     """Every (producer, activation, consumer) chain whose producer's output reaches only the consumer, through
     identities and at most one scale-commuting activation; each capped activation gets its own ChannelClamp."""
     modules = dict(module.named_modules())
-    calls: dict[str, int] = {}
-    for node in module.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _module_calls(module.graph)
 
     def layer(node: fx.Node | None) -> nn.Module | None:
         if node is None or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -176,10 +174,7 @@ def _install_clamps(model: nn.Module, module: fx.GraphModule, pairs: list[_Pair]
     is called once (the model keeps its class and code, which the ONNX export maps its nodes by), else as new calls
     in the traced graph (a shared ReLU6 needs one clamp a call)."""
     sites = [pair for pair in pairs if pair.site is not None]
-    calls: dict[str, int] = {}
-    for node in module.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _module_calls(module.graph)
     if all(calls[pair.site.target] == 1 for pair in sites):
         for pair in sites:
             model.set_submodule(pair.site.target, pair.clamp)
@@ -190,6 +185,11 @@ def _install_clamps(model: nn.Module, module: fx.GraphModule, pairs: list[_Pair]
         pair.site.target = name
     module.recompile()
     return module
+
+
+def _module_calls(graph: fx.Graph) -> Counter[str]:
+    """Module path -> how many times the graph calls it."""
+    return Counter(node.target for node in graph.nodes if node.op == "call_module")
 
 
 def _only_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
