@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
+
+from script_loading import load_script
 
 from pytorch_quantizer.methods import method_names
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_calibration.py"
-
 
 def test_calibration_benchmark_reports_every_case(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_calibration", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_calibration.py")
     log = tmp_path / "bench.txt"
     bench.main(["--arch", "mobilenet_v3_small", "--images", "2", "--batch-size", "2", "--rounds", "1",
                 "--repeats", "1", "--log", str(log)])

@@ -3,22 +3,16 @@ timing is checked); bad input is one line and exit 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+from script_loading import load_script
 from test_cli import data_dir  # noqa: F401  (a fixture: 8 synthetic JPEGs in ImageNet layout)
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_pass.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_pass", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_pass.py")
 
 
 def test_pass_benchmark_reports_each_case(bench, data_dir, tmp_path, capsys):  # noqa: F811

@@ -5,25 +5,20 @@ twice (FP32 and W8A4) takes over a minute on a cold Inductor cache and TinyNet a
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torchvision
+from script_loading import load_script
 
 from pytorch_quantizer import backends
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_quant.py"
 LAST_LINE = re.compile(r"copy_ratio=(\S+) w8a4_overhead=(\S+) collect_overhead=(\S+)(?: compiled_w8a4_overhead=(\S+))?")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quant", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_quant.py")
 
 
 @pytest.fixture
