@@ -287,12 +287,12 @@ class RunConfig:
                 check_width(bits, name)
 
     def statistics_path(self, fingerprint: str) -> Path:
-        """``stats_folder``, or by default a folder keyed by architecture, weights fingerprint and BatchNorm
-        folding, so that statistics of other weights never replace these."""
+        """``stats_folder``, or by default a folder keyed by architecture, weights fingerprint, BatchNorm folding and
+        equalization, so that statistics of other weights or another model never replace these."""
         if self.stats_folder is not None:
             return Path(self.stats_folder).expanduser()
-        name = f"{self.arch}-{fingerprint}" + ("" if self.fold_bn else "-unfolded") + ("-equalized" if self.equalize
-                                                                                          else "")
+        suffix = ("" if self.fold_bn else "-unfolded") + ("-equalized" if self.equalize else "")
+        name = f"{self.arch}-{fingerprint}{suffix}"
         return (STATISTICS_ROOT / name).expanduser()
 
     @property
