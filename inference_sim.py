@@ -23,7 +23,7 @@ try:  # an interrupt while torch loads (seconds) is one line, not an import trac
     from pytorch_quantizer.clipping import ALLOCATION_MODES, MAX_BITS, MIN_BITS, PRIORS, SIGMA_ESTIMATORS
     from pytorch_quantizer.layers import ACT_POINTS
     from pytorch_quantizer.methods import get_method, method_class, method_names
-    from pytorch_quantizer.quant_config import MISSING_STATS
+    from pytorch_quantizer.quant_config import MISSING_STATS, ROUNDING_INPUTS, WEIGHT_ROUNDINGS
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -271,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
              "causes and fold it into the bias (the follow-up's -bca; bias_correction.py)")
     add("--bca_rounds", dest="correct.act_bias_rounds", type=positive,
         help="-bca measuring passes: each corrects what the previous corrections left (default: 2)")
+    add("--weight_rounding", dest="rounding.method", choices=WEIGHT_ROUNDINGS,
+        help="how each weight goes to its grid: nearest level (the seed), or adaround: up or down as learned layer by "
+             "layer to reconstruct the layer's output on the calibration images (Nagel et al. 2020; adaround.py; "
+             "cached in results/adaround) (default: nearest)")
+    add("--adaround_iters", dest="rounding.iters", type=positive,
+        help="AdaRound's optimisation steps per layer (default: 300)")
+    add("--adaround_batch", dest="rounding.batch", type=positive,
+        help="calibration images in each AdaRound step (default: 16)")
+    add("--adaround_input", dest="rounding.input", choices=ROUNDING_INPUTS,
+        help="where each layer's input comes from while AdaRound learns it: the float network, or the network "
+             "quantized up to that layer (its learned weights and activation grids) (default: float)")
     add("-hr", "--half_range", dest="act.half_range", action="store_true",
         help="one-sided grids [0, ...] for conv/linear outputs that only feed a ReLU/ReLU6 (found in the model's "
              "graph): the follow-up's half range")

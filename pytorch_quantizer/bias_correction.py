@@ -33,14 +33,13 @@ is quantized, not rounded to the weights' width (which would undo most of it).
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .layers import ActivationLayer
+from .layers import ActivationLayer, hook_free_copy
 
 ChannelMeans = dict[str, torch.Tensor]  # module path -> float64 [out_channels] on the CPU
 
@@ -66,7 +65,7 @@ class ShiftRecorder:
                  ) -> None:
         self.layers = list(layers)
         self.relu_caps = dict(relu_caps or {})  # module path -> cap of the ReLU it feeds (None: plain ReLU)
-        self._float = {layer.module_name: _float_twin(layer.module) for layer in self.layers}
+        self._float = {layer.module_name: hook_free_copy(layer.module) for layer in self.layers}
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._inputs = threading.local()  # the stashed input, per replica thread
@@ -119,14 +118,6 @@ class ShiftRecorder:
         if reduce is not None:
             sums, counts = reduce(sums), reduce(counts)
         return {name: total / counts[name] for name, total in sums.items()}
-
-
-def _float_twin(module: nn.Module) -> nn.Module:
-    """A hook-free copy of ``module`` with its current (float) parameters."""
-    twin = copy.deepcopy(module)
-    for hooks in (twin._forward_hooks, twin._forward_pre_hooks):
-        hooks.clear()
-    return twin
 
 
 def check_biases(layers: Iterable[ActivationLayer]) -> None:

@@ -3,8 +3,9 @@
 The calibration pass runs once, with every observer the listed methods require (``methods.required_observers``),
 or its folder is loaded (``-sm use``, refused with one line naming what to collect when an observer is missing).
 Each method then turns the same observations into its per-layer plan (``policy.plan_layers``); that range
-computation is timed on its own (``cal_seconds``: the method's cost on top of the shared pass) and the plan is
-handed to the evaluation pass as is.  Decoded evaluation images are cached once for all passes when they fit
+computation is timed on its own (``cal_seconds``: the method's cost on top of the shared pass, with what the pass
+learned or measured first: AdaRound's learning, ``-bca``'s passes) and the plan is handed to the evaluation pass as
+is.  Decoded evaluation images are cached once for all passes when they fit
 (``data.CACHE_MEMORY_FRACTION`` of the available memory; the log says when they do not).
 
 Outputs, named by the run's settings hash so that runs never overwrite each other's files:
@@ -170,7 +171,7 @@ def _compare(session: Session, record: Record, stats: Statistics, methods: Seque
             quant, plan, cal_seconds = timed_plan(session, stats, method, bits)
             measured, _ = quantized_pass(session, loader, quant, f"{method} int{bits}", plan=plan, against=reference)
             record(measured, f"compare int{bits}", bits, cfg.weight.bits, file=path, method=method)
-            rows.append(_table_row(method, f"int{bits}", measured, cal_seconds))
+            rows.append(_table_row(method, f"int{bits}", measured, cal_seconds + (measured.cal_seconds or 0.0)))
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 

@@ -1,5 +1,6 @@
 """One invocation of the driver as nested frozen dataclasses: ``RunConfig`` holds the run's own settings and the
-``DataConfig``, ``ActivationConfig``, ``WeightConfig``, ``AllocationConfig`` and ``CorrectionConfig`` groups.
+``DataConfig``, ``ActivationConfig``, ``WeightConfig``, ``AllocationConfig``, ``CorrectionConfig`` and
+``RoundingConfig`` groups.
 
 Every group validates itself in ``__post_init__`` and raises ``ConfigError`` (the fields it concerns, the reason in
 the library's terms), so a script or a test builds ``RunConfig(...)`` directly and gets the same refusals as the
@@ -28,6 +29,7 @@ from .quant_config import (
     ConfigError,
     CorrectionConfig,
     QuantConfig,
+    RoundingConfig,
     WeightConfig,
     check_method,
     check_moments_only,
@@ -94,6 +96,7 @@ class RunConfig:
     weight: WeightConfig = field(default_factory=lambda: WeightConfig(bits=AUTO))
     alloc: AllocationConfig = field(default_factory=AllocationConfig)
     correct: CorrectionConfig = field(default_factory=CorrectionConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
     device: str | None = None  # None: cuda when available, else cpu
     device_ids: tuple[int, ...] = ()
     stats_mode: str = "no"  # collect | use | no
@@ -161,6 +164,12 @@ class RunConfig:
             raise ConfigError("correct.act_bias_rounds counts the passes of activation bias correction: give "
                               "correct.act_bias too",
                               "correct.act_bias_rounds", "correct.act_bias")
+        if self.rounding.learned and self.stats_mode == "collect" and not self.compare:
+            raise ConfigError("AdaRound learns the rounding of a quantized network's weights: not in a collect pass",
+                              "rounding.method", "stats_mode")
+        if self.rounding.learned and self.world_size > 1:
+            raise ConfigError("AdaRound learns each layer on all calibration images in one process: run it without "
+                              "torchrun", "rounding.method")
         if self.stats_mode == "collect" and not self.compare and (sweeps or self.dump_dir):
             raise ConfigError("a collect pass only collects statistics; sweeps and dumps run with stats_mode use or no",
                               "stats_mode", "eval_precision", "layer_selection", "dump_dir")
@@ -318,13 +327,19 @@ class RunConfig:
                 f"weight.edge_bits int{edge} has no effect: it widens the first conv's and the classifier's weights "
                 + (f"where weight.bits is narrower, and weight.bits is {used}" if used else
                    "when they are quantized, and weight.bits keeps them float"))
+        rounding = self.rounding
+        if not rounding.learned:
+            for name in ("iters", "batch", "input", "reg"):
+                if getattr(rounding, name) != getattr(RoundingConfig, name):
+                    out[f"rounding.{name}"] = (f"rounding.{name} has no effect: it sets AdaRound, and the weights "
+                                               "round to nearest")
         if weight.float_bias and all(w is None for w in widths):
             out["weight.float_bias"] = "weight.float_bias has no effect: weight.bits keeps weights and biases float"
         return out
 
     def quant(self) -> QuantConfig:
         """The run's quantization (``QuantConfig.with_pass`` varies it for one pass of a sweep)."""
-        return QuantConfig(self.act, self.weight, self.alloc, self.correct, seed=self.data.seed)
+        return QuantConfig(self.act, self.weight, self.alloc, self.correct, self.rounding, seed=self.data.seed)
 
 
 def _resolve_device(requested: str | None, ids: tuple[int, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,33 @@ def activation_layers(model: nn.Module) -> list[ActivationLayer]:
     if not layers:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
     return layers
+
+
+def hook_free_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with its current parameters and none of its hooks: the float twin that bias correction
+    and AdaRound compute a layer's reference output with while the quantizer's hooks sit on the original."""
+    twin = copy.deepcopy(module)
+    for hooks in (twin._forward_hooks, twin._forward_pre_hooks):
+        hooks.clear()
+    return twin
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, layers: list[ActivationLayer], example: torch.Tensor) -> list[ActivationLayer]:
+    """``layers`` in the order one forward of ``example`` first calls them (a model may register its modules in
+    another order than it runs them); layers it never calls come last, in their order."""
+    order: dict[str, int] = {}
+
+    def seen(name: str) -> Callable[..., None]:
+        return lambda _module, _inputs: (order.setdefault(name, len(order)), None)[1]  # None: the input is kept
+
+    handles = [layer.module.register_forward_pre_hook(seen(layer.name)) for layer in layers]
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(layers, key=lambda layer: order.get(layer.name, len(order) + layers.index(layer)))
 
 
 class ChannelClamp(nn.Module):

@@ -46,10 +46,11 @@ class ModelQuantizer:
 
     def __init__(self, model: nn.Module, config: QuantConfig, statistics: Statistics | None = None,
                  bias_shifts: Mapping[str, torch.Tensor] | None = None, plan: list[LayerPlan] | None = None,
-                 policy: LayerPolicy | None = None) -> None:
+                 policy: LayerPolicy | None = None, rounding: Mapping[str, torch.Tensor] | None = None) -> None:
         """``plan``: the ``plan_layers`` result for this config and statistics when the caller computed it already
         (``--compare`` times it), so that it is not computed twice; ``policy``: a layer policy of the caller's own
-        (default: ``model_policy``, the seed's rules for ``config``)."""
+        (default: ``model_policy``, the seed's rules for ``config``); ``rounding``: learned up/down rounding of
+        the weights (``adaround``; layer name -> bool tensor), nearest rounding for the layers it lacks."""
         self.model = model
         self.config = config
         self.layers = activation_layers(model)
@@ -58,7 +59,7 @@ class ModelQuantizer:
         allocation = BitAllocation.of(config)
         self.weights = WeightQuantizer(self.layers, [s.weight for s in self.specs], config.weight,
                                        weight_corrections(config.correct), bias_shifts,
-                                       allocation if config.alloc.weights else None, config.act.sigma)
+                                       allocation if config.alloc.weights else None, config.act.sigma, rounding)
         self.plan: list[LayerPlan] | None = None
         self._qparams: dict[str, QParams | None] = {}
         act = config.act

@@ -8,6 +8,7 @@ measured (``Measured``); the results rows are written by the caller (``results.R
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,12 +22,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from .adaround import LearnedRounding, learn_rounding, load_rounding, save_rounding
 from .agreement import LogitAgreement, ReferenceLogits
 from .bias_correction import ChannelMeans, ShiftRecorder, bias_shifts
 from .compiled import compile_model
-from .data import make_loader
+from .config import flatten
+from .data import make_loader, relative_paths
 from .dumps import write_dump
-from .graph import relu_fed_layers
+from .layers import execution_order
 from .model_quantizer import ModelQuantizer, model_policy
 from .observers import PER_CHANNEL
 from .policy import LayerPlan, mse_order
@@ -46,6 +49,7 @@ class Measured:
     acc: Accuracy
     seconds: float
     agreement: LogitAgreement | None = None
+    cal_seconds: float | None = None  # what the pass learned or measured first (AdaRound, -bca), in seconds
 
 
 Record = Callable[..., dict]  # results.Recorder.record
@@ -145,15 +149,82 @@ def quantized_pass(session: Session, loader: DataLoader, quant: QuantConfig, des
     stats, dist = session.stats, session.dist
     if quant.act.stochastic and dist.rank > 0:  # rank 0 keeps the seed's stream, the others their own
         quant = replace(quant, seed=rank_seed(quant.seed, dist.rank))
-    shifts = None
+    shifts, rounding, cal_seconds = None, None, None
+    if (quant.correct.act_bias or quant.rounding.learned) and plan is None and stats is not None:
+        plan = ModelQuantizer(session.model, quant, stats).plan  # one plan for every round and every layer learned
+    if quant.rounding.learned:
+        learned = learned_rounding(session, quant, plan)
+        rounding, cal_seconds = learned.up, learned.seconds
     if quant.correct.act_bias:
-        if plan is None and stats is not None:  # the plan does not depend on the shifts: one for every round
-            plan = ModelQuantizer(session.model, quant, stats).plan
-        shifts = measure_bias_shifts(session, quant, plan)
-    quantizer = ModelQuantizer(session.model, quant, stats, shifts, plan=plan)
+        start = time.perf_counter()
+        shifts = measure_bias_shifts(session, quant, plan, rounding)
+        cal_seconds = (cal_seconds or 0.0) + time.perf_counter() - start
+    quantizer = ModelQuantizer(session.model, quant, stats, shifts, plan=plan, rounding=rounding)
     with quantizer:
         measured = evaluate(session, loader, desc, against=against, keep=keep)
-    return measured, quantizer
+    return replace(measured, cal_seconds=cal_seconds), quantizer
+
+
+def learned_rounding(session: Session, quant: QuantConfig, plan: list[LayerPlan] | None = None) -> LearnedRounding:
+    """The AdaRound rounding of ``quant``'s weights (``adaround``), learned on the calibration images, or taken
+    from this session's memory or from ``results/adaround/`` when learned before with the same weights, grids,
+    images and settings (``rounding_key``): a sweep or ``--compare`` learns it once per weight grid (and, with
+    input ``quantized``, once per activation setting).  Its ``seconds`` are those of the learning, even when
+    loaded: what the method costs."""
+    quantizer = ModelQuantizer(session.model, quant, session.stats, plan=plan)
+    grids = {layer.name: quantizer.weights.grid_of(layer, spec.weight)
+             for layer, spec in zip(quantizer.layers, quantizer.specs, strict=True)}
+    images = session.correction_images("AdaRound learns each layer's rounding")
+    key = rounding_key(session, quant, quantizer, images)
+    if key in session.roundings:
+        return session.roundings[key]
+    path = session.cfg.results.parent / "adaround" / f"{session.cfg.arch}_{key[:16]}.pt"
+    learned = load_rounding(path, key, grids)
+    if learned is not None:
+        log.info("AdaRound: the rounding learned in %.1f s is read from %s", learned.seconds, path)
+    else:
+        loader = session.correction_loader()
+        device = session.device
+
+        def quantized(up):
+            return ModelQuantizer(session.model, quant, session.stats, plan=quantizer.plan, policy=quantizer.policy,
+                                  rounding=up)
+
+        order = execution_order(session.model, quantizer.layers, session.example_input().to(device))
+        log.info("AdaRound: learning %d layers on %d calibration images (%d steps of %d images a layer, inputs "
+                 "from the %s network)", sum(g is not None for g in grids.values()), len(loader.dataset),
+                 quant.rounding.iters, quant.rounding.batch, quant.rounding.input)
+        learned = learn_rounding(session.model, order, grids,
+                                 lambda: (images.to(device) for images, _ in loader), len(loader.dataset),
+                                 quant.rounding, quant.seed,
+                                 session.relu_fed(), quantized)
+        log.info("%s", learned.summary())
+        if session.dist.is_main:
+            save_rounding(path, key, learned)
+            log.info("AdaRound: the learned rounding is saved to %s", path)
+    session.roundings[key] = learned
+    return learned
+
+
+def rounding_key(session: Session, quant: QuantConfig, quantizer: ModelQuantizer, images: tuple) -> str:
+    """sha256 over everything the learned rounding depends on: the model (weights, folding, equalization), every
+    layer's weight grid setting, the calibration images, the rounding settings and seed, and, when the inputs come
+    from the quantized network, its activation settings and statistics."""
+    cfg = session.cfg
+    source, indices = images
+    names = relative_paths(source)
+    parts = {
+        "model": [cfg.arch, session.fingerprint, cfg.fold_bn, cfg.equalize],
+        "weights": [flatten(quant.weight), flatten(quant.alloc) if quant.alloc.weights else None,
+                    [[layer.name, spec.weight.bits, spec.weight.per_channel, spec.weight.method,
+                      spec.weight.levels_bits] for layer, spec in zip(quantizer.layers, quantizer.specs, strict=True)]],
+        "images": [str(Path(source.root).resolve()), [names[i] for i in indices]],
+        "rounding": [flatten(quant.rounding), quant.seed],
+    }
+    if quant.rounding.input == "quantized":
+        parts["activations"] = [flatten(quant.act), sorted(quant.keep_8bit), flatten(quant.correct),
+                                session.stats_fingerprint]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def onnx_pass(session: Session, loader: DataLoader, quantizer: ModelQuantizer,
@@ -182,21 +253,20 @@ def onnx_pass(session: Session, loader: DataLoader, quantizer: ModelQuantizer,
     return Measured(acc, time.perf_counter() - start, agreement)
 
 
-def measure_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPlan] | None = None) -> ChannelMeans:
+def measure_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPlan] | None = None,
+                        rounding: dict[str, torch.Tensor] | None = None) -> ChannelMeans:
     """The activations' bias correction: each layer's per-channel mean shift under ``quant``, measured on the
     calibration images in ``act_bias_rounds`` quantized passes (``bias_correction``), each with ``plan`` (the
-    activation grids, which the shifts do not change) when given."""
+    activation grids, which the shifts do not change) when given, and the weights' learned ``rounding``."""
     start = time.perf_counter()
     loader = session.correction_loader()
     rounds = quant.correct.act_bias_rounds
 
     def quantized_run(shifts: ChannelMeans, recorder: ShiftRecorder) -> None:
-        with ModelQuantizer(session.model, quant, session.stats, shifts, plan=plan), recorder:
+        with ModelQuantizer(session.model, quant, session.stats, shifts, plan=plan, rounding=rounding), recorder:
             evaluate(session, loader, "bca", check_outputs=False, compile=False)
 
-    if session.relu_caps is None:  # the graph does not change between passes: traced once per run
-        session.relu_caps = relu_fed_layers(session.model, session.example_input().to(session.device))
-    shifts = bias_shifts(session.layers, quantized_run, rounds, session.relu_caps, session.dist.sum_tensors)
+    shifts = bias_shifts(session.layers, quantized_run, rounds, session.relu_fed(), session.dist.sum_tensors)
     log.info("-bca: mean shifts of %d layers measured on %d images in %.1f s (%d rounds)", len(shifts),
              len(loader.dataset), time.perf_counter() - start, rounds)
     return shifts
@@ -216,7 +286,8 @@ def dump(session: Session, loader: DataLoader, quant: QuantConfig, folder: Path)
     images, _ = next(iter(loader))
     images = images.to(session.device)
     fp32 = _record(session.model, session.layers, images)
-    with ModelQuantizer(session.model, quant, session.stats):
+    rounding = learned_rounding(session, quant).up if quant.rounding.learned else None
+    with ModelQuantizer(session.model, quant, session.stats, rounding=rounding):
         quantized = _record(session.model, session.layers, images)
     folder.mkdir(parents=True, exist_ok=True)
     for name in fp32:

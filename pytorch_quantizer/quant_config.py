@@ -1,5 +1,5 @@
-"""What one quantized pass does, as four small frozen groups that validate themselves: activations, weights, bit
-allocation and corrections; ``QuantConfig`` holds them with the layers a sweep keeps at 8 bits.
+"""What one quantized pass does, as five small frozen groups that validate themselves: activations, weights, bit
+allocation, corrections and weight rounding; ``QuantConfig`` holds them with the layers a sweep keeps at 8 bits.
 
 Each field is one setting under one name from the command line (its flag's ``dest`` is ``<group>.<field>``,
 ``inference_sim.build_parser``) down to the code that reads it.  A bad value raises ``ConfigError`` naming the
@@ -10,6 +10,7 @@ registries and the layer placements.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from .clipping import ALLOCATION_MODES, PRIORS, SIGMA_ESTIMATORS, allocation_quota, check_bits
@@ -187,15 +188,47 @@ class CorrectionConfig:
                               f"over the calibration images), got {self.act_bias_rounds!r}", "correct.act_bias_rounds")
 
 
+WEIGHT_ROUNDINGS = ("nearest", "adaround")  # how a weight is put on its grid (rounding.method)
+ROUNDING_INPUTS = ("float", "quantized")  # where AdaRound's layer inputs come from (rounding.input)
+MAX_ADAROUND_ITERS = 1_000_000
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    """How each weight is put on its grid: to the nearest level (the seed), or up or down as AdaRound learned it
+    from the layer's output on the calibration images (``adaround``)."""
+
+    method: str = "nearest"
+    iters: int = 300  # Adam steps per layer
+    batch: int = 16  # calibration images a step
+    input: str = "float"  # a layer's input from the float network, or from the network quantized up to it
+    reg: float = 0.01  # weight of the rounding regulariser against the reconstruction error (the paper's)
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, WEIGHT_ROUNDINGS, "rounding.method")
+        check_choice(self.input, ROUNDING_INPUTS, "rounding.input")
+        for name, top in (("iters", MAX_ADAROUND_ITERS), ("batch", 1 << 16)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise ConfigError(f"rounding.{name} must be an integer in 1..{top}, got {value!r}", f"rounding.{name}")
+        if not (isinstance(self.reg, int | float) and math.isfinite(self.reg) and self.reg >= 0):
+            raise ConfigError(f"rounding.reg must be a finite number >= 0, got {self.reg!r}", "rounding.reg")
+
+    @property
+    def learned(self) -> bool:
+        return self.method == "adaround"
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """Everything one quantized pass needs: the four groups, the layers a sweep keeps at ``act.kept_bits``, the
+    """Everything one quantized pass needs: the five groups, the layers a sweep keeps at ``act.kept_bits``, the
     stochastic-rounding seed and the kernel backend (None: the tensor's device decides)."""
 
     act: ActivationConfig = field(default_factory=lambda: ActivationConfig(bits=8))
     weight: WeightConfig = field(default_factory=WeightConfig)
     alloc: AllocationConfig = field(default_factory=AllocationConfig)
     correct: CorrectionConfig = field(default_factory=CorrectionConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
     keep_8bit: frozenset[str] = field(default_factory=frozenset)  # layer names kept at act.kept_bits
     seed: int = 0
     backend: str | None = None
@@ -210,6 +243,9 @@ class QuantConfig:
                               "weights", "alloc.weights", "weight.bits")
         if self.alloc.active:
             self.alloc.resolved_prior(self.act.method)
+        if self.rounding.learned and self.weight.bits is None:
+            raise ConfigError("AdaRound learns how quantized weights round: not with float weights",
+                              "rounding.method", "weight.bits")
 
     def with_pass(self, bits: int | None | str = SAME, weight_bits: int | None | str = SAME,
                   method: str | None = None, keep_8bit: frozenset[str] | None = None) -> QuantConfig:

@@ -22,7 +22,7 @@ from .config import RunConfig, flatten
 
 # What a results row measured, first; then every setting of the run (RunConfig's field paths) and its identity.
 PASS_COLUMNS = ("arch", "weights", "pass", "qtype", "qweight", "threshold", "top1", "top5", "top1_se", "images",
-                "seconds", "top1_agreement", "sqnr_db", "max_logit_diff", "kept_8bit", "file")
+                "seconds", "cal_seconds", "top1_agreement", "sqnr_db", "max_logit_diff", "kept_8bit", "file")
 IDENTITY_COLUMNS = ("weights_fingerprint", "stats_folder", "stats_fingerprint", "cal_images", "eval_images",
                     "settings", "version")
 PER_PASS = ("act.bits", "weight.bits", "weight.bias_bits")  # each row's qtype / qweight say them
@@ -184,6 +184,7 @@ class Recorder:
             "qweight": qtype_name(weight_bits), "threshold": cfg.act.method if method is None else method,
             "top1": round(acc.prec1, 3), "top5": round(acc.prec5, 3), "top1_se": round(acc.prec1_se, 3),
             "images": acc.images, "seconds": round(measured.seconds, 2),
+            "cal_seconds": "" if getattr(measured, "cal_seconds", None) is None else round(measured.cal_seconds, 2),
             "top1_agreement": "" if agreement is None else round(agreement.top1_agreement, 3),
             "sqnr_db": "" if agreement is None else round(agreement.sqnr_db, 3),
             "max_logit_diff": "" if agreement is None else float(f"{agreement.max_abs_diff:.6g}"),

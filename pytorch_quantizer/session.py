@@ -13,6 +13,7 @@ from torch import fx, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import __version__
+from .adaround import LearnedRounding
 from .config import RunConfig
 from .data import (
     CACHE_MEMORY_FRACTION,
@@ -89,13 +90,15 @@ class Session:
         self.evaluation = self._evaluation_indices() if cfg.stats_mode != "collect" else []
         self.relu_caps: dict[str, float | None] | None = None  # the layers that only feed a ReLU, traced once
         if cfg.act.half_range and cfg.stats_mode != "collect":
-            self.relu_caps = relu_fed_layers(self.model, self.example_input().to(self.device))
-            if not self.relu_caps:
+            if not self.relu_fed():
                 log.warning("-hr: no conv/linear output of %s feeds only a ReLU-like activation, so every grid stays "
                             "two-sided (the half range changes nothing here)", cfg.arch)
         self._correction: DataLoader | None = None
+        self.roundings: dict[str, LearnedRounding] = {}  # AdaRound's learned roundings by key (passes)
         if cfg.correct.act_bias:
             self.dist.check_items(len(self.correction_images()[1]), data.batch_size, "-bca calibration")
+        if cfg.rounding.learned and cfg.stats_mode != "collect":  # refused now, not after a pass
+            self.correction_images("AdaRound learns each layer's rounding")
         if cfg.stats_mode == "collect":
             self.dist.check_items(len(self.calibration), data.batch_size, "calibration")
         else:
@@ -161,14 +164,21 @@ class Session:
         names = set(self.stats.calibration_images())
         return [i for i, name in enumerate(relative_paths(self.dataset)) if name in names]
 
-    def correction_images(self) -> tuple[Dataset, list[int]]:
-        """The images ``-bca`` measures its shifts on: those the loaded statistics were collected on (they are
-        held out of evaluation), else this run's ``-cs`` / ``--cal-data`` calibration images."""
+    def relu_fed(self) -> dict[str, float | None]:
+        """The layers whose output only feeds a ReLU (module path -> its cap), traced once per run."""
+        if self.relu_caps is None:
+            self.relu_caps = relu_fed_layers(self.model, self.example_input().to(self.device))
+        return self.relu_caps
+
+    def correction_images(self, purpose: str = "-bca measures each layer's mean shift") -> tuple[Dataset, list[int]]:
+        """The images ``-bca`` measures its shifts on and AdaRound learns on (``purpose`` says which, in the
+        refusals): those the loaded statistics were collected on (they are held out of evaluation), else this run's
+        ``-cs`` / ``--cal-data`` calibration images."""
         data = self.cfg.data
         if self.stats is not None:
             record = self.stats.meta.get("calibration")
             if record is None:
-                raise DataError(f"-bca measures on the calibration images, but the statistics in {self.stats.folder} "
+                raise DataError(f"{purpose} on the calibration images, but the statistics in {self.stats.folder} "
                                 "do not list theirs (an older release); collect them again")
             folder = Path(record["folder"])
             source = next((d for d in (self.cal_dataset, self.dataset) if Path(d.root).resolve() == folder), None)
@@ -179,12 +189,12 @@ class Session:
             names = self.stats.calibration_images()
             missing = [name for name in names if name not in index]
             if missing:
-                raise DataError(f"-bca: {len(missing)} calibration images of {self.stats.folder} are no longer in "
+                raise DataError(f"{purpose}: {len(missing)} calibration images of {self.stats.folder} are no longer in "
                                 f"{folder} (first: {missing[0]})")
             return source, sorted(index[name] for name in names)
         if data.cal_size is None and data.cal_root is None:
-            raise DataError("-bca measures each layer's mean shift on calibration images held out of evaluation: "
-                            "give -cs N or --cal-data DIR, or use statistics (-sm use)")
+            raise DataError(f"{purpose} on calibration images held out of evaluation: give -cs N or --cal-data DIR, "
+                            "or use statistics (-sm use)")
         return self.cal_dataset, self.calibration
 
     def correction_loader(self) -> DataLoader:

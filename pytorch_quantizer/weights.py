@@ -100,6 +100,33 @@ def quantize_on_grid(w: torch.Tensor, grid: QParams | None) -> torch.Tensor:
     return quantize_with_qparams(w, grid)
 
 
+def grid_view(grid: QParams, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(scale, inv_scale, offset, qmax) of ``grid`` as float32 tensors on ``like``'s device, shaped to broadcast
+    over its output channels (dim 0) when the grid has one set per channel."""
+    shape = (-1, *([1] * (like.dim() - 1))) if isinstance(grid.scale, torch.Tensor) else ()
+    return tuple(torch.as_tensor(v, dtype=torch.float32, device=like.device).reshape(shape)
+                 for v in (grid.scale, grid.inv_scale, grid.offset, grid.qmax))
+
+
+def grid_floor(w: torch.Tensor, grid: QParams) -> torch.Tensor:
+    """``floor((w - offset) * inv_scale)``: the level at or below each weight, in the float32 steps the quantizer
+    takes (``gemmlowp``), so that floor + 1 is the level above whenever nearest rounding would not give it."""
+    _, inv_scale, offset, _ = grid_view(grid, w)
+    return torch.floor((w.float() - offset) * inv_scale)
+
+
+def round_on_grid(w: torch.Tensor, grid: QParams | None, up: torch.Tensor) -> torch.Tensor:
+    """``w`` on ``grid`` with each weight at the level below it, or above it where ``up`` (learned rounding,
+    ``adaround``), clamped to the grid's ends like nearest rounding; channels of scale 0 (constant) and a None grid
+    keep their values.  A new tensor of ``w``'s dtype."""
+    if grid is None:
+        return w.clone()
+    scale, _, offset, qmax = grid_view(grid, w)
+    q = (grid_floor(w, grid) + up.to(w.device, torch.float32)).clamp_(min=0.0)
+    q = torch.minimum(q, qmax) if isinstance(grid.scale, torch.Tensor) else q.clamp_(max=float(grid.qmax))
+    return torch.where(scale > 0, q * scale + offset, w.float()).to(w.dtype)
+
+
 class WeightCorrection(Protocol):
     """Adjusts a quantized weight given the float one (bias correction of the mean or variance, ...); returns the
     tensor to use.  ``layer`` says whose weight it is."""
@@ -154,7 +181,9 @@ class WeightQuantizer:
     allocated width); the biases are at ``config.bias_bits`` (None: float).  Each correction is applied in order to
     every quantized weight (not to biases).  ``bias_shifts`` (module path -> one value per output channel, the
     activations' bias correction ``-bca``) are added to the biases after they are quantized: a deployment keeps
-    biases in int32 at the accumulator's scale, fine enough for the correction."""
+    biases in int32 at the accumulator's scale, fine enough for the correction.  ``rounding`` (layer name -> bool
+    tensor of the weight's shape, ``adaround``) rounds those weights up where true and down elsewhere, on the same
+    grid, instead of to the nearest level."""
 
     def __init__(
         self,
@@ -165,6 +194,7 @@ class WeightQuantizer:
         bias_shifts: Mapping[str, torch.Tensor] | None = None,
         allocation: BitAllocation | None = None,
         sigma_estimator: str = "range",
+        rounding: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.layers, self.specs = list(layers), list(specs)
         if len(self.specs) != len(self.layers):
@@ -173,6 +203,7 @@ class WeightQuantizer:
         self.corrections = list(corrections)
         self.bias_shifts = dict(bias_shifts or {})
         self.allocation = allocation  # policy.BitAllocation over each weight's output channels (-baw), or None
+        self.rounding = dict(rounding or {})
         self._methods = {name: get_method(name, sigma_estimator) for name in {s.method for s in self.specs}}
         self._originals: list[tuple[torch.Tensor, torch.Tensor]] = []
         # layer name -> the grid its weight was quantized on while attached (None: float or identity); an export
@@ -192,7 +223,7 @@ class WeightQuantizer:
                 weight, bias = layer.module.weight, getattr(layer.module, "bias", None)
                 shift = self.bias_shifts.get(layer.module_name)
                 for param, bits, quantize, corrections, add in (
-                    (weight, spec.bits, lambda p, b, s=spec, n=layer.name: self._quantize_weight(p, b, s, n),
+                    (weight, spec.bits, lambda p, b, s=spec, lay=layer: self._quantize_weight(p, lay, s),
                      self.corrections, None),
                     (bias, cfg.bias_bits, lambda p, b: quantize_parameter(
                         p, b, False, cfg.preserve_zero, cfg.pow2_scale), (), shift),
@@ -209,12 +240,19 @@ class WeightQuantizer:
                     param.copy_(quantized)
         return self
 
-    def _quantize_weight(self, w: torch.Tensor, bits: int, spec: WeightSpec, name: str) -> torch.Tensor:
+    def grid_of(self, layer: ActivationLayer, spec: WeightSpec) -> QParams | None:
+        """The grid ``layer``'s current weight goes on under ``spec`` (None: float weights, or a constant tensor)."""
+        if spec.bits is None:
+            return None
         cfg = self.config
-        grid = parameter_grid(w, bits, spec.per_channel, cfg.preserve_zero, cfg.pow2_scale, self._methods[spec.method],
-                              self.allocation, spec.levels_bits)
-        self.grids[name] = grid
-        return quantize_on_grid(w, grid)
+        return parameter_grid(layer.module.weight.detach(), spec.bits, spec.per_channel, cfg.preserve_zero,
+                              cfg.pow2_scale, self._methods[spec.method], self.allocation, spec.levels_bits)
+
+    def _quantize_weight(self, w: torch.Tensor, layer: ActivationLayer, spec: WeightSpec) -> torch.Tensor:
+        grid = self.grid_of(layer, spec)
+        self.grids[layer.name] = grid
+        up = self.rounding.get(layer.name)
+        return quantize_on_grid(w, grid) if up is None else round_on_grid(w, grid, up)
 
     def detach(self) -> None:
         self.grids.clear()

@@ -726,6 +726,14 @@ row("folded statistics with --no_fold_bn", f"{USE} -sf {{stats}} --no_fold_bn", 
 row("statistics of the plain model with --equalize", f"{USE} -sf {{stats}} --equalize",
     "collected with equalized=False")
 row("--equalize with --no_fold_bn", "--equalize --no_fold_bn --qtype int4", "drop --no_fold_bn")
+row("--weight_rounding adaround with float weights", "--qtype int4 -qw f32 --weight_rounding adaround -cs 4",
+    "not with float weights")
+row("--weight_rounding adaround without calibration images", "-qw int4 --weight_rounding adaround",
+    "AdaRound learns each layer's rounding on calibration images held out of evaluation")
+row("--adaround_iters 0", "-qw int4 --weight_rounding adaround -cs 4 --adaround_iters 0", "--adaround_iters")
+row("--adaround_batch 0", "-qw int4 --weight_rounding adaround -cs 4 --adaround_batch 0", "--adaround_batch")
+row("--weight_rounding adaround in a collect pass", "-sm collect -cs 4 --weight_rounding adaround",
+    "not in a collect pass")
 row("output statistics with --act_point input", f"{USE} -sf {{stats}} --act_point input",
     "collect them with --act_point input")
 row("per-tensor statistics with -pcq_a", f"{USE} -sf {{stats}} -pcq_a", "-pcq_a needs per-channel statistics")
