@@ -1,6 +1,7 @@
 """inference_sim.py end to end on a synthetic wnid-named ImageFolder and a small torchvision model."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +51,13 @@ def last_result(out: Path) -> pd.Series:
 
 def test_collect_writes_statistics_and_prints_seed_line(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "-sm", "collect") == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(" * Prec@1 ") or line.startswith("* Prec@1 ")
+    *_, line, error = capsys.readouterr().out.rstrip().splitlines()
+    assert re.fullmatch(r" \* Prec@1 \d+\.\d{3} Prec@5 \d+\.\d{3}", line)  # the seed's line, exactly
+    row = last_result(tmp_path)
+    assert error == (f" * binomial standard error: Prec@1 ±{row['top1_se']:.2f} Prec@5 ±{row['top5_se']:.2f} "
+                     "(8 images)")
     stats = tmp_path / "stats"
     assert (stats / "meta.json").is_file() and (stats / "conv0_activation_summary.csv").is_file()
-    row = last_result(tmp_path)
     assert row["stats_mode"] == "collect" and row["images"] == 8 and row["qtype"] == "fp32"
 
 
