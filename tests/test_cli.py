@@ -49,6 +49,18 @@ def last_result(out: Path) -> pd.Series:
     return pd.read_csv(out / "results.csv", keep_default_na=False).iloc[-1]
 
 
+def assert_binomial_errors(table: pd.DataFrame, images: int | None = None) -> None:
+    """Every row's ``top1_se`` and ``top5_se`` are the binomial standard errors of its accuracies on its images
+    (the ``images`` column, or ``images`` for a table without one)."""
+    from pytorch_quantizer.results import binomial_se
+
+    images = table["images"] if images is None else pd.Series([images] * len(table))
+    for metric in ("top1", "top5"):
+        hits = (table[metric].astype(float) * images / 100).round().astype(int)
+        expected = [round(binomial_se(h, n), 3) for h, n in zip(hits, images, strict=True)]
+        assert table[f"{metric}_se"].astype(float).tolist() == pytest.approx(expected, abs=1e-3), metric
+
+
 def test_collect_writes_statistics_and_prints_seed_line(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "-sm", "collect") == 0
     *_, line, error = capsys.readouterr().out.rstrip().splitlines()
@@ -122,6 +134,7 @@ def test_eval_precision_table(data_dir, stats_dir):
     assert run_cli(data_dir, stats_dir, "-sm", "use", "-th", "laplace", "-ep") == 0
     table = pd.read_csv(last_result(stats_dir)["file"])
     assert list(table["precision"]) == ["fp32", "int8", "int7", "int6", "int5", "int4"]
+    assert_binomial_errors(table)
 
 
 def test_no_stats_mode_eval_precision(data_dir, tmp_path):
