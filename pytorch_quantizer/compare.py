@@ -9,8 +9,9 @@ handed to the evaluation pass as is.  Decoded evaluation images are cached once 
 
 Outputs, named by the run's settings hash so that runs never overwrite each other's files:
 
-- ``results/compare/<arch>_<settings>.csv``: one row per method x bits plus the FP32 reference, and a bokeh
-  page ``.html`` beside it (accuracy per method and bit width, calibration cost per method);
+- ``results/compare/<arch>_<settings>.csv``: one row per method x bits plus the FP32 reference, each accuracy with
+  its binomial standard error (``top1_se``, ``top5_se``), and a bokeh page ``.html`` beside it (accuracy per method
+  and bit width with error bars, calibration cost per method, a subtitle saying where the images came from);
 - with ``-ct``: ``results/custom_test/<arch>_<qtype>_compare_<settings>.csv``, ``.png`` and ``.html``: the seed's
   layer selection (k layers with the largest estimated MSE kept at 8 bits) for every method, accuracy against the
   number of layers left at ``--qtype`` (the seed's ``figures/<model>_fig1.png``, one line per method; the bokeh
