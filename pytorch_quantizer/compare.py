@@ -10,8 +10,9 @@ is.  Decoded evaluation images are cached once for all passes when they fit
 
 Outputs, named by the run's settings hash so that runs never overwrite each other's files:
 
-- ``results/compare/<arch>_<settings>.csv``: one row per method x bits plus the FP32 reference, and a bokeh
-  page ``.html`` beside it (accuracy per method and bit width, calibration cost per method);
+- ``results/compare/<arch>_<settings>.csv``: one row per method x bits plus the FP32 reference, each accuracy with
+  its binomial standard error (``top1_se``, ``top5_se``), and a bokeh page ``.html`` beside it (accuracy per method
+  and bit width with error bars, calibration cost per method, a subtitle saying where the images came from);
 - with ``-ct``: ``results/custom_test/<arch>_<qtype>_compare_<settings>.csv``, ``.png`` and ``.html``: the seed's
   layer selection (k layers with the largest estimated MSE kept at 8 bits) for every method, accuracy against the
   number of layers left at ``--qtype`` (the seed's ``figures/<model>_fig1.png``, one line per method; the bokeh
@@ -44,14 +45,15 @@ from .passes import collect as collect_pass
 from .policy import BitAllocation, plan_layers
 from .quant_config import QuantConfig
 from .report import compare_page, layer_selection_page
+from .results import accuracy_cells
 from .session import Session
 from .stats import Statistics, load_statistics
 
 log = logging.getLogger("pytorch_quantizer")
 
-TABLE_COLUMNS = ("method", "bits", "top1", "top5", "images", "cal_seconds", "eval_seconds")
+TABLE_COLUMNS = ("method", "bits", "top1", "top5", "top1_se", "top5_se", "images", "cal_seconds", "eval_seconds")
 SECONDS_COLUMNS = ("cal_seconds", "eval_seconds")  # the only columns that differ between identical runs
-CT_COLUMNS = ("method", "k", "layers_at_bits", "added_layer", "top1", "top5")
+CT_COLUMNS = ("method", "k", "layers_at_bits", "added_layer", "top1", "top5", "top1_se", "top5_se")
 FP32 = "fp32"
 
 
@@ -139,7 +141,7 @@ def run_compare(session: Session, record: Record, settings: str) -> pd.DataFrame
                 figure = layer_selection_figure(table, cfg)
                 atomic_write(stem.with_suffix(".png"),
                              lambda tmp: Path(tmp).write_bytes(png_bytes(figure, SELECTION_DPI)))
-                page = layer_selection_page(table, cfg, len(session.evaluation))
+                page = layer_selection_page(table, cfg, session.image_sources())
                 atomic_write(stem.with_suffix(".html"), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
                 print(table.to_string(index=False), flush=True)
                 log.info("layer-selection table and figures written to %s.{csv,png,html}", stem)
@@ -150,7 +152,7 @@ def run_compare(session: Session, record: Record, settings: str) -> pd.DataFrame
         return table
     write_csv_atomic(table, path)
     html = path.with_suffix(".html")
-    page = compare_page(table, shared_seconds, cfg, session.stats.meta["images"])
+    page = compare_page(table, shared_seconds, cfg, session.image_sources())
     atomic_write(html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     print(table.to_string(index=False), flush=True)
     log.info("shared calibration pass: %.2f s; table written to %s, chart to %s", shared_seconds, path, html)
@@ -177,8 +179,8 @@ def _compare(session: Session, record: Record, stats: Statistics, methods: Seque
 
 def _table_row(method: str, bits: str, measured, cal_seconds: float) -> dict:
     acc = measured.acc
-    return {"method": method, "bits": bits, "top1": round(acc.prec1, 3), "top5": round(acc.prec5, 3),
-            "images": acc.images, "cal_seconds": round(cal_seconds, 6), "eval_seconds": round(measured.seconds, 3)}
+    return {"method": method, "bits": bits, **accuracy_cells(acc), "images": acc.images,
+            "cal_seconds": round(cal_seconds, 6), "eval_seconds": round(measured.seconds, 3)}
 
 
 def _layer_selection(session: Session, record: Record, methods: Sequence[str], path: Path) -> pd.DataFrame:
@@ -191,7 +193,7 @@ def _layer_selection(session: Session, record: Record, methods: Sequence[str], p
     measured = evaluate(session, loader, FP32, keep=reference)
     record(measured, FP32, None, None, file=path, method="")
     frames = [pd.DataFrame([{"method": FP32, "k": -1, "layers_at_bits": 0, "added_layer": "",
-                             "top1": round(measured.acc.prec1, 3), "top5": round(measured.acc.prec5, 3)}])]
+                             **accuracy_cells(measured.acc)}])]
     for method, order in orders.items():
         frame = layer_selection(session, loader, order, record, path, method=method, against=reference)
         frames.append(frame.assign(method=method, layers_at_bits=len(order) - frame["k"]))

@@ -160,18 +160,23 @@ def weights_label(cfg) -> str:
 def layer_selection_figure(table: pd.DataFrame, cfg) -> Figure:
     """Top-1 against the number of regular layers at the activation width (the others kept at 8 bits), one line
     per method of a ``-ct --compare`` table (``compare.CT_COLUMNS``), the FP32 accuracy dashed (the seed's
-    ``figures/<model>_fig1.png``); ``cfg``: the run's ``config.RunConfig``."""
+    ``figures/<model>_fig1.png``); ``cfg``: the run's ``config.RunConfig``.  Each point has error bars of one
+    binomial standard error (``top1_se``) and FP32 a band of its own, so that a step smaller than the image set's
+    sampling error does not read as an effect."""
     fig = Figure(figsize=SELECTION_SIZE, dpi=SELECTION_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for method, part in table[table["method"] != "fp32"].groupby("method", sort=False):
         part = part.sort_values("layers_at_bits")
-        ax.plot(part["layers_at_bits"], part["top1"], "o-", markersize=3, color=method_colour(method), label=method)
+        ax.errorbar(part["layers_at_bits"], part["top1"], yerr=part["top1_se"], fmt="o-", markersize=3, capsize=2,
+                    elinewidth=0.8, color=method_colour(method), label=method)
     fp32 = table[table["method"] == "fp32"]
     if len(fp32):
-        ax.axhline(float(fp32["top1"].iloc[0]), color="black", linestyle="--", linewidth=1, label="FP32")
+        level, spread = float(fp32["top1"].iloc[0]), float(fp32["top1_se"].iloc[0])
+        ax.axhline(level, color="black", linestyle="--", linewidth=1, label="FP32")
+        ax.axhspan(level - spread, level + spread, color="black", alpha=0.08, linewidth=0)
     ax.set_xlabel(f"layers at {cfg.act.bits} bits (the others at 8, largest estimated MSE kept first)")
-    ax.set_ylabel("top-1 (%) on the held-out images")
+    ax.set_ylabel("top-1 (%) on the held-out images, ± 1 s.e.")
     grids = ", ReLU-aware grids" if cfg.act.half_range else ""
     ax.set_title(f"{cfg.arch}, {weights_label(cfg)}{grids}: layer selection per clipping method", fontsize=11)
     ax.grid(True, alpha=0.3)

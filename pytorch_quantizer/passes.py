@@ -34,7 +34,7 @@ from .model_quantizer import ModelQuantizer, model_policy
 from .observers import PER_CHANNEL
 from .policy import LayerPlan, mse_order
 from .quant_config import QuantConfig
-from .results import Accuracy
+from .results import ACCURACY_COLUMNS, Accuracy
 from .session import Mapped, Session
 from .stats import StatisticsCollector
 
@@ -328,8 +328,8 @@ def precision_sweep(session: Session, loader: DataLoader, record: Record, path: 
             measured, _ = quantized_pass(session, loader, quant.with_pass(bits, weight_bits), name, against=reference)
             entries.append((name, measured, record(measured, name, bits, weight_bits, file=path)))
     return pd.DataFrame(
-        [{"precision": name, "qweight": row["qweight"], "qtype": row["qtype"], "top1": row["top1"],
-          "top5": row["top5"], "images": m.acc.images} for name, m, row in entries]
+        [{"precision": name, "qweight": row["qweight"], "qtype": row["qtype"],
+          **{column: row[column] for column in ACCURACY_COLUMNS}, "images": m.acc.images} for name, m, row in entries]
     )
 
 
@@ -354,6 +354,6 @@ def layer_selection(session: Session, loader: DataLoader, order: list[str], reco
         quant = cfg.quant().with_pass(method=method, keep_8bit=frozenset(kept))
         measured, _ = quantized_pass(session, loader, quant, f"k={k}", against=against)
         row = record(measured, f"k={k}", cfg.act.bits, cfg.weight.bits, kept, file=path, method=method)
-        out.append({"k": k, "added_layer": kept[-1] if kept else "", "top1": row["top1"], "top5": row["top5"]})
+        out.append({"k": k, "added_layer": kept[-1] if kept else "", **{c: row[c] for c in ACCURACY_COLUMNS}})
     return pd.DataFrame(out)
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from bokeh.embed import file_html
 from bokeh.layouts import column, gridplot, row
-from bokeh.models import ColumnDataSource, DataTable, Div, HoverTool, Span, TableColumn
+from bokeh.models import BoxAnnotation, ColumnDataSource, DataTable, Div, HoverTool, Span, TableColumn, Whisker
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
 from scipy import stats as scipy_stats
@@ -276,6 +276,9 @@ def build_report(
 
 # -- the comparison pages (compare.py's tables) ----------------------------------------------------------------
 FP32 = "fp32"
+ERROR_NOTE = ("error bars and the _se columns: one binomial standard error, 100 sqrt(p (1 - p) / n), the sampling "
+              "error of these images, not a confidence interval on ImageNet; two passes over the same images are "
+              "paired, so the error of their difference is smaller than the two bars suggest")
 
 
 def _run_line(cfg) -> str:
@@ -286,30 +289,41 @@ def _run_line(cfg) -> str:
 
 def _accuracy_figures(lines: pd.DataFrame, fp32: pd.DataFrame, x: str, columns: Sequence[str], name: str,
                       titles: tuple[str, str], tooltips: list[tuple[str, str]], size: int) -> list:
-    """Top-1 and top-5 figures: one line per method of ``lines`` against column ``x``, the FP32 accuracy dashed;
-    ``titles`` are the title (with ``{metric}``) and the x-axis label; hover shows ``tooltips`` and the metric."""
+    """Top-1 and top-5 figures: one line per method of ``lines`` against column ``x``, each point with error bars of
+    one binomial standard error (the ``<metric>_se`` columns) either side, the FP32 accuracy dashed in a band of its
+    own; ``titles`` are the title (with ``{metric}``) and the x-axis label; hover shows ``tooltips`` and the metric
+    with its ±."""
     figures = []
     for metric in ("top1", "top5"):
         fig = figure(width=560, height=380, title=titles[0].format(metric=metric), x_axis_label=titles[1],
-                     y_axis_label=f"{metric} (%)", tools="pan,box_zoom,reset,save", name=f"{name}_{metric}")
+                     y_axis_label=f"{metric} (%), ± one binomial standard error", tools="pan,box_zoom,reset,save",
+                     name=f"{name}_{metric}")
+        error = f"{metric}_se"
         for method, part in lines.groupby("method", sort=False):
-            source = _source(part.sort_values(x)[list(columns)])
+            part = part.sort_values(x)[list(columns)]
+            source = _source(part.assign(lower=part[metric] - part[error], upper=part[metric] + part[error]))
             colour = method_colour(method)
             fig.line(x, metric, source=source, color=colour, legend_label=method, line_width=2)
             fig.scatter(x, metric, source=source, color=colour, legend_label=method, size=size)
+            whisker = Whisker(source=source, base=x, lower="lower", upper="upper", line_color=colour,
+                              name=f"{name}_{metric}_error")
+            whisker.upper_head.line_color = whisker.lower_head.line_color = colour
+            fig.add_layout(whisker)
         if len(fp32):
-            fig.add_layout(Span(location=float(fp32[metric].iloc[0]), dimension="width", line_color="black",
-                                line_dash="dashed"))
-        fig.add_tools(HoverTool(tooltips=[*tooltips, (metric, f"@{metric}")]))
+            level, spread = float(fp32[metric].iloc[0]), float(fp32[error].iloc[0])
+            fig.add_layout(Span(location=level, dimension="width", line_color="black", line_dash="dashed"))
+            fig.add_layout(BoxAnnotation(bottom=level - spread, top=level + spread, fill_color="black",
+                                         fill_alpha=0.08, line_alpha=0))
+        fig.add_tools(HoverTool(tooltips=[*tooltips, (metric, f"@{metric} ± @{error}")]))
         fig.legend.click_policy = "hide"
         figures.append(fig)
     return figures
 
 
-def layer_selection_page(table: pd.DataFrame, cfg, eval_images: int) -> str:
+def layer_selection_page(table: pd.DataFrame, cfg, images: str) -> str:
     """The ``-ct --compare`` sweep as a bokeh page: top-1 and top-5 against the number of layers at the activation
-    width, one line per method (FP32 dashed); hovering a point names the layer that step kept at 8 bits.  Opens
-    offline."""
+    width, one line per method with error bars (FP32 dashed); hovering a point names the layer that step kept at 8
+    bits.  ``images``: how the images were chosen (``session.Session.image_sources``).  Opens offline."""
     bits = cfg.act.bits
     figures = _accuracy_figures(
         table[table["method"] != FP32], table[table["method"] == FP32], "layers_at_bits", list(table.columns),
@@ -321,18 +335,19 @@ def layer_selection_page(table: pd.DataFrame, cfg, eval_images: int) -> str:
         fig.legend.location = "bottom_left"
     header = Div(width=1140, text=(
         f"<h2>{cfg.arch}: layer selection per clipping method</h2><p>{_run_line(cfg)}; the k layers with the largest "
-        f"estimated MSE (each method's own) kept at 8 bits, k in steps of {cfg.layer_selection_step}; {eval_images} "
-        f"evaluation images held out of calibration.</p>"))
+        f"estimated MSE (each method's own) kept at 8 bits, k in steps of {cfg.layer_selection_step}; "
+        f"{html.escape(images)}; {ERROR_NOTE}</p>"))
     return file_html(column(header, row(*figures)), resources=INLINE, title=f"{cfg.arch} layer selection")
 
 
-def compare_page(table: pd.DataFrame, shared_seconds: float, cfg, cal_images: int) -> str:
-    """The ``--compare`` page: top-1 and top-5 per method against the bit width (FP32 dashed), the range
-    computation time per method (log scale, beside the shared pass) and the table itself.  Opens offline."""
+def compare_page(table: pd.DataFrame, shared_seconds: float, cfg, images: str) -> str:
+    """The ``--compare`` page: top-1 and top-5 per method against the bit width with error bars (FP32 dashed), the
+    range computation time per method (log scale, beside the shared pass) and the table itself; ``images``: how the
+    images were chosen (``session.Session.image_sources``).  Opens offline."""
     quantized = table[table["method"] != FP32].assign(width=lambda t: t["bits"].str[3:].astype(int))
     accuracy = _accuracy_figures(
         quantized, table[table["method"] == FP32], "width",
-        ("method", "width", "top1", "top5", "cal_seconds", "eval_seconds"), "accuracy",
+        ("method", "width", "top1", "top5", "top1_se", "top5_se", "cal_seconds", "eval_seconds"), "accuracy",
         ("{metric} per clipping method and activation width", "activation bits"),
         [("method", "@method"), ("bits", "@width")], size=8)
     for fig in accuracy:
@@ -349,9 +364,9 @@ def compare_page(table: pd.DataFrame, shared_seconds: float, cfg, cal_images: in
     bars.hbar(y=labels, right=seconds, left=min(seconds) / 10, height=0.6, color=colours)
     shown = table.astype({"cal_seconds": object}).fillna("")
     header = Div(width=1140, text=(
-        f"<h2>{cfg.arch}: clipping methods compared</h2><p>{_run_line(cfg)}; {int(table['images'].iloc[0])} "
-        f"evaluation images held out of {cal_images} calibration images; one shared calibration pass of "
-        f"{shared_seconds:.2f} s (0: loaded with -sm use).</p>" + shown.to_html(index=False, border=0)))
+        f"<h2>{cfg.arch}: clipping methods compared</h2><p>{_run_line(cfg)}; {html.escape(images)}; one shared "
+        f"calibration pass of {shared_seconds:.2f} s (0: loaded with -sm use); {ERROR_NOTE}</p>"
+        + shown.to_html(index=False, border=0)))
     layout = column(header, row(*accuracy), bars)
     return file_html(layout, resources=INLINE, title=f"{cfg.arch} clipping comparison")
 

@@ -21,8 +21,8 @@ from .atomic import atomic_write, write_csv_atomic
 from .config import RunConfig, flatten
 
 # What a results row measured, first; then every setting of the run (RunConfig's field paths) and its identity.
-PASS_COLUMNS = ("arch", "weights", "pass", "qtype", "qweight", "threshold", "top1", "top5", "top1_se", "images",
-                "seconds", "cal_seconds", "top1_agreement", "sqnr_db", "max_logit_diff", "kept_8bit", "file")
+PASS_COLUMNS = ("arch", "weights", "pass", "qtype", "qweight", "threshold", "top1", "top5", "top1_se", "top5_se",
+                "images", "seconds", "cal_seconds", "top1_agreement", "sqnr_db", "max_logit_diff", "kept_8bit", "file")
 IDENTITY_COLUMNS = ("weights_fingerprint", "stats_folder", "stats_fingerprint", "cal_images", "eval_images",
                     "settings", "version")
 PER_PASS = ("act.bits", "weight.bits", "weight.bias_bits")  # each row's qtype / qweight say them
@@ -52,14 +52,50 @@ class Accuracy:
 
     @property
     def prec1_se(self) -> float:
-        """The binomial standard error of top-1, in points: sqrt(p (1 - p) / n) (about 0.8 at 80 % of 2277)."""
-        p = self.top1 / max(self.images, 1)
-        return 100.0 * math.sqrt(p * (1.0 - p) / max(self.images, 1))
+        """The binomial standard error of top-1, in points (``binomial_se``)."""
+        return binomial_se(self.top1, self.images)
+
+    @property
+    def prec5_se(self) -> float:
+        """The binomial standard error of top-5, in points (``binomial_se``)."""
+        return binomial_se(self.top5, self.images)
+
+
+def binomial_se(hits: int, images: int) -> float:
+    """The binomial standard error of an accuracy of ``hits`` out of ``images``, in percentage points:
+    ``100 sqrt(p (1 - p) / n)`` with ``p = hits / n`` (0.84 at 80 % of 2277 images, 2.3 at 80 % of 300).
+
+    Every accuracy the tool prints, writes or draws carries it, so that a reader of a 300-image table does not have
+    to work out whether two rows differ by more than the image set's luck.  It is the sampling error of *this* image
+    set, as if its images were drawn at random from a larger pool; it is not a confidence interval of the method on
+    ImageNet (a subset of easier or harder images shifts every row alike, which no error bar shows), and for two
+    passes over the same images it overstates the error of their difference, which is paired.  0 for no image."""
+    if images <= 0:
+        return 0.0
+    p = hits / images
+    return 100.0 * math.sqrt(p * (1.0 - p) / images)
+
+
+ACCURACY_COLUMNS = ("top1", "top5", "top1_se", "top5_se")  # every table of accuracies has them, in this order
+
+
+def accuracy_cells(acc: Accuracy) -> dict[str, float]:
+    """Top-1 and top-5 and their binomial standard errors (``ACCURACY_COLUMNS``), in points, to 3 decimals: the
+    cells of a results row and of every table a run writes."""
+    values = (acc.prec1, acc.prec5, acc.prec1_se, acc.prec5_se)
+    return {name: round(value, 3) for name, value in zip(ACCURACY_COLUMNS, values, strict=True)}
 
 
 def final_line(acc: Accuracy) -> str:
-    """The seed's closing line, exactly."""
+    """The seed's closing line, exactly (scripts and tests parse it; the error goes on ``error_line``)."""
     return f" * Prec@1 {acc.prec1:.3f} Prec@5 {acc.prec5:.3f}"
+
+
+def error_line(acc: Accuracy, who: str = "") -> str:
+    """The line under a closing line: the binomial standard errors of its two accuracies and the image count;
+    ``who`` names whose accuracies they are when the line above does (``"ONNX Runtime "``)."""
+    return (f" * {who}binomial standard error: Prec@1 ±{acc.prec1_se:.2f} Prec@5 ±{acc.prec5_se:.2f} "
+            f"({acc.images} images)")
 
 
 def qtype_name(bits: int | None) -> str:
@@ -182,8 +218,7 @@ class Recorder:
         row = {
             "arch": cfg.arch, "weights": cfg.weights, "pass": name, "qtype": qtype_name(bits),
             "qweight": qtype_name(weight_bits), "threshold": cfg.act.method if method is None else method,
-            "top1": round(acc.prec1, 3), "top5": round(acc.prec5, 3), "top1_se": round(acc.prec1_se, 3),
-            "images": acc.images, "seconds": round(measured.seconds, 2),
+            **accuracy_cells(acc), "images": acc.images, "seconds": round(measured.seconds, 2),
             "cal_seconds": "" if getattr(measured, "cal_seconds", None) is None else round(measured.cal_seconds, 2),
             "top1_agreement": "" if agreement is None else round(agreement.top1_agreement, 3),
             "sqnr_db": "" if agreement is None else round(agreement.sqnr_db, 3),

@@ -35,7 +35,7 @@ from .passes import (
 )
 from .policy import channel_plan_table, plan_table
 from .quant_config import ActivationConfig
-from .results import Recorder, check_results_file, check_writable_folder, final_line, qtype_name
+from .results import Accuracy, Recorder, check_results_file, check_writable_folder, error_line, final_line, qtype_name
 from .session import Session
 from .stats import check_replaceable
 
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
 
     if cfg.stats_mode == "collect":
         measured = collect(session, before_swap=lambda m: record(m, "collect", None, None, file=session.stats_path))
-        _say(dist, final_line(measured.acc))
+        _close(dist, measured.acc)
         return recorder.rows
 
     quant = cfg.quant()
@@ -104,7 +104,7 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     if not cfg.quantizes:
         measured = evaluate(session, loader, "fp32")
         record(measured, "fp32", None, None)
-        _say(dist, final_line(measured.acc))
+        _close(dist, measured.acc)
         return recorder.rows
 
     simulated = ReferenceLogits() if cfg.eval_onnx else None
@@ -125,9 +125,10 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     if ort is not None:
         record(ort, "onnxruntime", cfg.act.bits, cfg.weight.bits, file=cfg.export_onnx)
     _say(dist, _agreement_line(measured))
-    _say(dist, final_line(measured.acc))
+    _close(dist, measured.acc)
     if ort is not None:
         _say(dist, f" * ONNX Runtime Prec@1 {ort.acc.prec1:.3f} Prec@5 {ort.acc.prec5:.3f}")
+        _say(dist, error_line(ort.acc, "ONNX Runtime "))
         _say(dist, f" * ONNX Runtime against the simulator: top-1 agreement {ort.agreement.top1_agreement:.2f} % of "
                    f"{ort.agreement.images} images, largest logit difference {ort.agreement.max_abs_diff:.4g}")
     return recorder.rows
@@ -175,6 +176,13 @@ def _agreement_line(measured: Measured) -> str:
         return ""
     return (f" * agreement with FP32: top-1 {a.top1_agreement:.2f} % of {a.images} images, "
             f"logits SQNR {a.sqnr_db:.2f} dB")
+
+
+def _close(dist: DistContext, acc: Accuracy) -> None:
+    """The seed's closing line, unchanged so that what parses it still does, and the binomial standard errors of
+    its two accuracies on the line under it."""
+    _say(dist, final_line(acc))
+    _say(dist, error_line(acc))
 
 
 def _say(dist: DistContext, text: str) -> None:

@@ -270,6 +270,28 @@ class Session:
         self.stats_fingerprint = folder_fingerprint(stats.folder)
         self.evaluation = self._evaluation_indices()
 
+    def image_sources(self) -> str:
+        """How the evaluation images and the calibration images of the statistics were chosen, as one sentence for
+        the subtitles of the pages a run draws: a reader of a table must know whether calibration and evaluation
+        share a folder (the evaluated images are then held out of the calibration ones) or come from two (ImageNet's
+        train/val protocol), how many images each side has and which seed drew them."""
+        data = self.cfg.data
+        folder, count = Path(self.dataset.root).resolve(), len(self.evaluation)
+        subset = f" drawn with seed {data.seed}" if data.subset is not None else ""
+        evaluated = f"{count} evaluation images{subset} from {folder}"
+        if self.stats is None:
+            return f"{evaluated}; no calibration"
+        images, record = self.stats.meta["images"], self.stats.meta.get("calibration")
+        if record is None:
+            return f"{evaluated}; {images} calibration images of a folder the statistics do not name (older release)"
+        cal_folder, seed = Path(record["folder"]), self.stats.meta.get("seed", "?")
+        if cal_folder == folder:
+            return (f"{count} evaluation images{subset} held out of the {images} calibration images of {folder} "
+                    f"(drawn with seed {seed})")
+        if record.get("cal_set_size") is None:
+            return f"{evaluated}; all {images} images of {cal_folder} for calibration"
+        return f"{evaluated}; {images} calibration images drawn with seed {seed} from {cal_folder}"
+
     def identity(self) -> dict:
         """The provenance columns of a results row: weights, statistics and images."""
         collected = self.cfg.stats_mode == "collect"

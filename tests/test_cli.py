@@ -1,6 +1,7 @@
 """inference_sim.py end to end on a synthetic wnid-named ImageFolder and a small torchvision model."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,27 @@ def last_result(out: Path) -> pd.Series:
     return pd.read_csv(out / "results.csv", keep_default_na=False).iloc[-1]
 
 
+def assert_binomial_errors(table: pd.DataFrame, images: int | None = None) -> None:
+    """Every row's ``top1_se`` and ``top5_se`` are the binomial standard errors of its accuracies on its images
+    (the ``images`` column, or ``images`` for a table without one)."""
+    from pytorch_quantizer.results import binomial_se
+
+    images = table["images"] if images is None else pd.Series([images] * len(table))
+    for metric in ("top1", "top5"):
+        hits = (table[metric].astype(float) * images / 100).round().astype(int)
+        expected = [round(binomial_se(h, n), 3) for h, n in zip(hits, images, strict=True)]
+        assert table[f"{metric}_se"].astype(float).tolist() == pytest.approx(expected, abs=1e-3), metric
+
+
 def test_collect_writes_statistics_and_prints_seed_line(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "-sm", "collect") == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(" * Prec@1 ") or line.startswith("* Prec@1 ")
+    *_, line, error = capsys.readouterr().out.rstrip().splitlines()
+    assert re.fullmatch(r" \* Prec@1 \d+\.\d{3} Prec@5 \d+\.\d{3}", line)  # the seed's line, exactly
+    row = last_result(tmp_path)
+    assert error == (f" * binomial standard error: Prec@1 ±{row['top1_se']:.2f} Prec@5 ±{row['top5_se']:.2f} "
+                     "(8 images)")
     stats = tmp_path / "stats"
     assert (stats / "meta.json").is_file() and (stats / "conv0_activation_summary.csv").is_file()
-    row = last_result(tmp_path)
     assert row["stats_mode"] == "collect" and row["images"] == 8 and row["qtype"] == "fp32"
 
 
@@ -119,6 +134,7 @@ def test_eval_precision_table(data_dir, stats_dir):
     assert run_cli(data_dir, stats_dir, "-sm", "use", "-th", "laplace", "-ep") == 0
     table = pd.read_csv(last_result(stats_dir)["file"])
     assert list(table["precision"]) == ["fp32", "int8", "int7", "int6", "int5", "int4"]
+    assert_binomial_errors(table)
 
 
 def test_no_stats_mode_eval_precision(data_dir, tmp_path):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_cli import ARCH, data_dir  # noqa: F401  (the synthetic wnid folder fixture)
+from test_cli import ARCH, assert_binomial_errors, data_dir  # noqa: F401  (the synthetic wnid folder fixture)
 
 import inference_sim
 from pytorch_quantizer import ClippingMethod, compare, register, run
 from pytorch_quantizer.clipping import ClipDecision
-from pytorch_quantizer.compare import SECONDS_COLUMNS, observers_for
+from pytorch_quantizer.compare import CT_COLUMNS, SECONDS_COLUMNS, TABLE_COLUMNS, observers_for
 from pytorch_quantizer.config import RunConfig
 from pytorch_quantizer.figures import SELECTION_DPI, layer_selection_figure, png_bytes
 from pytorch_quantizer.methods import unregister
@@ -107,6 +107,8 @@ def test_compare_calibrates_once_and_writes_table_csv_chart(data_dir, tmp_path, 
     meta = json.loads((tmp_path / "stats" / "meta.json").read_text())
     assert [o["name"] for o in meta["observers"]] == ["moments", "toy_count"]
     table = pd.read_csv(compare_csv(tmp_path), keep_default_na=False)
+    assert list(table.columns) == list(TABLE_COLUMNS)
+    assert_binomial_errors(table)
     assert list(table["method"]) == ["fp32"] + [m for m in methods for _ in (4, 8)]
     assert list(table["bits"]) == ["fp32"] + ["int4", "int8"] * len(methods)
     assert (table["images"] == 4).all()  # the 4 calibration images are held out
@@ -120,8 +122,12 @@ def test_compare_calibrates_once_and_writes_table_csv_chart(data_dir, tmp_path, 
         (m, f"int{b}") for m in methods for b in (4, 8)]
     assert (results["compare"].iloc[-1], results["compare_bits"].iloc[-1]) == (" ".join(methods), "4 8")
     assert set(quantized["top1"]) == set(table["top1"][1:])
+    assert set(quantized["top5_se"]) == set(table["top5_se"][1:])
     page = compare_csv(tmp_path).with_suffix(".html").read_text()
     assert "Bokeh" in page and toy_method in page and "calibration cost" in page
+    # -cs from --data: the subtitle says the evaluated images are held out of the calibration images of that folder
+    assert f"4 evaluation images held out of the 4 calibration images of {(data_dir / 'val').resolve()} (drawn " \
+           "with seed 0)" in page
 
     # the same command again: the same table but for the timings, and the statistics are replaced, not stacked
     first = table.drop(columns=list(SECONDS_COLUMNS))
@@ -129,6 +135,18 @@ def test_compare_calibrates_once_and_writes_table_csv_chart(data_dir, tmp_path, 
     again = pd.read_csv(compare_csv(tmp_path), keep_default_na=False).drop(columns=list(SECONDS_COLUMNS))
     pd.testing.assert_frame_equal(first, again)
     assert len(collects) == 2
+
+
+def test_compare_page_names_a_calibration_folder_of_its_own(data_dir, tmp_path):  # noqa: F811
+    """--cal-data: the subtitle names both folders, the calibration draw and its seed (no "held out")."""
+    train = tmp_path / "train"
+    shutil.copytree(data_dir / "val", train)
+    flags = ("--compare", "no", "--qtype", "int8", "--cal-data", str(train), "-cs", "3", "--subset", "4", "--seed", "2")
+    assert run_cli(data_dir, tmp_path, *flags) == 0
+    page = compare_csv(tmp_path).with_suffix(".html").read_text()
+    assert (f"4 evaluation images drawn with seed 2 from {(data_dir / 'val').resolve()}; 3 calibration images drawn "
+            f"with seed 2 from {train.resolve()}") in page
+    assert "held out" not in page
 
 
 def test_compare_uses_a_folder_without_collecting(data_dir, tmp_path, collects):  # noqa: F811
@@ -177,6 +195,8 @@ def test_custom_test_for_several_methods_writes_csv_and_png(data_dir, tmp_path):
     assert run_cli(data_dir, tmp_path, *flags, arch=alexnet) == 0
     (csv,) = (tmp_path / "custom_test").glob("alexnet_int4_compare_*.csv")
     table = pd.read_csv(csv, keep_default_na=False)
+    assert list(table.columns) == list(CT_COLUMNS)
+    assert_binomial_errors(table, images=2)
     regular = 6  # alexnet: 8 layers, less the first conv and the classifier
     assert list(table["method"]) == ["fp32"] + ["laplace"] * (regular + 1) + ["no"] * (regular + 1)
     sweep = table[table["method"] == "no"]
@@ -186,8 +206,10 @@ def test_custom_test_for_several_methods_writes_csv_and_png(data_dir, tmp_path):
     assert png.startswith(b"\x89PNG")
     again = tmp_path / "again.png"  # the same table draws the same bytes (no date or software in the PNG)
     cfg = RunConfig(arch="alexnet", weights="none", act=ActivationConfig(bits=4), device="cpu")  # the run's W8
-    again.write_bytes(png_bytes(layer_selection_figure(table, cfg), SELECTION_DPI))
+    figure = layer_selection_figure(table, cfg)
+    again.write_bytes(png_bytes(figure, SELECTION_DPI))
     assert again.read_bytes() == png
+    assert len(figure.axes[0].containers) == 2  # one set of error bars per method
     html = csv.with_suffix(".html").read_text()
     assert "layer_selection_top1" in html and "layer_selection_top5" in html
 

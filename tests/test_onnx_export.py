@@ -203,7 +203,10 @@ def test_output_pairs_at_every_planned_tensor_and_nowhere_else(cli, tmp_path, ca
     fed = [n for n in layers if n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"]
     assert fed and all(producers[n.input[2]].op_type == "DequantizeLinear" for n in fed)  # int32 biases there
     out = capsys.readouterr().out
-    assert " * ONNX Runtime Prec@1 " in out.splitlines()[-2] and out.splitlines()[-3].startswith(" * Prec@1 ")
+    lines = out.splitlines()
+    assert lines[-5].startswith(" * Prec@1 ") and lines[-4].startswith(" * binomial standard error: Prec@1 ±")
+    assert lines[-3].startswith(" * ONNX Runtime Prec@1 ")
+    assert lines[-2].startswith(" * ONNX Runtime binomial standard error: Prec@1 ±")
     rows = pd.read_csv(tmp_path / "r.csv", keep_default_na=False)
     ort_row = rows[rows["pass"] == "onnxruntime"].iloc[0]
     assert float(ort_row["top1_agreement"]) >= 0 and float(ort_row["max_logit_diff"]) < 1e-3

@@ -121,3 +121,45 @@ def test_report_renders_in_headless_chromium(stats_and_dumps, tmp_path):
     for colour in ((0xD6, 0x27, 0x28), (0x1F, 0x77, 0xB4)):
         close = (np.abs(pixels - np.array(colour)).sum(axis=2) < 30).sum()
         assert close > 200, f"too few pixels of colour {colour}: the plots did not render"
+
+
+PLUS_MINUS = r"(?:±|\\u00b1)"  # as it stands in the page's JSON
+
+
+def _compare_table() -> pd.DataFrame:
+    from pytorch_quantizer.compare import TABLE_COLUMNS
+
+    rows = [("fp32", "fp32", 80.0, 95.0, 2.0, 1.09, float("nan")), ("laplace", "int4", 60.0, 85.0, 2.449, 1.785, 1e-3),
+            ("laplace", "int8", 79.0, 94.5, 2.037, 1.14, 1e-3)]
+    return pd.DataFrame([{"method": m, "bits": b, "top1": t1, "top5": t5, "top1_se": s1, "top5_se": s5, "images": 400,
+                          "cal_seconds": c, "eval_seconds": 1.0} for m, b, t1, t5, s1, s5, c in rows],
+                        columns=list(TABLE_COLUMNS))
+
+
+def test_compare_page_draws_error_bars_and_says_where_the_images_came_from():
+    from pytorch_quantizer.config import RunConfig
+    from pytorch_quantizer.report import compare_page
+
+    sources = "400 evaluation images from /data/val; 500 calibration images drawn with seed 0 from /train"
+    page = compare_page(_compare_table(), 2.5, RunConfig(arch="tinynet", weights="none"), sources)
+    for metric in ("top1", "top5"):
+        assert re.search(rf'\\?"name\\?":\\?"accuracy_{metric}_error\\?"', page), metric  # the Whisker
+        assert re.search(rf"@{metric} {PLUS_MINUS} @{metric}_se", page), metric  # the tooltip
+    assert sources in page and "one binomial standard error" in page
+    assert "top5_se" in page and "1.785" in page  # the table under the subtitle has the columns
+
+
+def test_layer_selection_page_draws_error_bars(tmp_path):
+    from pytorch_quantizer.compare import CT_COLUMNS
+    from pytorch_quantizer.config import RunConfig
+    from pytorch_quantizer.quant_config import ActivationConfig
+    from pytorch_quantizer.report import layer_selection_page
+
+    table = pd.DataFrame([("fp32", -1, 0, "", 80.0, 95.0, 2.0, 1.09), ("no", 0, 2, "", 50.0, 70.0, 2.5, 2.29),
+                          ("no", 1, 1, "conv1", 70.0, 90.0, 2.29, 1.5)], columns=list(CT_COLUMNS))
+    cfg = RunConfig(arch="tinynet", weights="none", act=ActivationConfig(bits=4))
+    page = layer_selection_page(table, cfg, "4 evaluation images held out of the 4 calibration images of /d/val")
+    assert re.search(r'\\?"name\\?":\\?"layer_selection_top1_error\\?"', page)
+    assert re.search(rf"@top1 {PLUS_MINUS} @top1_se", page)
+    assert "held out of the 4 calibration images of /d/val" in page
+

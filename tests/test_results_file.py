@@ -7,7 +7,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pytorch_quantizer.results import ResultsFileError, append_result, check_results_file
+from pytorch_quantizer.results import (
+    PASS_COLUMNS,
+    Accuracy,
+    Recorder,
+    ResultsFileError,
+    append_result,
+    binomial_se,
+    check_results_file,
+    error_line,
+    final_line,
+)
 
 ROW = {"arch": "tiny", "weights": "none", "pass": "fp32", "top1": 50.0, "note": 'a "quoted", cell'}
 
@@ -128,3 +138,43 @@ def test_a_collect_whose_results_row_fails_keeps_the_earlier_statistics(tmp_path
     assert capsys.readouterr().err.strip().endswith("r.csv: the disk is full")
     assert digests() == before and (tmp_path / "r.csv").read_text() == rows
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stats.")]
+
+
+@pytest.mark.parametrize(("hits", "images", "points"), [
+    (320, 400, 2.0),  # p = 0.8: 100 sqrt(0.16 / 400)
+    (1139, 2278, 100 * 0.5 / 2278**0.5),  # p = 0.5, the largest error at n: 1.05 points
+    (240, 300, 100 * (0.8 * 0.2 / 300) ** 0.5),  # the 300-image tables: 2.31 points
+    (0, 50, 0.0), (50, 50, 0.0), (0, 0, 0.0),  # no spread at 0 % or 100 %, and no images
+])
+def test_binomial_standard_error_of_known_counts(hits, images, points):
+    assert binomial_se(hits, images) == pytest.approx(points, rel=1e-12)
+
+
+def test_the_error_line_stands_under_the_unchanged_seed_line():
+    acc = Accuracy(images=2277, top1=1822, top5=2163)  # 80.0 % and 95.0 %
+    assert final_line(acc) == " * Prec@1 80.018 Prec@5 94.993"
+    assert error_line(acc) == " * binomial standard error: Prec@1 ±0.84 Prec@5 ±0.46 (2277 images)"
+    assert error_line(acc, "ONNX Runtime ").startswith(" * ONNX Runtime binomial standard error: Prec@1 ±0.84 ")
+
+
+def _recorder(tmp_path: Path) -> Recorder:
+    from pytorch_quantizer.config import DataConfig, RunConfig
+
+    cfg = RunConfig(arch="resnet18", weights="none", data=DataConfig(root=tmp_path), device="cpu",
+                    results=tmp_path / "results.csv")
+    return Recorder(cfg, lambda: {"eval_images": 400}, settings="0123abcd", write=True)
+
+
+def test_rows_carry_both_errors_and_an_older_file_takes_the_new_column(tmp_path):
+    """A results file of the release before ``top5_se`` is rewritten once with the column, empty in its rows."""
+    from types import SimpleNamespace
+
+    older = [c for c in PASS_COLUMNS if c != "top5_se"]
+    path = tmp_path / "results.csv"
+    path.write_text(",".join(older) + "\n" + ",".join("x" for _ in older) + "\n")
+    measured = SimpleNamespace(acc=Accuracy(images=400, top1=320, top5=380), seconds=1.0, agreement=None)
+    row = _recorder(tmp_path).record(measured, "fp32", None, None)
+    assert (row["top1"], row["top1_se"], row["top5"], row["top5_se"]) == (80.0, 2.0, 95.0, 1.09)
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    assert list(frame["top1_se"]) == ["x", "2.0"] and list(frame["top5_se"]) == ["", "1.09"]
+    assert set(PASS_COLUMNS) <= set(frame.columns)
