@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -123,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="evaluation root, DIR/val/<wnid>/*")
     parser.add_argument("--subset", type=positive, default=None, help="evaluate on M images (default: all)")
     parser.add_argument("--widths", type=parse_widths, default=parse_widths("W8A8,W4A8,W8A4,W4A4"))
-    parser.add_argument("--peer-round", choices=("learned", "gptq", "none"), default="learned",
-                        help="the peer's weight rounding after calibration (then bias correction)")
+    parser.add_argument("--peer-round", choices=("learned", "gptq", "none"), default="none",
+                        help="the peer's weight rounding after calibration, then bias correction (default none: "
+                             "learned rounding fails with accelerate 1.x and, like GPTQ, runs the network once per "
+                             "layer, about 570 s for 16 images on 2 loaded cores; docs/benchmarks.md)")
     parser.add_argument("--learned-round-iters", type=positive, default=200,
                         help="learned-rounding iterations per layer (Brevitas's default is 1000)")
     parser.add_argument("--learned-round-batch", type=positive, default=8)
@@ -134,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ours", default=OURS_DEFAULT, help=f"our flags for every width (default: {OURS_DEFAULT})")
     parser.add_argument("--sides", choices=("both", "peer", "ours"), default="both")
     parser.add_argument("-b", "--batch-size", type=positive, default=64)
-    parser.add_argument("--threads", type=positive, default=None)
+    parser.add_argument("--threads", type=positive, default=1,
+                        help="torch threads, here and in our runs (default 1: on a loaded machine 2 OpenMP threads "
+                             "wait for each other, docs/benchmarks.md)")
     parser.add_argument("--log", type=Path, default=None, help="default: benchmarks/logs/bench_peer_ARCH.txt")
     return parser
 
@@ -195,11 +200,22 @@ def image_sets(args: argparse.Namespace, preprocess: Preprocess) -> tuple[Images
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, images: Images, batch_size: int) -> float:
+def top1(model: torch.nn.Module, images: Images, batch_size: int, quantized: bool = False) -> float:
+    """Top-1 (%) of ``model`` on ``images``; a Brevitas model (``quantized``) under its ``quant_inference_mode``,
+    which caches the weights' quantization (a third faster on these cores, same function)."""
     model.eval()
     hits = 0
-    for x, t in images.batches(batch_size):
-        hits += int((model(x).argmax(1) == t).sum())
+    batches = images.batches(batch_size)
+    context = nullcontext()
+    if quantized:
+        from brevitas.export.inference import quant_inference_mode
+
+        context = quant_inference_mode(model)
+    with context:
+        if quantized:
+            model(batches[0][0][:2])  # the mode records its cached quantizers on a first forward
+        for x, t in batches:
+            hits += int((model(x).argmax(1) == t).sum())
     return 100 * hits / len(images.labels)
 
 
@@ -250,20 +266,22 @@ def peer_recipe(args: argparse.Namespace) -> str:
 
 
 def run_peer(args: argparse.Namespace, say: Callable[[str], None], model: torch.nn.Module, cal: Images,
-             val: Images) -> dict[str, Cell]:
+             val: Images, cells: dict[str, Cell], done: Callable[[], object]) -> None:
+    """Fill ``cells`` with the peer's FP32 and each width, calling ``done()`` after each (the log so far)."""
     start = time.perf_counter()
     float_model = peer_float(args, model)
     prepare = time.perf_counter() - start
-    cells = {"FP32": Cell(top1(float_model, val, args.batch_size), len(val.labels), prepare)}
+    cells["FP32"] = Cell(top1(float_model, val, args.batch_size), len(val.labels), prepare)
+    done()
     say(f"peer FP32 after its preparation ({'ReLU6 -> ReLU' if args.relu6_to_relu else 'ReLU6 kept'}): "
         f"{cells['FP32'].top1:.2f} % ({prepare:.1f} s to prepare)")
     for width in args.widths:
         start = time.perf_counter()
         quantized = peer_quantize(args, float_model, width, cal)
         seconds = prepare + time.perf_counter() - start
-        cells[width.name] = Cell(top1(quantized, val, args.batch_size), len(val.labels), seconds)
+        cells[width.name] = Cell(top1(quantized, val, args.batch_size, quantized=True), len(val.labels), seconds)
         say(f"peer {width.name}: {cells[width.name].top1:.2f} %, calibration {seconds:.1f} s")
-    return cells
+        done()
 
 
 # -- ours --------------------------------------------------------------------------------------------------------
@@ -296,8 +314,9 @@ def run_ours_command(command: list[str], say: Callable[[str], None], tmp: Path) 
     return output, row
 
 
-def run_ours(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Cell]:
-    cells = {}
+def run_ours(args: argparse.Namespace, say: Callable[[str], None], cells: dict[str, Cell],
+             done: Callable[[], object]) -> None:
+    """Fill ``cells`` with our FP32 and each width, calling ``done()`` after each (the log so far)."""
     with tempfile.TemporaryDirectory(prefix="bench_peer_") as name:
         tmp = Path(name)
         _, row = run_ours_command(ours_command(args, tmp, None, collect=True), say, tmp)
@@ -312,7 +331,7 @@ def run_ours(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, 
             key = "FP32" if width is None else width.name
             cells[key] = Cell(float(row["top1"]), int(row["images"]), seconds)
             say(f"ours {key}: {cells[key].top1:.2f} %, calibration {seconds:.1f} s")
-    return cells
+            done()
 
 
 # -- the table ---------------------------------------------------------------------------------------------------
@@ -342,8 +361,7 @@ def format_table(rows: Sequence[str], peer: dict[str, Cell], ours: dict[str, Cel
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     lines: list[str] = []
 
     def say(line: str) -> None:
@@ -358,24 +376,31 @@ def main(argv: Sequence[str] | None = None) -> str:
         fail(str(exc))
     say(f"bench_peer: {args.arch} ({args.weights}); calibration {len(cal.labels)} images of {args.cal_data} "
         f"(seed {args.seed}); evaluation {len(val.labels)} images of {args.data}/val; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads")
-    peer, ours = {}, {}
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    peer: dict[str, Cell] = {}
+    ours: dict[str, Cell] = {}
+    rows = ["FP32", *(w.name for w in args.widths)]
+    log = args.log or LOGS / f"bench_peer_{args.arch}.txt"
+
+    def write_log(final: bool = False) -> str:
+        """The log so far, rewritten whole (atomically) after every cell, so a run cut short keeps its cells."""
+        table = format_table(rows, peer, ours).splitlines()
+        text = "\n".join([*lines, *([] if final else ["(partial: the run had not finished)"]), *table]) + "\n"
+        atomic_write(log, lambda tmp: Path(tmp).write_text(text))
+        return text
+
+    if args.sides != "peer":  # ours first: the cheaper side
+        say(f"ours: {args.ours}")
+        run_ours(args, say, ours, write_log)
     if args.sides != "ours":
         import brevitas
 
         say(f"peer: Brevitas {brevitas.__version__}, {peer_recipe(args)}")
-        peer = run_peer(args, say, model, cal, val)
-    if args.sides != "peer":
-        say(f"ours: {args.ours}")
-        ours = run_ours(args, say)
-    table = format_table(["FP32", *(w.name for w in args.widths)], peer, ours)
-    for line in table.splitlines():
-        say(line)
-    text = "\n".join(lines) + "\n"
-    log = args.log or LOGS / f"bench_peer_{args.arch}.txt"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(log, lambda tmp: Path(tmp).write_text(text))
-    return text
+        run_peer(args, say, model, cal, val, peer, write_log)
+    say(f"load average at the end {os.getloadavg()[0]:.1f} (calibration seconds depend on it)")
+    for line in format_table(rows, peer, ours).splitlines():
+        print(line)
+    return write_log(final=True)
 
 
 if __name__ == "__main__":

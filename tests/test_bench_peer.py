@@ -24,7 +24,7 @@ def folders(tmp_path):
 def test_defaults_are_the_issue_table(tmp_path):
     args = bench.parse_args(folders(tmp_path))
     assert [w.name for w in args.widths] == ["W8A8", "W4A8", "W8A4", "W4A4"]
-    assert (args.cal_size, args.seed, args.subset, args.peer_round) == (256, 0, None, "learned")
+    assert (args.cal_size, args.seed, args.subset, args.peer_round, args.threads) == (256, 0, None, "none", 1)
     args = bench.parse_args([*folders(tmp_path), "--widths", "W4A4,W8A4", "--subset", "64", "--peer-round", "gptq"])
     assert [(w.weight, w.act) for w in args.widths] == [(4, 4), (8, 4)]
     assert args.subset == 64
