@@ -11,8 +11,10 @@ The peer (Brevitas, the ``peer`` extra: ``pip install -e ".[peer]"``), per width
 (BatchNorm merge, graph equalization with bias merge; ReLU6 kept unless ``--relu6-to-relu``: its default swaps them
 for ReLU, which changes this network's float function, so the FP32 row shows what the swap costs), the
 ``layerwise`` backend (per-channel symmetric weights, asymmetric activations at every conv/linear input, first conv
-and classifier at 8 bits, int32 biases), activation calibration, then learned rounding (AdaRound's rectified
-sigmoid, ``--peer-round learned``) or GPTQ (``--peer-round gptq``), then bias correction.
+and classifier at 8 bits, int32 biases), activation calibration, then nearest rounding (the default), learned
+rounding (AdaRound's rectified sigmoid, ``--peer-round learned``) or GPTQ (``--peer-round gptq``), then bias
+correction.  Why nearest by default: on 2 shared cores Brevitas 0.13.4's learned rounding fails with accelerate 1.16
+and its GPTQ took 570 s for 16 calibration images (docs/benchmarks.md).
 
 Ours, per width: ``inference_sim.py`` as subprocesses, one ``-sm collect`` of the calibration images into a temporary
 statistics folder (shared by every width, as a study shares it) and one ``-sm use`` run per width with ``--ours``'s
@@ -60,7 +62,7 @@ from pytorch_quantizer.data import (  # noqa: E402
     seeded_evaluation,
     wnid_folder_dataset,
 )
-from pytorch_quantizer.models import Preprocess, build_model  # noqa: E402
+from pytorch_quantizer.models import ModelError, Preprocess, build_model  # noqa: E402
 
 LOGS = ROOT / "benchmarks" / "logs"
 PEER_EXTRA = "peer"
@@ -97,7 +99,7 @@ class Cell(NamedTuple):
 
 
 def parse_widths(text: str) -> list[Width]:
-    """``W8A8,W4A4`` -> widths; argparse turns the ValueError into one line and exit 2."""
+    """``W8A8,W4A4`` -> widths; argparse turns the ArgumentTypeError into one line and exit 2."""
     widths = []
     for item in text.split(","):
         match = WIDTH.match(item.strip())
@@ -126,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--widths", type=parse_widths, default=parse_widths("W8A8,W4A8,W8A4,W4A4"))
     parser.add_argument("--peer-round", choices=("learned", "gptq", "none"), default="none",
                         help="the peer's weight rounding after calibration, then bias correction (default none: "
-                             "learned rounding fails with accelerate 1.x and, like GPTQ, runs the network once per "
-                             "layer, about 570 s for 16 images on 2 loaded cores; docs/benchmarks.md)")
+                             "its learned rounding fails with accelerate 1.16, and its GPTQ runs the network once "
+                             "per layer, 570 s for 16 images on 2 loaded cores; docs/benchmarks.md)")
     parser.add_argument("--learned-round-iters", type=positive, default=200,
                         help="learned-rounding iterations per layer (Brevitas's default is 1000)")
     parser.add_argument("--learned-round-batch", type=positive, default=8)
@@ -372,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     try:
         model, preprocess = build_model(args.arch, str(args.weights))
         cal, val = image_sets(args, preprocess)
-    except DataError as exc:
+    except (DataError, ModelError) as exc:
         fail(str(exc))
     say(f"bench_peer: {args.arch} ({args.weights}); calibration {len(cal.labels)} images of {args.cal_data} "
         f"(seed {args.seed}); evaluation {len(val.labels)} images of {args.data}/val; torch {torch.__version__}, "

@@ -95,3 +95,12 @@ def test_table_on_a_synthetic_result():
     assert float(fields["ours_W4A4_top1"]) == 36.67 and float(fields["peer_W4A4_cal_s"]) == pytest.approx(301.2)
     one_side = bench.format_table(["W4A4"], {}, ours).splitlines()
     assert one_side[2] == "| W4A4 | – | – | 36.67 ± 1.01 | 42.0 |"
+
+
+def test_missing_weights_file_exit_2_and_no_log(tmp_path, capsys):
+    log = tmp_path / "log.txt"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*folders(tmp_path), "--weights", str(tmp_path / "absent.pth"), "--log", str(log)])
+    assert exit_.value.code == 2
+    assert "absent.pth" in capsys.readouterr().err
+    assert not log.exists()
