@@ -99,7 +99,10 @@ class Cell(NamedTuple):
 
 
 def parse_widths(text: str) -> list[Width]:
-    """``W8A8,W4A4`` -> widths; argparse turns the ArgumentTypeError into one line and exit 2."""
+    """``W8A8,W4A4`` -> widths; ``none``: the FP32 rows only (what a preparation alone does to the float network);
+    argparse turns the ArgumentTypeError into one line and exit 2."""
+    if text.strip() == "none":
+        return []
     widths = []
     for item in text.split(","):
         match = WIDTH.match(item.strip())
@@ -125,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, required=True, help="evaluation root, DIR/val/<wnid>/*")
     parser.add_argument("--subset", type=positive, default=None, help="evaluate on M images (default: all)")
-    parser.add_argument("--widths", type=parse_widths, default=parse_widths("W8A8,W4A8,W8A4,W4A4"))
+    parser.add_argument("--widths", type=parse_widths, default=parse_widths("W8A8,W4A8,W8A4,W4A4"),
+                        help="comma list of W<bits>A<bits>, or none for the FP32 rows only")
     parser.add_argument("--peer-round", choices=("learned", "gptq", "none"), default="none",
                         help="the peer's weight rounding after calibration, then bias correction (default none: "
                              "its learned rounding fails with accelerate 1.16, and its GPTQ runs the network once "

@@ -28,6 +28,7 @@ def test_defaults_are_the_issue_table(tmp_path):
     args = bench.parse_args([*folders(tmp_path), "--widths", "W4A4,W8A4", "--subset", "64", "--peer-round", "gptq"])
     assert [(w.weight, w.act) for w in args.widths] == [(4, 4), (8, 4)]
     assert args.subset == 64
+    assert bench.parse_args([*folders(tmp_path), "--widths", "none"]).widths == []
 
 
 @pytest.mark.parametrize("bad", [["--widths", "W4"], ["--widths", "W1A8"], ["--widths", "W8A8,A4W4"],
