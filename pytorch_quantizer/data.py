@@ -151,6 +151,30 @@ def deterministic_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
     return Subset(dataset, sorted(chosen.tolist()))
 
 
+def seeded_order(total: int, seed: int) -> list[int]:
+    """The one permutation of ``total`` images by ``seed`` that a run's calibration images are taken from the front
+    of and its evaluation images from the end of (``Session``; ``benchmarks/bench_peer.py`` picks the same images
+    for a peer library through these functions)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def seeded_calibration(total: int, size: int, seed: int) -> list[int]:
+    """``-cs size --seed seed``'s calibration images of a folder of ``total``: the front of ``seeded_order``, in
+    folder order.  More than the folder holds is an error (a calibration set is never silently smaller)."""
+    if size > total:
+        raise DataError(f"-cs {size} asks for more calibration images than the {total} of the folder")
+    return sorted(seeded_order(total, seed)[:size])
+
+
+def seeded_evaluation(total: int, seed: int, held_out: set[int], subset: int | None) -> list[int]:
+    """The evaluation images of a folder of ``total``: all but ``held_out``, or the last ``subset`` of them in
+    ``seeded_order`` (so ``-cs N --subset M`` give the same images in every release), in folder order."""
+    pool = [i for i in seeded_order(total, seed) if i not in held_out]
+    if subset is not None:
+        pool = pool[max(len(pool) - subset, 0):]
+    return sorted(pool)
+
+
 class CachedDataset(Dataset):
     """Decodes every item of ``dataset`` once and keeps it in memory, then applies ``transform`` on access.
 

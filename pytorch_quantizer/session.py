@@ -24,6 +24,8 @@ from .data import (
     imagenet_val_dataset,
     make_loader,
     relative_paths,
+    seeded_calibration,
+    seeded_evaluation,
     wnid_folder_dataset,
 )
 from .distributed import DistContext
@@ -119,12 +121,7 @@ class Session:
             return list(range(total))
         if size > total:
             raise DataError(f"-cs {size} asks for more calibration images than the {total} in {self.cal_dataset.root}")
-        return sorted(self._seeded_order(total)[:size])
-
-    def _seeded_order(self, total: int) -> list[int]:
-        """The one permutation of ``total`` images by the seed that calibration takes from the front of and
-        evaluation from the end of."""
-        return torch.randperm(total, generator=torch.Generator().manual_seed(self.cfg.data.seed)).tolist()
+        return seeded_calibration(total, size, self.cfg.data.seed)
 
     def _evaluation_indices(self) -> list[int]:
         """The evaluation images: ``--data``'s val without the calibration images, ``subset`` of them drawn from the
@@ -139,15 +136,13 @@ class Session:
             held_out.update(self.calibration)
         if self.stats is not None:
             held_out.update(self._statistics_images())
-        pool = [i for i in self._seeded_order(total) if i not in held_out]
-        if not pool:
+        left = total - len(held_out)
+        if not left:
             raise DataError(f"no image of {self.dataset.root} is left to evaluate on: all {total} were used for "
                             "calibration; collect with a smaller -cs N, or calibrate on another folder with --cal-data")
-        if data.subset is not None:
-            if data.subset > len(pool):
-                log.warning("asked for %d evaluation images but %d are left; using all of them", data.subset, len(pool))
-            pool = pool[max(len(pool) - data.subset, 0):]
-        pool.sort()
+        if data.subset is not None and data.subset > left:
+            log.warning("asked for %d evaluation images but %d are left; using all of them", data.subset, left)
+        pool = seeded_evaluation(total, data.seed, held_out, data.subset)
         log.info("evaluation: %d of the %d images in %s (%d held out for calibration)", len(pool), total,
                  self.dataset.root, len(held_out))
         return pool

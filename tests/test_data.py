@@ -137,3 +137,19 @@ def test_shared_sample_layout() -> None:
     assert sorted(dataset.targets) == list(range(1000))
     image, _ = deterministic_subset(dataset, 1, seed=0)[0]
     assert image.shape == (3, 32, 32)
+
+
+def test_seeded_calibration_and_evaluation_split_one_permutation() -> None:
+    """The selection inference_sim.py and benchmarks/bench_peer.py share: calibration from the front of the seeded
+    order, evaluation from its end, disjoint when held out, in folder order."""
+    from pytorch_quantizer.data import DataError, seeded_calibration, seeded_evaluation, seeded_order
+
+    order = seeded_order(50, seed=3)
+    cal = seeded_calibration(50, 10, seed=3)
+    assert cal == sorted(order[:10]) and cal != list(range(10))
+    assert set(seeded_calibration(50, 5, seed=3)) <= set(cal)  # a smaller -cs is a subset
+    evaluation = seeded_evaluation(50, 3, set(cal), subset=20)
+    assert evaluation == sorted(order[-20:]) and not set(evaluation) & set(cal)
+    assert seeded_evaluation(50, 3, set(), None) == list(range(50))
+    with pytest.raises(DataError):
+        seeded_calibration(50, 51, seed=3)
