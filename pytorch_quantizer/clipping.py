@@ -264,6 +264,52 @@ def optimal_alpha_grid_half(prior: str, bits: int) -> float:
     return optimal_alpha_for_levels(prior, 2 ** check_bits(bits), one_sided=True)
 
 
+@dataclass(frozen=True)
+class Slab:
+    """A spike-and-slab model of what a ReLU lets through: y = max(x, 0) is 0 with probability 1 - p (the spike,
+    exactly on the grid's 0) and, with probability p, exponential with scale s (the slab).
+
+    Fitted from the first two moments of y alone (``slab_fit``), so it needs no assumption about x below 0: a
+    channel that fires on a few images has a small p and its own s, where a prior fitted to x (its mean and
+    spread, dominated by the negative part) puts the clip in the wrong place."""
+
+    s: float
+    p: float
+
+
+def slab_fit(mean_pos: float, mean_pos_sq: float) -> Slab:
+    """The spike and slab with E[y] = p s and E[y^2] = 2 p s^2 (an exponential's second moment is 2 s^2):
+    s = E[y^2] / (2 E[y]) and p = 2 E[y]^2 / E[y^2].  A slab lighter-tailed than the exponential (p > 1) keeps s
+    and p = 1: the fitted s is then the scale whose exponential has the observed second moment per firing value."""
+    if not (mean_pos > 0.0 and mean_pos_sq > 0.0):
+        return Slab(0.0, 0.0)
+    s = mean_pos_sq / (2.0 * mean_pos)
+    return Slab(s, min(1.0, 2.0 * mean_pos * mean_pos / mean_pos_sq))
+
+
+@cache
+def slab_upper(levels: float) -> float:
+    """U / s minimising the spike-and-slab's MSE on the one-sided grid [0, U] of ``levels`` bins.
+
+    Derivation: the spike sits on the grid's 0 and costs nothing.  The slab's values below U are rounded with bins
+    U / L wide, (U / L)^2 / 12 each; above U they are clipped, E[(y - U)^2; y > U] = 2 s^2 exp(-U / s) for an
+    exponential.  So MSE(U) = p [U^2 / (12 L^2) + 2 s^2 exp(-U / s)] and dMSE/dU = 0 gives
+    (U / s) exp(U / s) = 12 L^2, i.e. U = s W(12 L^2) with W Lambert's function (its principal branch: the
+    argument is positive).  p multiplies the MSE and leaves the minimiser alone.  With L = 2^M this is the
+    half-range Laplace rule's alpha at M + 1 bits (``optimal_alpha_half``: a e^a = 3 * 4^(M+1)), now measured
+    from 0 with s the slab's own scale."""
+    if not levels >= 1.0 or not math.isfinite(levels):
+        raise ValueError(f"the number of bins must be a finite number >= 1, got {levels!r}")
+    return float(special.lambertw(12.0 * levels * levels).real)
+
+
+def slab_mse(upper: float, slab: Slab, levels: float) -> float:
+    """The spike-and-slab's expected MSE on the one-sided grid [0, upper] of ``levels`` bins (``slab_upper``)."""
+    if slab.s <= 0.0:
+        return 0.0
+    return slab.p * (upper**2 / (12.0 * levels * levels) + 2.0 * slab.s**2 * math.exp(-upper / slab.s))
+
+
 def laplace_b(mean_abs_deviation: float) -> float:
     """The maximum-likelihood Laplace scale is the mean absolute deviation from the centre."""
     return float(mean_abs_deviation)

@@ -39,7 +39,7 @@ from .atomic import atomic_write, write_csv_atomic
 from .figures import SELECTION_DPI, layer_selection_figure, png_bytes
 from .methods import get_method, required_observers
 from .model_quantizer import model_policy
-from .observers import PER_CHANNEL
+from .observers import channel_observers
 from .passes import Record, evaluate, layer_order, layer_selection, quantized_pass, selection_counts
 from .passes import collect as collect_pass
 from .policy import BitAllocation, plan_layers
@@ -85,7 +85,7 @@ def calibrated(session: Session, record: Record, methods: Sequence[str]):
     if cfg.data.cal_size is None and cfg.data.cal_root is None:
         raise ValueError("--compare evaluates on images held out of calibration: give -cs N (images drawn from "
                          "--data and left out of evaluation) or --cal-data DIR")
-    observers = (*observers_for(methods), *((("moments", PER_CHANNEL),) if cfg.act.per_channel else ()))
+    observers = channel_observers(observers_for(methods)) if cfg.act.per_channel else observers_for(methods)
     with contextlib.ExitStack() as stack:
         if cfg.stats_mode == "collect":
             folder = session.stats_path

@@ -24,6 +24,7 @@ from .distributed import DEFAULT_TIMEOUT_MINUTES, world_size
 from .observers import ObserverError, observer_class
 from .quant_config import (
     AUTO,
+    CHANNEL_OBSERVERS,
     ActivationConfig,
     AllocationConfig,
     ConfigError,
@@ -252,7 +253,8 @@ class RunConfig:
         for name in self.compare:
             check_method(name, "compare")
             if act.per_channel:
-                check_moments_only(name, "compare", "per-channel activation grids come from per-channel moments")
+                check_moments_only(name, "compare", "per-channel activation grids come from per-channel moments",
+                                   CHANNEL_OBSERVERS)
         if act.bits is None:
             raise ConfigError("a comparison of clipping methods compares quantized activations: give act.bits, "
                               "one width or several (the FP32 reference row is always included)", "compare", "act.bits")

@@ -36,15 +36,21 @@ from .clipping import (
     PRIORS,
     SIGMA_ESTIMATORS,
     ClipDecision,
+    Slab,
     TensorStats,
     aciq_range,
     check_bits,
+    clipping_noise,
     grid_clipping,
     no_clip_mse,
+    optimal_alpha_for_bins,
     prior_clipping,
     quantization_noise,
+    slab_fit,
+    slab_mse,
+    slab_upper,
 )
-from .observers import Histogram, Observation
+from .observers import Histogram, Observation, PositivePart
 from .searches import (
     Range,
     kld_range,
@@ -290,6 +296,62 @@ class GaussGrid(_GridPrior):
     prior = "gaus"
     name = "gaus-grid"
     summary = "ACIQ for the real grid: alpha minimising the exact MSE of 2^M levels (2^M - 1 steps), Gaussian prior"
+
+
+# -- what a ReLU lets through ---------------------------------------------------------------------------------
+@register
+class SpikeAndSlab(ClippingMethod):
+    """What a ReLU lets through, modelled as a spike at 0 and an exponential slab (``clipping.Slab``), fitted to
+    E[max(x, 0)] and E[max(x, 0)^2] (the ``positive`` observer), clipped at ``clipping.slab_upper``.
+
+    It applies where the grid starts at 0: a one-sided grid (``-hr`` on a ReLU-fed layer, or a non-negative
+    input) and any tensor never observed below 0.  A tensor with negative values on a two-sided grid is not a
+    spike and slab: it gets the seed's Laplace rule, and the plan names it ``laplace``."""
+
+    name = "slab"
+    requires = ("moments", "positive")
+    summary = "spike-and-slab clip of what a ReLU lets through: U = s W(12 L^2), s from E[x+] and E[x+^2]"
+
+    def fit(self, obs: Observation) -> Slab:
+        """The spike and slab of ``obs``'s positive part (``clipping.slab_fit``)."""
+        part = obs.extra.get("positive")
+        if not isinstance(part, PositivePart):
+            raise ValueError("the slab method needs the positive-part moments of each tensor it clips (of each "
+                             "channel with -pcq_a); collect them again with -sm collect (-pcq_a)")
+        return slab_fit(part.mean, part.mean_sq)
+
+    def clip(self, obs: Observation, bits: int) -> ClipDecision:
+        if obs.moments.min < 0.0:
+            return prior_clipping(obs.moments, "laplace", bits, self.sigma_estimator)
+        return self.clip_one_sided(obs, bits)
+
+    def clip_one_sided(self, obs: Observation, bits: int) -> ClipDecision:
+        return self._clip_levels(obs, float(2 ** check_bits(bits)))
+
+    def _clip_levels(self, obs: Observation, levels: float) -> ClipDecision:
+        slab = self.fit(obs)
+        upper = slab.s * slab_upper(levels)
+        return ClipDecision(self.name, upper, slab_mse(upper, slab, levels))
+
+    def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
+        """[0, min(U, max, cap)]; the seed's Laplace grid for a signed tensor on a two-sided grid."""
+        return self.levels_grid(obs, float(2 ** check_bits(bits)), one_sided, cap)
+
+    def levels_grid(self, obs: Observation, levels: float, one_sided: bool = False, cap: float | None = None
+                    ) -> Grid:
+        """``grid`` for ``levels`` bins (bit allocation gives a channel any count); a signed tensor on a two-sided
+        grid gets the Laplace clip for as many bins (``clipping.optimal_alpha_for_bins``)."""
+        if not one_sided and obs.moments.min < 0.0:
+            stats = obs.moments
+            alpha = optimal_alpha_for_bins("laplace", levels) * stats.b
+            delta, offset = aciq_range(stats.min, stats.max, stats.mean, alpha)
+            predicted = clipping_noise("laplace", alpha, stats.b) + alpha**2 / (3.0 * levels * levels)
+            return Grid("laplace" if delta < stats.range else "no", alpha, delta, offset, predicted)
+        decision = self._clip_levels(obs, levels)
+        ceiling = max(obs.moments.max if cap is None else min(obs.moments.max, cap), 0.0)
+        upper = min(decision.alpha, ceiling)
+        name = self.name if upper < ceiling else "no"
+        return Grid(name, decision.alpha, upper, 0.0, decision.predicted_mse, one_sided=True)
 
 
 # -- searched on the measured histogram ---------------------------------------------------------------------

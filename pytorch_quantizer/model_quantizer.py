@@ -157,9 +157,11 @@ class ModelQuantizer:
         method = get_method(spec.method, act.sigma)
         need_spread = spec.method not in ("no", "minmax")
         need_histogram = "histogram" in method.requires  # searched on each live tensor's own histogram
+        need_positive = "positive" in method.requires
 
         def dynamic_hook(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-            obs = Observation.of_tensor(layer.name, x, need_spread, histogram=need_histogram)
+            obs = Observation.of_tensor(layer.name, x, need_spread, histogram=need_histogram,
+                                      positive=need_positive)
             grid = method.grid(obs, bits, spec.one_sided_for(obs), spec.cap)
             return quantize(x, gemmlowp_qparams(grid.delta, grid.offset, bits, act.preserve_zero, act.pow2_scale))
 

@@ -142,6 +142,13 @@ PER_TENSOR = Granularity()
 PER_CHANNEL = Granularity(1)
 
 
+def channel_observers(names: Sequence[str]) -> tuple[str | tuple[str, Granularity], ...]:
+    """What a per-channel collect (``-pcq_a``) gathers for ``names``: the moments per tensor (their files as without
+    it) and per channel beside them; the positive part per channel only (its tensor value is the channels' mean)."""
+    specs: list[str | tuple[str, Granularity]] = [("positive", PER_CHANNEL) if n == "positive" else n for n in names]
+    return (*specs, ("moments", PER_CHANNEL))
+
+
 # -- observers ---------------------------------------------------------------------------------------------
 class Observer(ABC):
     """Accumulates one kind of statistic of one layer's outputs.  ``update`` receives each output with its
@@ -301,6 +308,78 @@ class MomentsObserver(Observer):
         reductions = [r for r in dict.fromkeys(summary.index.get_level_values("reduce")) if r != POOLED]
         _check_summary(path, summary, reductions)
         return Moments(channel_summary=summary)
+
+
+@dataclass(frozen=True)
+class PositivePart:
+    """E[max(x, 0)] and E[max(x, 0)^2] of a layer's tensor over all its calibration values, and per channel when
+    collected per channel: the two moments of what a ReLU lets through, which the spike-and-slab clip reads
+    (``clipping.slab_scale``).  Both are plain means over equal-sized samples, so pooling them is exact."""
+
+    mean: float
+    mean_sq: float
+    channels: tuple[tuple[float, float], ...] | None = None
+
+    def channel(self, c: int) -> PositivePart:
+        if self.channels is None:
+            raise ObserverError("the positive-part observer was not collected per channel")
+        return PositivePart(*self.channels[c])
+
+
+POSITIVE_COLUMNS = ("mean_pos", "mean_pos_sq")
+
+
+@register_observer
+class PositivePartObserver(Observer):
+    """The mean of max(x, 0) and of its square, per sample (per tensor) or per (sample, channel); exported pooled
+    over the samples: ``L_positive.csv`` (one row per channel, or one row ``channel`` -1 per tensor).
+
+    Why its own observer: the moments describe x, but a ReLU-fed tensor is clipped where the ReLU lets it through,
+    and a channel that fires on few images has its positive part in a tail the moments of x do not locate."""
+
+    name = "positive"
+
+    def __init__(self, granularity: Granularity = PER_TENSOR) -> None:
+        super().__init__(granularity)
+        self.records: dict[tuple[int, int], torch.Tensor] = {}
+        self.channels = 1
+
+    def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
+        self.channels = self.granularity.channels(x)
+        rows = self.granularity.rows(x.detach()).double().clamp_(min=0.0)
+        self.records[key] = torch.stack([rows.mean(dim=1), rows.square_().mean(dim=1)], dim=1)
+
+    def table(self) -> torch.Tensor:
+        return torch.cat([self.records[key].cpu() for key in sorted(self.records)])
+
+    def state(self) -> tuple[int, torch.Tensor] | None:
+        return (self.channels, self.table()) if self.records else None
+
+    def merge(self, states: Sequence[tuple[int, torch.Tensor] | None]) -> None:
+        seen = [state for state in states if state is not None]
+        self.records = {(i, 0): table for i, (_, table) in enumerate(seen)}
+        if seen:
+            self.channels = seen[0][0]
+
+    def export(self, folder: Path, layer: str) -> None:
+        if not self.records:
+            raise ObserverError(f"the positive-part observer of {layer} saw no values")
+        pooled = self.table().reshape(-1, self.channels, 2).mean(dim=0).numpy()
+        index = [-1] if self.granularity.axis is None else list(range(self.channels))
+        frame = pd.DataFrame(pooled, columns=list(POSITIVE_COLUMNS), index=pd.Index(index, name="channel"))
+        frame.to_csv(folder / f"{layer}_positive.csv", float_format=CSV_FLOAT_FORMAT)
+
+    @classmethod
+    def load(cls, folder: Path, layer: str, granularity: Granularity) -> PositivePart:
+        path = folder / f"{layer}_positive.csv"
+        frame = _read(path, index_col="channel")
+        values = frame.reindex(columns=list(POSITIVE_COLUMNS)).to_numpy(np.float64)
+        if not len(values) or not np.isfinite(values).all() or (values < 0).any():
+            raise ObserverError(f"{path} is malformed: expected finite non-negative columns "
+                                f"{', '.join(POSITIVE_COLUMNS)}")
+        mean, mean_sq = values.mean(axis=0)  # channels hold equally many values: the tensor's moments
+        channels = None if granularity.axis is None else tuple((float(a), float(b)) for a, b in values)
+        return PositivePart(float(mean), float(mean_sq), channels)
 
 
 def pooled_channel_stats(frame: pd.DataFrame, reduced: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -704,13 +783,16 @@ class Observation:
         if self.channel_moments is None or self.channel_extremes is None:
             raise ObserverError("no per-channel moments were collected for this layer")
         stats = self.channel_moments[c]
-        return Observation(stats.numel, stats, self.channel_extremes[c])
+        extra = {name: state.channel(c) for name, state in self.extra.items() if isinstance(state, PositivePart)
+                 and state.channels is not None}
+        return Observation(stats.numel, stats, self.channel_extremes[c], extra=extra)
 
     @classmethod
-    def of_tensor(cls, name: str, x: torch.Tensor, need_spread: bool = True, histogram: bool = False
-                  ) -> Observation:
+    def of_tensor(cls, name: str, x: torch.Tensor, need_spread: bool = True, histogram: bool = False,
+                  positive: bool = False) -> Observation:
         """The observation of one live tensor, all its samples together (the seed's ``-sm no``); with
-        ``histogram`` also its histogram (``extra["histogram"]``) for the methods that search one."""
+        ``histogram`` also its histogram (``extra["histogram"]``) for the methods that search one, with
+        ``positive`` its positive part's moments (``extra["positive"]``)."""
         flat = x.detach().reshape(-1).float()
         lo, hi = torch.aminmax(flat)
         check_finite(name, lo.item(), hi.item())
@@ -721,7 +803,10 @@ class Observation:
             b = centred.abs().mean().item()
             std = centred.square_().mean().sqrt().item()
         stats = TensorStats(lo.item(), hi.item(), mean.item(), b, std, max(flat.numel(), 2))
-        extra = {"histogram": Histogram.of_tensor(flat, extremes=(lo, hi))} if histogram else {}
+        extra: dict[str, Any] = {"histogram": Histogram.of_tensor(flat, extremes=(lo, hi))} if histogram else {}
+        if positive:
+            part = flat.double().clamp(min=0.0)
+            extra["positive"] = PositivePart(part.mean().item(), part.square_().mean().item())
         return cls(numel=stats.numel, moments=stats, extreme=(stats.min, stats.max), extra=extra)
 
     @classmethod

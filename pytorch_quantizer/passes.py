@@ -31,7 +31,7 @@ from .data import make_loader, relative_paths
 from .dumps import write_dump
 from .layers import execution_order
 from .model_quantizer import ModelQuantizer, model_policy
-from .observers import PER_CHANNEL
+from .observers import channel_observers
 from .policy import LayerPlan, mse_order
 from .quant_config import QuantConfig
 from .results import ACCURACY_COLUMNS, Accuracy
@@ -109,7 +109,7 @@ def collect(session: Session, observers: Iterable[str | tuple] | None = None, fo
     log.info("calibration: %d of the %d images in %s", len(session.calibration), len(session.cal_dataset),
              session.cal_dataset.root)
     if observers is None:
-        observers = (*cfg.observers, *((("moments", PER_CHANNEL),) if cfg.act.per_channel else ()))
+        observers = channel_observers(cfg.observers) if cfg.act.per_channel else cfg.observers
     folder = session.stats_path if folder is None else folder
     with StatisticsCollector(session.model, devices=devices, point=cfg.act.placement,
                              observers=observers) as collector:

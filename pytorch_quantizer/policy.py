@@ -32,7 +32,7 @@ from .clipping import (
     clipping_noise,
 )
 from .layers import ActivationLayer
-from .methods import ClippingMethod, get_method
+from .methods import ClippingMethod, Grid, SpikeAndSlab, get_method
 from .observers import Observation
 from .quant_config import QuantConfig
 from .stats import Statistics, StatisticsError
@@ -192,14 +192,20 @@ def layer_policy(quant: QuantConfig, layers: list[ActivationLayer],
 class BitAllocation:
     """The follow-up's bit allocation over the channels of a tensor (``-baa`` / ``-baw``): ``prior`` (laplace or
     gaus) gives each channel's scale and its alpha for the allocated level count; ``mode`` rounds the level counts
-    (``clipping.allocate_levels``).  How many levels a tensor shares is the policy's (``levels_bits``)."""
+    (``clipping.allocate_levels``).  How many levels a tensor shares is the policy's (``levels_bits``).
+
+    Under ``slab`` (``-th slab -baa``, activations only) a channel's scale is s sqrt(p): its optimal MSE with L
+    levels is p s^2 g(L) with g ~ 1 / L^2 up to a logarithm (``clipping.slab_upper``), so minimising the sum over
+    channels under a fixed total of levels gives L_i proportional to (p_i s_i^2)^(1/3) = (s_i sqrt(p_i))^(2/3), the
+    follow-up's 2/3 law with that scale.  A channel seldom firing (small p) gives up levels to busy ones."""
 
     prior: str = "laplace"
     mode: str = "round"
     sigma_estimator: str = "range"
 
     def __post_init__(self) -> None:
-        check_prior(self.prior)
+        if self.prior != "slab":
+            check_prior(self.prior)
         if self.mode not in ALLOCATION_MODES:
             raise ValueError(f"unknown allocation rounding {self.mode!r}: expected "
                              f"{' or '.join(ALLOCATION_MODES)}")
@@ -222,6 +228,18 @@ class BitAllocation:
         return allocate_levels([self.scale(c) for c in channel_stats],
                                allocation_quota(len(channel_stats), target_bits), self.mode)
 
+    def channel_levels(self, obs: Observation, target_bits: float) -> list[int]:
+        """``levels`` of an activation's channels; under ``slab`` by s sqrt(p) of each channel's positive part."""
+        if self.prior != "slab":
+            return self.levels(obs.channel_moments, target_bits)
+        count = len(obs.channel_moments)
+        slabs = [SLAB.fit(obs.channel(c)) for c in range(count)]
+        return allocate_levels([slab.s * slab.p**0.5 for slab in slabs], allocation_quota(count, target_bits),
+                               self.mode)
+
+
+SLAB = SpikeAndSlab()
+
 
 class AllocatedPrior(ClippingMethod):
     """The analytical clip of one channel given ``levels`` levels at the layer's ``bits`` (bit allocation):
@@ -233,6 +251,11 @@ class AllocatedPrior(ClippingMethod):
     def __init__(self, allocation: BitAllocation, levels: int, bits: int) -> None:
         super().__init__(allocation.sigma_estimator)
         self.allocation, self.levels, self.bits = allocation, levels, bits
+
+    def grid(self, obs: Observation, bits: int, one_sided: bool = False, cap: float | None = None) -> Grid:
+        if self.allocation.prior == "slab":
+            return SLAB.levels_grid(obs, self.levels * 2.0 ** (bits - self.bits), one_sided, cap)
+        return super().grid(obs, bits, one_sided, cap)
 
     def clip(self, obs: Observation, bits: int) -> ClipDecision:
         bins = self.levels * 2.0 ** (bits - self.bits)
@@ -298,7 +321,7 @@ def _channel_plan(layer: ActivationLayer, spec: ActSpec, role: Role, obs: Observ
     one_sided = spec.one_sided_for(obs)
     count = len(obs.channel_moments)
     if allocation is not None and spec.levels_bits is not None:
-        levels = allocation.levels(obs.channel_moments, spec.levels_bits)
+        levels = allocation.channel_levels(obs, spec.levels_bits)
         grids = [AllocatedPrior(allocation, levels[c], spec.bits).grid(obs.channel(c), spec.bits, one_sided, spec.cap)
                  for c in range(count)]
     else:
@@ -318,9 +341,14 @@ def plan_layers(
 ) -> list[LayerPlan]:
     """Each layer's grid from the saved observations, its spec (``LayerPolicy.specs``) and its method, computed once.
 
-    ``per_channel`` gives every quantized layer one grid per channel of its quantized tensor (dim 1, at output or
-    input placement alike), from the per-channel moments; ``allocation`` shares the levels among the channels of
-    the layers whose spec has ``levels_bits``.  A quantized layer the forward calls but the folder has nothing for
+    ``per_channel`` gives every quantized layer but the classifier one grid per channel of its quantized tensor
+    (dim 1, at output or input placement alike), from the per-channel moments.  The classifier keeps its per-tensor
+    extreme range: its output channels are class scores, and a class's score is high only on images of that class,
+    so its per-channel maximum measures which classes the calibration images cover, not the range the score takes.
+    A class the calibration missed gets a ceiling below its own images' scores, which ties them with the clamped
+    runners-up; even a class it covers was seen on one or two images.  Every score shares the tensor's extreme
+    range.  ``allocation`` shares the levels among the channels of the layers whose spec has ``levels_bits``.  A
+    quantized layer the forward calls but the folder has nothing for
     is refused, unless ``missing_float`` (``--missing_stats float``) leaves it float (role "missing"), logged."""
     if per_channel and not statistics.has_channel_moments:
         raise StatisticsError(f"the statistics in {statistics.folder} hold no per-channel moments; collect them with "
@@ -346,7 +374,7 @@ def plan_layers(
             continue
         obs = statistics.observation(layer.name)
         method = methods[act.method]
-        if per_channel:
+        if per_channel and spec.role is not Role.CLASSIFIER:
             plans.append(_channel_plan(layer, act, spec.role, obs, method, allocation, statistics))
         else:
             grid = method.grid(obs, act.bits, act.one_sided_for(obs), act.cap)

@@ -52,10 +52,14 @@ def check_method(name: str, path: str) -> str:
     return name
 
 
-def check_moments_only(method: str, path: str, why: str) -> None:
-    """``method`` needs nothing but the moments (no histogram): what per-channel grids and weights can give it."""
+# What a per-channel collect gathers for each channel (``observers.channel_observers``); a weight has its moments.
+CHANNEL_OBSERVERS = ("moments", "positive")
+
+
+def check_moments_only(method: str, path: str, why: str, available: tuple[str, ...] = ("moments",)) -> None:
+    """``method`` needs nothing but ``available`` (no histogram): what per-channel grids and weights can give it."""
     requires = get_method(method).requires
-    if any(name != "moments" for name in requires):
+    if any(name not in available for name in requires):
         raise ConfigError(f"{why}: `{path}` {method!r} needs {', '.join(requires)}; take one that needs only moments "
                           "(no, laplace, gaus, mix, minmax, Nstd, ...)", path)
 
@@ -88,7 +92,8 @@ class ActivationConfig:
             check_width(getattr(self, name), f"act.{name}")
         check_method(self.method, "act.method")
         if self.per_channel:
-            check_moments_only(self.method, "act.method", "per-channel activation grids come from per-channel moments")
+            check_moments_only(self.method, "act.method", "per-channel activation grids come from per-channel moments",
+                               CHANNEL_OBSERVERS)
         check_choice(self.placement, ACT_POINTS, "act.placement")
         check_choice(self.sigma, SIGMA_ESTIMATORS, "act.sigma")
         check_choice(self.missing_stats, MISSING_STATS, "act.missing_stats")
@@ -163,11 +168,16 @@ class AllocationConfig:
         return self.activations or self.weights
 
     def resolved_prior(self, method: str) -> str:
-        """The prior of the channels' scales: ``prior``, else the activation method when it is one."""
-        prior = self.prior or (method if method in PRIORS else None)
+        """The prior of the channels' scales: ``prior``, else the activation method when it is one (``slab``: the
+        spike and slab of each channel's positive part, which a weight does not have)."""
+        prior = self.prior or (method if method in (*PRIORS, "slab") else None)
         if prior is None:
             raise ConfigError(f"bit allocation needs a prior for the channels' scales: give alloc.prior laplace or "
                               f"gaus (the clipping method {method!r} is not one)", "alloc.prior", "act.method")
+        if prior == "slab" and self.weights:
+            raise ConfigError("weight bit allocation needs a prior for the weights' scales: give alloc.prior laplace "
+                              "or gaus (the slab describes an activation's positive part)", "alloc.prior",
+                              "alloc.weights")
         return prior
 
 

@@ -72,7 +72,7 @@ READABLE_FORMATS = (1, 2)
 FORMAT_1_OBSERVERS = [{"name": "moments", "granularity": "tensor"}]
 # What ``-sm collect`` gathers in its one pass: the moments every ACIQ method reads and the histogram the searched
 # methods (kld, mse, pP, mix-measured) read.
-COLLECTED_OBSERVERS = ("moments", "histogram")
+COLLECTED_OBSERVERS = ("moments", "histogram", "positive")
 
 
 class StatisticsError(ValueError):

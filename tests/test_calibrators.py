@@ -369,7 +369,7 @@ def collected(data_dir, tmp_path_factory):  # noqa: F811
     (["-th", "p0"], "the percentile must be in (0, 100]"),
     (["-th", "p101"], "the percentile must be in (0, 100]"),
     (["-th", "0std"], "must be > 0"),
-    (["-th", "entropy"], "expected one of no, laplace, gaus, mix, minmax, laplace-grid, gaus-grid, mse, kld, "
+    (["-th", "entropy"], "expected one of no, laplace, gaus, mix, minmax, laplace-grid, gaus-grid, slab, mse, kld, "
                          "mix-measured, pP"),
 ])
 def test_bad_method_names_exit_2_with_one_line(data_dir, tmp_path, flags, message, capsys):  # noqa: F811
@@ -381,9 +381,9 @@ def test_bad_method_names_exit_2_with_one_line(data_dir, tmp_path, flags, messag
     assert not (tmp_path / "s").exists()
 
 
-def test_collect_lists_both_observers(collected):
+def test_collect_lists_its_observers(collected):
     meta = json.loads((collected / "stats" / "meta.json").read_text())
-    assert [o["name"] for o in meta["observers"]] == ["moments", "histogram"]
+    assert [o["name"] for o in meta["observers"]] == ["moments", "histogram", "positive"]
     assert (collected / "stats" / "conv0_activation_histogram.csv").is_file()
 
 
