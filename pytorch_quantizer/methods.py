@@ -39,11 +39,11 @@ from .clipping import (
     Slab,
     TensorStats,
     aciq_range,
+    allocated_alpha,
     check_bits,
     clipping_noise,
     grid_clipping,
     no_clip_mse,
-    optimal_alpha_for_bins,
     prior_clipping,
     quantization_noise,
     slab_fit,
@@ -340,10 +340,10 @@ class SpikeAndSlab(ClippingMethod):
     def levels_grid(self, obs: Observation, levels: float, one_sided: bool = False, cap: float | None = None
                     ) -> Grid:
         """``grid`` for ``levels`` bins (bit allocation gives a channel any count); a signed tensor on a two-sided
-        grid gets the Laplace clip for as many bins (``clipping.optimal_alpha_for_bins``)."""
+        grid gets the Laplace clip for as many bins (``clipping.allocated_alpha``)."""
         if not one_sided and obs.moments.min < 0.0:
             stats = obs.moments
-            alpha = optimal_alpha_for_bins("laplace", levels) * stats.b
+            alpha = allocated_alpha("laplace", stats.b, levels)
             delta, offset = aciq_range(stats.min, stats.max, stats.mean, alpha)
             predicted = clipping_noise("laplace", alpha, stats.b) + alpha**2 / (3.0 * levels * levels)
             return Grid("laplace" if delta < stats.range else "no", alpha, delta, offset, predicted)

@@ -314,7 +314,7 @@ class MomentsObserver(Observer):
 class PositivePart:
     """E[max(x, 0)] and E[max(x, 0)^2] of a layer's tensor over all its calibration values, and per channel when
     collected per channel: the two moments of what a ReLU lets through, which the spike-and-slab clip reads
-    (``clipping.slab_scale``).  Both are plain means over equal-sized samples, so pooling them is exact."""
+    (``clipping.slab_fit``).  Both are plain means over equal-sized samples, so pooling them is exact."""
 
     mean: float
     mean_sq: float
