@@ -484,3 +484,10 @@ def allocated_alpha(prior: str, scale: float, levels: float) -> float:
     """The clipping value of a channel of scale ``scale`` (b or sigma) given ``levels`` levels by bit allocation:
     the paper's optimum for that (real) number of bins, ``optimal_alpha_for_bins(prior, levels) * scale``."""
     return optimal_alpha_for_bins(prior, float(levels)) * scale if scale > 0 else 0.0
+
+
+def allocated_clip(prior: str, scale: float, levels: float) -> tuple[float, float]:
+    """``allocated_alpha`` and its expected MSE: the clipping noise beyond it plus the rounding noise of
+    ``levels`` bins over [-alpha, alpha], alpha^2 / (3 levels^2) (``quantization_noise`` for a real count)."""
+    alpha = allocated_alpha(prior, scale, levels)
+    return alpha, clipping_noise(prior, alpha, scale) + alpha**2 / (3.0 * levels * levels)

@@ -39,9 +39,8 @@ from .clipping import (
     Slab,
     TensorStats,
     aciq_range,
-    allocated_alpha,
+    allocated_clip,
     check_bits,
-    clipping_noise,
     grid_clipping,
     no_clip_mse,
     prior_clipping,
@@ -340,12 +339,11 @@ class SpikeAndSlab(ClippingMethod):
     def levels_grid(self, obs: Observation, levels: float, one_sided: bool = False, cap: float | None = None
                     ) -> Grid:
         """``grid`` for ``levels`` bins (bit allocation gives a channel any count); a signed tensor on a two-sided
-        grid gets the Laplace clip for as many bins (``clipping.allocated_alpha``)."""
+        grid gets the Laplace clip for as many bins (``clipping.allocated_clip``)."""
         if not one_sided and obs.moments.min < 0.0:
             stats = obs.moments
-            alpha = allocated_alpha("laplace", stats.b, levels)
+            alpha, predicted = allocated_clip("laplace", stats.b, levels)
             delta, offset = aciq_range(stats.min, stats.max, stats.mean, alpha)
-            predicted = clipping_noise("laplace", alpha, stats.b) + alpha**2 / (3.0 * levels * levels)
             return Grid("laplace" if delta < stats.range else "no", alpha, delta, offset, predicted)
         decision = self._clip_levels(obs, levels)
         ceiling = max(obs.moments.max if cap is None else min(obs.moments.max, cap), 0.0)

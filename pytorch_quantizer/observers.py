@@ -234,8 +234,44 @@ class Moments:
     channel_summary: pd.DataFrame | None = None
 
 
+class SampleRowsObserver(Observer):
+    """An observer that keeps, per batch, one row of statistics per sample (or per (sample, channel) pair,
+    sample-major): a table whose rows do not depend on how the samples were batched or split among ranks, so
+    that concatenating the ranks' tables in sample order is the table one process builds.  Subclasses say what a
+    row holds (``sample_rows``) and how the table is exported."""
+
+    def __init__(self, granularity: Granularity = PER_TENSOR) -> None:
+        super().__init__(granularity)
+        self.records: dict[tuple[int, int], torch.Tensor] = {}
+        self.channels = 1
+
+    @abstractmethod
+    def sample_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """[rows, k] statistics of ``rows`` ([rows, values], ``Granularity.rows``), in float64."""
+
+    def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
+        self.channels = self.granularity.channels(x)
+        self.records[key] = self.sample_rows(self.granularity.rows(x))
+
+    def table(self) -> torch.Tensor:
+        """[rows, k] on the CPU in sample order."""
+        return torch.cat([self.records[key].cpu() for key in sorted(self.records)])
+
+    def state(self) -> tuple[int, torch.Tensor] | None:
+        """(channels, this rank's table in sample order), or None when the layer saw nothing here (an idle rank)."""
+        return (self.channels, self.table()) if self.records else None
+
+    def merge(self, states: Sequence[tuple[int, torch.Tensor] | None]) -> None:
+        """The rank tables one after the other (the class docstring says why that is exact); what is exported
+        is computed from the merged table afterwards."""
+        seen = [state for state in states if state is not None]
+        self.records = {(i, 0): table for i, (_, table) in enumerate(seen)}
+        if seen:
+            self.channels = seen[0][0]
+
+
 @register_observer
-class MomentsObserver(Observer):
+class MomentsObserver(SampleRowsObserver):
     """Per-sample moments (``per_sample_stats``), per tensor or per channel.
 
     Files per layer ``L``: per tensor ``L.csv`` (a row per sample, columns ``STAT_COLUMNS``) and ``L_summary.csv``
@@ -248,12 +284,9 @@ class MomentsObserver(Observer):
     def __init__(self, granularity: Granularity = PER_TENSOR, fused: bool = True) -> None:
         super().__init__(granularity)
         self.fused = fused
-        self.records: dict[tuple[int, int], torch.Tensor] = {}
-        self.channels = 1
 
-    def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
-        self.channels = self.granularity.channels(x)
-        self.records[key] = per_sample_stats(self.granularity.rows(x), self.fused)
+    def sample_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return per_sample_stats(rows, self.fused)
 
     def extremes(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Min of the per-row minima and max of the maxima: the tensor's exact range (float32 values, kept in
@@ -262,22 +295,6 @@ class MomentsObserver(Observer):
         if record is None or record.numel() == 0:
             return None
         return record[:, 0].min().float(), record[:, 1].max().float()
-
-    def table(self) -> torch.Tensor:
-        """[rows, 7] on the CPU in sample order (rows: samples, or (sample, channel) pairs sample-major)."""
-        return torch.cat([self.records[key].cpu() for key in sorted(self.records)])
-
-    def state(self) -> tuple[int, torch.Tensor] | None:
-        """(channels, this rank's table in sample order), or None when the layer saw nothing here (an idle rank)."""
-        return (self.channels, self.table()) if self.records else None
-
-    def merge(self, states: Sequence[tuple[int, torch.Tensor] | None]) -> None:
-        """The rank tables one after the other: rows are per sample, so concatenation in sample order gives the
-        very table one process builds (the summaries are computed from it afterwards, in ``export``)."""
-        seen = [state for state in states if state is not None]
-        self.records = {(i, 0): table for i, (_, table) in enumerate(seen)}
-        if seen:
-            self.channels = seen[0][0]
 
     def export(self, folder: Path, layer: str) -> None:
         table = self.table()
@@ -330,7 +347,7 @@ POSITIVE_COLUMNS = ("mean_pos", "mean_pos_sq")
 
 
 @register_observer
-class PositivePartObserver(Observer):
+class PositivePartObserver(SampleRowsObserver):
     """The mean of max(x, 0) and of its square, per sample (per tensor) or per (sample, channel); exported pooled
     over the samples: ``L_positive.csv`` (one row per channel, or one row ``channel`` -1 per tensor).
 
@@ -339,27 +356,9 @@ class PositivePartObserver(Observer):
 
     name = "positive"
 
-    def __init__(self, granularity: Granularity = PER_TENSOR) -> None:
-        super().__init__(granularity)
-        self.records: dict[tuple[int, int], torch.Tensor] = {}
-        self.channels = 1
-
-    def update(self, x: torch.Tensor, key: tuple[int, int]) -> None:
-        self.channels = self.granularity.channels(x)
-        rows = self.granularity.rows(x.detach()).double().clamp_(min=0.0)
-        self.records[key] = torch.stack([rows.mean(dim=1), rows.square_().mean(dim=1)], dim=1)
-
-    def table(self) -> torch.Tensor:
-        return torch.cat([self.records[key].cpu() for key in sorted(self.records)])
-
-    def state(self) -> tuple[int, torch.Tensor] | None:
-        return (self.channels, self.table()) if self.records else None
-
-    def merge(self, states: Sequence[tuple[int, torch.Tensor] | None]) -> None:
-        seen = [state for state in states if state is not None]
-        self.records = {(i, 0): table for i, (_, table) in enumerate(seen)}
-        if seen:
-            self.channels = seen[0][0]
+    def sample_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        positive = rows.detach().double().clamp_(min=0.0)
+        return torch.stack([positive.mean(dim=1), positive.square_().mean(dim=1)], dim=1)
 
     def export(self, folder: Path, layer: str) -> None:
         if not self.records:

@@ -209,13 +209,18 @@ def learned_rounding(session: Session, quant: QuantConfig, plan: list[LayerPlan]
 def rounding_key(session: Session, quant: QuantConfig, quantizer: ModelQuantizer, images: tuple) -> str:
     """sha256 over everything the learned rounding depends on: the model (weights, folding, equalization), every
     layer's weight grid setting, the calibration images, the rounding settings and seed, and, when the inputs come
-    from the quantized network, its activation settings and statistics."""
+    from the quantized network, its activation settings and statistics.  With inputs from the float network the
+    biases' grid does not count (each layer learns with its float bias, ``adaround``): it is keyed as the default,
+    biases at the weights' width, so that ``--float_bias`` and ``bias_bits`` read the same rounding."""
     cfg = session.cfg
     source, indices = images
     names = relative_paths(source)
+    weight = flatten(quant.weight)
+    if quant.rounding.input == "float":
+        weight.update(bias_bits=quant.weight.bits, float_bias=False)
     parts = {
         "model": [cfg.arch, session.fingerprint, cfg.fold_bn, cfg.equalize],
-        "weights": [flatten(quant.weight), flatten(quant.alloc) if quant.alloc.weights else None,
+        "weights": [weight, flatten(quant.alloc) if quant.alloc.weights else None,
                     [[layer.name, spec.weight.bits, spec.weight.per_channel, spec.weight.method,
                       spec.weight.levels_bits] for layer, spec in zip(quantizer.layers, quantizer.specs, strict=True)]],
         "images": [str(Path(source.root).resolve()), [names[i] for i in indices]],

@@ -25,11 +25,10 @@ from .clipping import (
     SIGMA_ESTIMATORS,
     ClipDecision,
     allocate_levels,
-    allocated_alpha,
+    allocated_clip,
     allocation_quota,
     check_bits,
     check_prior,
-    clipping_noise,
 )
 from .layers import ActivationLayer
 from .methods import ClippingMethod, Grid, SpikeAndSlab, get_method
@@ -262,8 +261,7 @@ class AllocatedPrior(ClippingMethod):
         scale = self.allocation.scale(obs.moments)
         if scale <= 0.0:
             return ClipDecision(self.allocation.prior, 0.0, 0.0)
-        alpha = allocated_alpha(self.allocation.prior, scale, bins)
-        predicted = clipping_noise(self.allocation.prior, alpha, scale) + alpha**2 / (3.0 * bins * bins)
+        alpha, predicted = allocated_clip(self.allocation.prior, scale, bins)
         return ClipDecision(self.allocation.prior, alpha, predicted)
 
 

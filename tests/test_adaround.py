@@ -94,6 +94,10 @@ def test_cli_learns_once_then_reads_the_cache_and_leaves_the_model_as_it_was(dat
     with caplog.at_level("INFO", logger="pytorch_quantizer"):  # another activation width: the same rounding
         assert run_cli(data_dir, tmp_path, *[f if f != "int8" else "int4" for f in flags]) == 0
     assert "is read from" in caplog.text and "AdaRound 1/" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pytorch_quantizer"):  # float biases: each layer learned with its own
+        assert run_cli(data_dir, tmp_path, *flags, "--float_bias") == 0
+    assert "is read from" in caplog.text and "AdaRound 1/" not in caplog.text
     with caplog.at_level("INFO", logger="pytorch_quantizer"):  # another weight grid: learned again
         assert run_cli(data_dir, tmp_path, *flags, "-thw", "laplace") == 0
     assert len(list((tmp_path / "adaround").glob("*.pt"))) == 2

@@ -18,7 +18,14 @@ from pytorch_quantizer import (
     mse_laplace,
     optimal_alpha,
 )
-from pytorch_quantizer.clipping import TensorStats, clipping_noise_gaus, clipping_noise_laplace, laplace_b, mse
+from pytorch_quantizer.clipping import (
+    TensorStats,
+    allocated_clip,
+    clipping_noise_gaus,
+    clipping_noise_laplace,
+    laplace_b,
+    mse,
+)
 
 # The seed printed its solutions cut to two decimals (3.8972 shows as 3.89), for 2..8 bits.
 SEED_LAPLACE = [2.83, 3.89, 5.03, 6.20, 7.41, 8.64, 9.89]
@@ -166,3 +173,10 @@ def test_constant_tensor_is_defined():
 def test_stats_refuse_nan():
     with pytest.raises(ValueError, match="finite"):
         TensorStats(min=float("nan"), max=1.0, mean=0.0, b=1.0, std=1.0, numel=10)
+
+
+@pytest.mark.parametrize("prior", ["laplace", "gaus"])
+def test_allocated_clip_at_a_power_of_two_is_the_papers_optimum_and_its_mse(prior):
+    alpha, predicted = allocated_clip(prior, 2.0, 16.0)
+    assert alpha == pytest.approx(optimal_alpha(prior, 4) * 2.0, rel=1e-6)
+    assert predicted == pytest.approx(mse(prior, alpha, 2.0, 4), rel=1e-9)
