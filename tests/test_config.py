@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import inference_sim
@@ -336,26 +337,44 @@ def test_package_import_graph_has_no_cycle():
         pytest.fail(f"import cycle: {' -> '.join(err.args[1])}")
 
 
-# -- scripts/table_4bit.py builds its configs directly; the command it prints is the same run ---------------
+# -- scripts/methods_table.py: every row is a command the driver accepts, and the table is assembled from rows --
 
 
-def test_table_4bit_prints_the_command_of_each_config(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("table_4bit", ROOT / "scripts" / "table_4bit.py")
+def load_methods_table(monkeypatch):
+    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "scripts" / "methods_table.py")
     table = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "table_4bit", table)  # its dataclass looks its module up
+    monkeypatch.setitem(sys.modules, "methods_table", table)  # its dataclass looks its module up
     spec.loader.exec_module(table)
-    data = DataConfig(root=tmp_path / "imagenet-sample", batch_size=100, workers=2, subset=300)
-    results = tmp_path / "results.csv"
+    return table
+
+
+def test_methods_table_rows_are_commands_the_driver_accepts(tmp_path, monkeypatch):
+    table = load_methods_table(monkeypatch)
     parser = inference_sim.build_parser()
+    base = table.base_flags(tmp_path, 500, 0, 100, tmp_path / "results.csv")
     for net in ("mv2", "lite"):
-        model = table.net_model(net, tmp_path)
-        plain = table.row_config(table.Row("", ""), model, data, tmp_path / "s", results)
+        flags = table.net_flags(net, tmp_path)
         for row in table.ROWS:
             folder = tmp_path / "statistics" / f"{net}_{row.stats}"
-            for cfg in (table.collect_config(model, dataclasses.replace(data, cal_size=250), folder, row.stats,
-                                             results),
-                        table.row_config(row, model, data, folder, results)):
-                argv = table.command_flags(cfg)
-                assert inference_sim.config_from_args(parser.parse_args(argv), parser) == cfg, shlex.join(argv)
-        flags = table.command_flags(table.row_config(table.ROWS[-1], model, data, tmp_path / "s", results), plain)
-        assert flags == ["-th", "laplace", "-hr", "-pcq_a", "-pcw", "-baa", "-baw", "-bcw", "-bca"]
+            collect = inference_sim.config_from_args(
+                parser.parse_args(table.collect_argv(base, flags, folder, row.stats)), parser)
+            use = inference_sim.config_from_args(parser.parse_args(table.row_argv(base, flags, folder, row)), parser)
+            assert collect.stats_mode == "collect" and use.stats_mode == "use", row
+            assert use.sweep_weight_bits == (8, 4) and use.sweep_bits == (8, 6, 4), row
+            assert use.equalize == collect.equalize and use.act.per_channel == collect.act.per_channel, row
+            assert use.data.cal_size == 500 and use.data.cal_root == tmp_path / "imagenet-sample" / "val", row
+
+
+def test_methods_table_assembles_the_rows_present(tmp_path, monkeypatch, capsys):
+    table = load_methods_table(monkeypatch)
+    for name, top1, seconds in (("hr", 66.71, None), ("bca", 66.01, 85.4)):
+        rows = [{"pass": p, "top1": top1, "top1_se": 0.99, "images": 2277,
+                 "cal_seconds": None if p == "fp32" else seconds, "net": "mv2", "row": name,
+                 "flags": f"-th laplace -{name}"} for p in ("fp32", "W8A8", "W8A4")]
+        (tmp_path / "mv2").mkdir(exist_ok=True)
+        pd.DataFrame(rows).to_csv(tmp_path / "mv2" / f"{name}.csv", index=False)
+    table.assemble(tmp_path, ["mv2"])
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| net | flags (`-sm use`) | FP32 | W8A8 | W8A4 | cal. s | images |")
+    assert lines[2] == "| mv2 | `-th laplace -hr` | 66.71 (0.99) | 66.71 (0.99) | 66.71 (0.99) | – | 2277 |"
+    assert lines[3].endswith("| 85-85 | 2277 |")
