@@ -69,6 +69,7 @@ def run(cfg: RunConfig, dist: DistContext | None = None) -> list[dict]:
     if cfg.stats_mode == "collect":
         measured = collect(session, before_swap=lambda m: record(m, "collect", None, None, file=session.stats_path))
         _close(dist, measured.acc)
+        _say(dist, " * (the accuracy of the images the statistics were collected on, in float: not an evaluation)")
         return recorder.rows
 
     quant = cfg.quant()

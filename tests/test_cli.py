@@ -63,8 +63,9 @@ def assert_binomial_errors(table: pd.DataFrame, images: int | None = None) -> No
 
 def test_collect_writes_statistics_and_prints_seed_line(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "-sm", "collect") == 0
-    *_, line, error = capsys.readouterr().out.rstrip().splitlines()
+    *_, line, error, note = capsys.readouterr().out.rstrip().splitlines()
     assert re.fullmatch(r" \* Prec@1 \d+\.\d{3} Prec@5 \d+\.\d{3}", line)  # the seed's line, exactly
+    assert "not an evaluation" in note  # these are the calibration images, in float
     row = last_result(tmp_path)
     assert error == (f" * binomial standard error: Prec@1 ±{row['top1_se']:.2f} Prec@5 ±{row['top5_se']:.2f} "
                      "(8 images)")
