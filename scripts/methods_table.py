@@ -11,7 +11,7 @@ sittings (each row costs 10-20 minutes on 2 CPU cores).  The table is assembled 
 ``OUT/table.csv`` and ``OUT/table.md`` (top-1 with its binomial standard error, and the row's calibration seconds
 beyond statistics: AdaRound's learning, ``-bca``'s passes).
 
-    python scripts/methods_table.py [--data ../shared/data] [--nets mv2,lite] [--rows minmax,laplace,...] [--resume]
+    python scripts/methods_table.py [--data ../shared/data] [--nets mv2,lite] [--rows minmax,aciq,...] [--resume]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def assemble(out: Path, nets: list[str]) -> None:
     spent = long.dropna(subset=["cal_seconds"]).groupby(["net", "row"])["cal_seconds"]
     seconds = (spent.min().round().astype(int).astype(str) + "-" + spent.max().round().astype(int).astype(str))
     wide = wide.reset_index().merge(seconds.rename("cal_s").reset_index(), on=["net", "row"], how="left")
-    wide["images"] = wide.apply(lambda r: long[(long.net == r.net) & (long.row == r.row)]["images"].max(), axis=1)
+    wide = wide.merge(long.groupby(["net", "row"])["images"].max().reset_index(), on=["net", "row"])
     wide.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(markdown(wide))
     print((out / "table.md").read_text(), flush=True)
