@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
              "causes and fold it into the bias (the follow-up's -bca; bias_correction.py)")
     add("--bca_rounds", dest="correct.act_bias_rounds", type=positive,
         help="-bca measuring passes: each corrects what the previous corrections left (default: 2)")
+    add("-bcdf", "--data_free_bias_correction", dest="correct.data_free_bias", action="store_true",
+        help="predict each layer's per-channel output mean shift from the BatchNorm statistics of its input's "
+             "producer, without images, and fold it into the bias (DFQ's data-free bias correction; dfq_bias.py)")
     add("--weight_rounding", dest="rounding.method", choices=WEIGHT_ROUNDINGS,
         help="how each weight goes to its grid: nearest level (the seed), or adaround: up or down as learned layer by "
              "layer to reconstruct the layer's output on the calibration images (Nagel et al. 2020; adaround.py; "

@@ -161,6 +161,19 @@ class RunConfig:
         if correct.act_bias and act.bits is None and self.weight.bits is None and not sweeps:
             raise ConfigError("activation bias correction corrects the mean shift that quantization causes, but "
                               "nothing is quantized", "correct.act_bias", "act.bits", "weight.bits")
+        if correct.data_free_bias:
+            if self.stats_mode == "collect":
+                raise ConfigError("data-free bias correction corrects a quantized network: not in a collect pass",
+                                  "correct.data_free_bias", "stats_mode")
+            if correct.act_bias:
+                raise ConfigError("correct.act_bias measures the mean shifts that correct.data_free_bias predicts: "
+                                  "give one of them", "correct.data_free_bias", "correct.act_bias")
+            if not self.fold_bn:
+                raise ConfigError("data-free bias correction reads the folded BatchNorms' statistics: drop `fold_bn`",
+                                  "correct.data_free_bias", "fold_bn")
+            if self.weight.bits is None and not sweeps:
+                raise ConfigError("data-free bias correction corrects the mean shift of quantized weights, but the "
+                                  "weights are float", "correct.data_free_bias", "weight.bits")
         if correct.act_bias_rounds != 2 and not correct.act_bias:
             raise ConfigError("correct.act_bias_rounds counts the passes of activation bias correction: give "
                               "correct.act_bias too",

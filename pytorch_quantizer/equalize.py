@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import is_identity, layer_graph
-from .layers import QUANTIZED_TYPES, ChannelClamp
+from .graph import LAYER_TYPES, is_identity, layer_graph
+from .layers import ChannelClamp
 
-_LAYERS = tuple(cls for _, cls in QUANTIZED_TYPES)
 _FREE_FUNCTIONS = (F.relu, torch.relu)  # commute with a positive scale: nothing to change
 DEAD = 2.0**-24  # a channel below float32's resolution of its layer's largest weight is dead
 Moments = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean, std) of its output channels
@@ -68,6 +67,9 @@ class Equalized:
     absorbed: int  # pairs whose producer's high bias moved into the consumer
     with_moments: int  # pairs whose producer has BatchNorm statistics to absorb from
     max_error: float  # largest output change on the example input, relative to the largest output
+    # the producers' BatchNorm moments as the equalized layers' outputs carry them: divided by the scales, less
+    # the absorbed bias (what dfq_bias predicts input means from)
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     def summary(self) -> str:
         if not self.pairs:
@@ -90,13 +92,14 @@ class _Pair:
 def batchnorm_moments(original: nn.Module, folded: list[tuple[str, str]]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Layer -> (mean, std) of its output channels as its folded BatchNorm normalises them: ``(beta, |gamma|)``.
 
-    A BatchNorm with running mean 0 and variance 1 normalises nothing: it is a placeholder carrying a bias folded
-    before the weights were exported (the shared TFLite mobilenet_v2), and says nothing about its input's
-    distribution, so its layer is left out (no absorption there)."""
+    A BatchNorm with running mean 0 and variance 1 (or ``1 - eps``) normalises nothing: it is a placeholder carrying
+    a bias folded before the weights were exported (the shared TFLite mobilenet_v2), or an untrained network's, and
+    says nothing about its input's distribution, so its layer is left out (no absorption there)."""
     moments = {}
     for conv_name, bn_name in folded:
         bn = original.get_submodule(bn_name)
-        placeholder = bool((bn.running_mean == 0).all()) and bool(((bn.running_var + bn.eps) - 1).abs().max() < 1e-4)
+        unit = torch.minimum((bn.running_var - 1).abs(), (bn.running_var + bn.eps - 1).abs())  # eps folded or not
+        placeholder = bool((bn.running_mean == 0).all()) and bool(unit.max() < 1e-4)
         if placeholder:
             continue
         if bn.affine:
@@ -131,11 +134,18 @@ def equalize(model: nn.Module, example_input: torch.Tensor, moments: Moments | N
     if not error <= rtol:
         raise EqualizeError(f"equalizing {len(pairs)} pairs of layers changed the output by {error:.3g} of its "
                             "largest value: a layer's output is probably read besides its pair")
-    moments = moments or {}
-    known = [pair for pair in pairs if pair.first in moments]
-    absorbed = sum(_absorb(module, pair, moments[pair.first], divisors[pair.first]) for pair in known)
+    after = {name: (mean.double() / divisors[name], std.double() / divisors[name]) if name in divisors
+             else (mean.double(), std.double()) for name, (mean, std) in (moments or {}).items()}
+    known = [pair for pair in pairs if pair.first in after]
+    absorbed = 0
+    for pair in known:
+        shift = _absorb(module, pair, after[pair.first])
+        if shift is not None:
+            absorbed += 1
+            after[pair.first] = (after[pair.first][0] - shift.double(), after[pair.first][1])
     clamps = sum(pair.clamp is not None for pair in pairs)
-    return Equalized(module, tuple((p.first, p.second) for p in pairs), sweeps, clamps, absorbed, len(known), error)
+    return Equalized(module, tuple((p.first, p.second) for p in pairs), sweeps, clamps, absorbed, len(known), error,
+                     after)
 
 
 def _find_pairs(module: fx.GraphModule) -> list[_Pair]:
@@ -148,7 +158,7 @@ def _find_pairs(module: fx.GraphModule) -> list[_Pair]:
         if node is None or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             return None
         found = modules[node.target]
-        return found if isinstance(found, _LAYERS) and calls[node.target] == 1 else None
+        return found if isinstance(found, LAYER_TYPES) and calls[node.target] == 1 else None
 
     pairs = []
     for node in list(module.graph.nodes):
@@ -302,18 +312,18 @@ def _pointwise(layer: nn.Module) -> bool:
     return tuple(layer.kernel_size) == (1, 1) and layer.padding in ((0, 0), "valid") and not padded
 
 
-def _absorb(module: fx.GraphModule, pair: _Pair, moments: tuple[torch.Tensor, torch.Tensor],
-            divisor: torch.Tensor) -> bool:
-    """Move ``c = max(0, mean - 3 std)`` of the producer's (equalized) channels into the consumer's bias."""
+def _absorb(module: fx.GraphModule, pair: _Pair, moments: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """Move ``c = max(0, mean - 3 std)`` of the producer's channels (``moments``: as equalized) into the consumer's
+    bias; returns ``c`` (None: nothing moved)."""
     first, second = module.get_submodule(pair.first), module.get_submodule(pair.second)
     if first.bias is None or not _pointwise(second):
-        return False
-    mean, std = (t.double() / divisor for t in moments)
+        return None
+    mean, std = moments
     shift = (mean - 3 * std).clamp_min(0)
     if pair.clamp is not None:
         shift = torch.minimum(shift, pair.clamp.upper.double())
     if not bool((shift > 0).any()):
-        return False
+        return None
     with torch.no_grad():
         shift = shift.to(first.bias.dtype)
         first.bias.sub_(shift)
@@ -326,4 +336,4 @@ def _absorb(module: fx.GraphModule, pair: _Pair, moments: tuple[torch.Tensor, to
         if second.bias is None:
             second.bias = nn.Parameter(torch.zeros_like(added))
         second.bias.add_(added)
-    return True
+    return shift

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import builtins
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -50,7 +50,7 @@ from .layers import QUANTIZED_TYPES, ChannelClamp, activation_layers
 Kind = Literal["relu", "identity", "ignore", "other"]
 Use = tuple[Kind, float | None]  # how one consumer uses a layer output, and its cap for "relu"
 
-_LAYER_TYPES = tuple(cls for _, cls in QUANTIZED_TYPES)
+LAYER_TYPES = tuple(cls for _, cls in QUANTIZED_TYPES)
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _METADATA = frozenset({"size", "dim", "shape", "ndim", "dtype", "device", "numel"})
 _DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
@@ -156,7 +156,7 @@ class _LayerLeafTracer(fx.Tracer):
     ``torch.nn`` leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (*_LAYER_TYPES, ChannelClamp)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*LAYER_TYPES, ChannelClamp)) or super().is_leaf_module(m, module_qualified_name)
 
 
 def layer_graph(model: nn.Module) -> fx.Graph:
@@ -172,18 +172,7 @@ def _graph_uses(model: nn.Module, graph: fx.Graph) -> dict[str, list[list[Use]]]
     def node_uses(node: fx.Node) -> list[Use]:
         found: list[Use] = []
         for user in node.users:
-            if user.op == "call_module":
-                use = _classify_module(modules[str(user.target)])
-                if use[0] != "other" and (len(user.args) != 1 or user.kwargs):
-                    use = "other", None
-            elif user.op == "call_function" and user.target is builtins.getattr:
-                use = _classify(str(user.args[1]), (), {}, node)
-            elif user.op == "call_function":
-                use = _classify(_FUNCTIONS.get(user.target), tuple(user.args), dict(user.kwargs), node)
-            elif user.op == "call_method":
-                use = _classify(str(user.target), tuple(user.args), dict(user.kwargs), node)
-            else:  # the graph's output: the model returns the value as it is
-                use = "other", None
+            use = node_use(user, node, modules)
             if use[0] == "identity":
                 found.extend(node_uses(user))
             elif use[0] != "ignore":
@@ -192,9 +181,24 @@ def _graph_uses(model: nn.Module, graph: fx.Graph) -> dict[str, list[list[Use]]]
 
     uses: dict[str, list[list[Use]]] = {}
     for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules[str(node.target)], _LAYER_TYPES):
+        if node.op == "call_module" and isinstance(modules[str(node.target)], LAYER_TYPES):
             uses.setdefault(str(node.target), []).append(node_uses(node))
     return uses
+
+
+def node_use(user: fx.Node, node: fx.Node, modules: Mapping[str, nn.Module]) -> Use:
+    """How the graph node ``user`` uses the value of ``node`` (the module docstring's rules); ``modules``: the
+    traced model's ``named_modules()``."""
+    if user.op == "call_module":
+        use = _classify_module(modules[str(user.target)])
+        return ("other", None) if use[0] != "other" and (len(user.args) != 1 or user.kwargs) else use
+    if user.op == "call_function" and user.target is builtins.getattr:
+        return _classify(str(user.args[1]), (), {}, node)
+    if user.op == "call_function":
+        return _classify(_FUNCTIONS.get(user.target), tuple(user.args), dict(user.kwargs), node)
+    if user.op == "call_method":
+        return _classify(str(user.target), tuple(user.args), dict(user.kwargs), node)
+    return "other", None  # the graph's output: the model returns the value as it is
 
 
 def _call_name(func: Callable[..., Any]) -> str | None:

@@ -28,6 +28,7 @@ from .bias_correction import ChannelMeans, ShiftRecorder, bias_shifts
 from .compiled import compile_model
 from .config import flatten
 from .data import make_loader, relative_paths
+from .dfq_bias import data_free_shifts
 from .dumps import write_dump
 from .layers import execution_order
 from .model_quantizer import ModelQuantizer, model_policy
@@ -150,7 +151,8 @@ def quantized_pass(session: Session, loader: DataLoader, quant: QuantConfig, des
     if quant.act.stochastic and dist.rank > 0:  # rank 0 keeps the seed's stream, the others their own
         quant = replace(quant, seed=rank_seed(quant.seed, dist.rank))
     shifts, rounding, cal_seconds = None, None, None
-    if (quant.correct.act_bias or quant.rounding.learned) and plan is None and stats is not None:
+    if (quant.correct.act_bias or quant.correct.data_free_bias or quant.rounding.learned) and plan is None \
+            and stats is not None:
         plan = ModelQuantizer(session.model, quant, stats).plan  # one plan for every round and every layer learned
     if quant.rounding.learned:
         learned = learned_rounding(session, quant, plan)
@@ -158,6 +160,10 @@ def quantized_pass(session: Session, loader: DataLoader, quant: QuantConfig, des
     if quant.correct.act_bias:
         start = time.perf_counter()
         shifts = measure_bias_shifts(session, quant, plan, rounding)
+        cal_seconds = (cal_seconds or 0.0) + time.perf_counter() - start
+    if quant.correct.data_free_bias:
+        start = time.perf_counter()
+        shifts = predict_bias_shifts(session, quant, plan, rounding)
         cal_seconds = (cal_seconds or 0.0) + time.perf_counter() - start
     quantizer = ModelQuantizer(session.model, quant, stats, shifts, plan=plan, rounding=rounding)
     with quantizer:
@@ -274,6 +280,28 @@ def measure_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPl
     shifts = bias_shifts(session.layers, quantized_run, rounds, session.relu_fed(), session.dist.sum_tensors)
     log.info("-bca: mean shifts of %d layers measured on %d images in %.1f s (%d rounds)", len(shifts),
              len(loader.dataset), time.perf_counter() - start, rounds)
+    return shifts
+
+
+def predict_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPlan] | None = None,
+                        rounding: dict[str, torch.Tensor] | None = None) -> ChannelMeans:
+    """DFQ's data-free bias correction: each layer's per-channel mean shift under ``quant``'s weights (with the
+    learned ``rounding``), predicted from its input's BatchNorm statistics (``dfq_bias``), no image read."""
+    expected = session.expected_inputs()
+    originals = {layer.module_name: (layer.module.weight.detach().clone(),
+                                     None if layer.module.bias is None else layer.module.bias.detach().clone())
+                 for layer in session.layers if layer.module_name in expected}
+    quantizer = ModelQuantizer(session.model, quant, session.stats, plan=plan, rounding=rounding)
+    with quantizer:
+        shifts = data_free_shifts(session.layers, originals, expected)
+    quantized = sum(spec.weight.bits is not None for spec in quantizer.specs)
+    if shifts:
+        log.info("-bcdf: mean shifts of %d of %d quantized layers predicted from their inputs' BatchNorm statistics "
+                 "(the others read the image, a concat, a product or a layer without BatchNorm statistics)",
+                 len(shifts), quantized)
+    else:
+        log.warning("-bcdf: no layer's input has BatchNorm statistics to predict its mean from (BatchNorms that are "
+                    "placeholders of mean 0 and variance 1, or none): nothing is corrected")
     return shifts
 
 

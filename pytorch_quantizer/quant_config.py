@@ -184,12 +184,13 @@ class AllocationConfig:
 @dataclass(frozen=True)
 class CorrectionConfig:
     """Bias corrections after quantization: of the weights (the follow-up's eq. 12 and 13) and of the activations
-    (measured mean shifts folded into the biases, ``bias_correction``)."""
+    (mean shifts folded into the biases: measured, ``bias_correction``, or predicted, ``dfq_bias``)."""
 
     weight_mean: bool = False  # restore each output channel's weight mean
     weight_variance: bool = False  # restore each output channel's centred weight norm
     act_bias: bool = False  # fold each channel's measured output mean shift into its bias
     act_bias_rounds: int = 2  # measuring passes over the calibration images
+    data_free_bias: bool = False  # fold each channel's mean shift predicted from BatchNorm statistics (DFQ)
 
     def __post_init__(self) -> None:
         if isinstance(self.act_bias_rounds, bool) or not isinstance(self.act_bias_rounds, int) \

@@ -28,6 +28,7 @@ from .data import (
     seeded_evaluation,
     wnid_folder_dataset,
 )
+from .dfq_bias import expected_inputs
 from .distributed import DistContext
 from .equalize import EqualizeError, batchnorm_moments, equalize
 from .graph import relu_fed_layers
@@ -65,9 +66,11 @@ class Session:
         model, pairs = original, []
         if cfg.fold_bn:
             model, pairs = fold_batchnorm(original, self.example_input())
+        # layer -> its output channels' (mean, std) by its folded BatchNorm, as the model below carries them
+        self.bn_moments = batchnorm_moments(original, pairs)
         if cfg.equalize:  # the config refuses it unfolded
-            equalized = equalize(model, self.example_input(), batchnorm_moments(original, pairs))
-            model = equalized.model
+            equalized = equalize(model, self.example_input(), self.bn_moments)
+            model, self.bn_moments = equalized.model, equalized.moments
             log.info(equalized.summary())
             if cfg.export_onnx is not None and isinstance(model, fx.GraphModule):  # refused now, not after the pass
                 raise EqualizeError(f"{cfg.arch} calls a ReLU6 module at several places, so --equalize rewrote its "
@@ -91,6 +94,7 @@ class Session:
         self.stats_fingerprint = folder_fingerprint(self.stats.folder) if self.stats is not None else ""
         self.evaluation = self._evaluation_indices() if cfg.stats_mode != "collect" else []
         self.relu_caps: dict[str, float | None] | None = None  # the layers that only feed a ReLU, traced once
+        self._expected_inputs: dict[str, torch.Tensor] | None = None  # dfq_bias's input means, traced once
         if cfg.act.half_range and cfg.stats_mode != "collect":
             if not self.relu_fed():
                 log.warning("-hr: no conv/linear output of %s feeds only a ReLU-like activation, so every grid stays "
@@ -164,6 +168,13 @@ class Session:
         if self.relu_caps is None:
             self.relu_caps = relu_fed_layers(self.model, self.example_input().to(self.device))
         return self.relu_caps
+
+    def expected_inputs(self) -> dict[str, torch.Tensor]:
+        """Layer path -> its input channels' means predicted from BatchNorm statistics (``dfq_bias``), traced once
+        per run."""
+        if self._expected_inputs is None:
+            self._expected_inputs = expected_inputs(self.model, self.bn_moments)
+        return self._expected_inputs
 
     def correction_images(self, purpose: str = "-bca measures each layer's mean shift") -> tuple[Dataset, list[int]]:
         """The images ``-bca`` measures its shifts on and AdaRound learns on (``purpose`` says which, in the
