@@ -103,6 +103,8 @@ class Session:
         self.roundings: dict[str, LearnedRounding] = {}  # AdaRound's learned roundings by key (passes)
         if cfg.correct.act_bias:
             self.dist.check_items(len(self.correction_images()[1]), data.batch_size, "-bca calibration")
+        if cfg.correct.data_free_bias:  # a graph fx cannot trace is refused now, not after a pass
+            self.expected_inputs()
         if cfg.rounding.learned and cfg.stats_mode != "collect":  # refused now, not after a pass
             self.correction_images("AdaRound learns each layer's rounding")
         if cfg.stats_mode == "collect":

@@ -10,7 +10,13 @@ from scipy import integrate, stats
 from test_cli import data_dir, run_cli  # noqa: F401  (module fixture of the CLI tests)
 from torch import nn
 
-from pytorch_quantizer.dfq_bias import clipped_normal_mean, data_free_shifts, expected_inputs, mean_error
+from pytorch_quantizer.dfq_bias import (
+    DataFreeBiasError,
+    clipped_normal_mean,
+    data_free_shifts,
+    expected_inputs,
+    mean_error,
+)
 from pytorch_quantizer.equalize import batchnorm_moments, equalize
 from pytorch_quantizer.layers import activation_layers
 from pytorch_quantizer.model_quantizer import ModelQuantizer
@@ -242,3 +248,17 @@ def test_bad_bcdf_input_is_one_line_exit_2(data_dir, tmp_path, capsys, flags, me
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "stats").exists() and not (tmp_path / "results.csv").exists()
+
+
+def test_a_network_fx_cannot_trace_is_refused_in_one_line():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) if x.sum() > 0 else self.conv(-x)  # data-dependent control flow
+
+    with pytest.raises(DataFreeBiasError, match="torch.fx cannot trace") as raised:
+        expected_inputs(Branchy(), {})
+    assert "\n" not in str(raised.value)
