@@ -297,7 +297,8 @@ def predict_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPl
     quantized = sum(spec.weight.bits is not None for spec in quantizer.specs)
     if shifts:
         log.info("-bcdf: mean shifts of %d of %d quantized layers predicted from their inputs' BatchNorm statistics "
-                 "(the others read the image, a concat, a product or a layer without BatchNorm statistics)",
+                 "(the others read the image, or a value the BatchNorms do not describe: a concat, a product, an "
+                 "activation of a residual sum)",
                  len(shifts), quantized)
     else:
         log.warning("-bcdf: no layer's input has BatchNorm statistics to predict its mean from (BatchNorms that are "
