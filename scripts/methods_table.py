@@ -55,7 +55,6 @@ ROWS = [
     Row("equalize", "--equalize -th laplace -hr -pcw", "equalized"),
     Row("adaround", "-th laplace -hr -pcw --float_bias --weight_rounding adaround"),
     Row("bca", "-th laplace -hr -pcw -bca"),
-    Row("bcdf", "-th laplace -hr -pcw -bcdf"),  # DFQ's data-free correction beside the measured one
     Row("baa", "-th slab -hr -pcw -pcq_a -baa", "channels"),
     Row("all", "-th slab -hr -pcw -pcq_a -baa --float_bias --weight_rounding adaround -bca", "channels"),
 ]
