@@ -143,6 +143,11 @@ class LearnedRounding:
                 f"nearest rounding x{median:.3f} (median over layers), {100 * flipped:.1f} % of the weights "
                 "rounded away from nearest (mean over layers)")
 
+    def worse(self) -> list[str]:
+        """The layers whose learned rounding reconstructs their output worse than nearest rounding on the
+        calibration images: the learning did not converge (too few steps, each moving V by ``TRAVEL / iters``)."""
+        return [name for name, r in self.layers.items() if r.learned > r.nearest]
+
 
 class _Captured(Exception):
     """Stops a forward once the wanted layer's input is recorded (the rest of the network is not needed)."""

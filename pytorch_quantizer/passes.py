@@ -205,6 +205,11 @@ def learned_rounding(session: Session, quant: QuantConfig, plan: list[LayerPlan]
                                  quant.rounding, quant.seed,
                                  session.relu_fed(), quantized)
         log.info("%s", learned.summary())
+        worse = learned.worse()
+        if worse:
+            log.warning("AdaRound: %d of %d layers reconstruct their output worse than nearest rounding does (first: "
+                        "%s); the learning did not settle in %d steps: give more (--adaround_iters)", len(worse),
+                        len(learned.layers), worse[0], quant.rounding.iters)
         if session.dist.is_main:
             save_rounding(path, key, learned)
             log.info("AdaRound: the learned rounding is saved to %s", path)

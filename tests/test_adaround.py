@@ -11,7 +11,7 @@ from test_cli import data_dir  # noqa: F401  (the synthetic wnid folder fixture)
 from test_equalize import run_cli
 from torch import nn
 
-from pytorch_quantizer.adaround import learn_layer, reconstruction_error
+from pytorch_quantizer.adaround import LearnedRounding, learn_layer, reconstruction_error
 from pytorch_quantizer.methods import get_method
 from pytorch_quantizer.quant_config import RoundingConfig
 from pytorch_quantizer.weights import grid_floor, grid_view, parameter_grid, quantize_on_grid, round_on_grid
@@ -59,6 +59,23 @@ def test_adaround_lowers_the_reconstruction_error_and_keeps_floor_or_ceil(bits, 
     floor = grid_floor(w, grid)
     assert bool(((q == floor.clamp(0).minimum(qmax)) | (q == (floor + 1).clamp(0).minimum(qmax))).all())
     assert 0 < result.flipped < 0.5
+
+
+def test_too_few_steps_are_named_as_layers_worse_than_nearest():
+    """Each Adam step moves V by TRAVEL / iters: at 4 steps the roundings jump and can reconstruct worse than
+    nearest rounding, which ``worse`` names (the run warns of it); 400 steps do not."""
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 8)
+    x = correlated_inputs(512, 24)
+    with torch.no_grad():
+        target = layer(x)
+    grid = parameter_grid(layer.weight.detach(), 3, False, True, False, None)
+    results = {}
+    for iters in (4, 400):
+        up, result = learn_layer(layer, grid, x, target, None, RoundingConfig(method="adaround", iters=iters, batch=64),
+                                 torch.Generator().manual_seed(0))
+        results[iters] = LearnedRounding({"fc": up}, 0.0, {"fc": result}).worse()
+    assert results == {4: ["fc"], 400: []}
 
 
 def test_round_on_grid_is_floor_without_ups_and_nearest_with_the_nearer_ones():
