@@ -38,12 +38,15 @@ def quantization_noise(alpha: float, bits: int) -> float:
 
 
 def clipping_noise_laplace(alpha: float, b: float) -> float:
-    """E[(|x| - alpha)^2; |x| > alpha] for x ~ Laplace(0, b)."""
-    return 2.0 * b**2 * math.exp(-alpha / b)
+    """E[(|x| - alpha)^2; |x| > alpha] for x ~ Laplace(0, b); 0 for b = 0 (a constant channel has no tail, the
+    limit b -> 0)."""
+    return 2.0 * b**2 * math.exp(-alpha / b) if b > 0 else 0.0
 
 
 def clipping_noise_gaus(alpha: float, sigma: float) -> float:
-    """E[(|x| - alpha)^2; |x| > alpha] for x ~ N(0, sigma^2)."""
+    """E[(|x| - alpha)^2; |x| > alpha] for x ~ N(0, sigma^2); 0 for sigma = 0 (the limit)."""
+    if sigma <= 0:
+        return 0.0
     tail = 1.0 - math.erf(alpha / (sigma * math.sqrt(2.0)))
     return (sigma**2 + alpha**2) * tail - math.sqrt(2.0 / math.pi) * alpha * sigma * math.exp(
         -(alpha**2) / (2.0 * sigma**2)

@@ -21,6 +21,7 @@ from pytorch_quantizer import (
 from pytorch_quantizer.clipping import (
     TensorStats,
     allocated_clip,
+    clipping_noise,
     clipping_noise_gaus,
     clipping_noise_laplace,
     laplace_b,
@@ -180,3 +181,12 @@ def test_allocated_clip_at_a_power_of_two_is_the_papers_optimum_and_its_mse(prio
     alpha, predicted = allocated_clip(prior, 2.0, 16.0)
     assert alpha == pytest.approx(optimal_alpha(prior, 4) * 2.0, rel=1e-6)
     assert predicted == pytest.approx(mse(prior, alpha, 2.0, 4), rel=1e-9)
+
+
+@pytest.mark.parametrize("prior", ["laplace", "gaus"])
+def test_a_constant_channel_has_no_clipping_noise(prior):
+    """A channel of scale 0 (constant over the calibration images, as a dead channel of a small calibration set
+    is) gets alpha 0 and no noise: the b -> 0 limit, not a division by zero."""
+    assert allocated_clip(prior, 0.0, 16.0) == (0.0, 0.0)
+    assert clipping_noise(prior, 1.0, 0.0) == 0.0
+    assert clipping_noise(prior, 1.0, 1e-3) == pytest.approx(0.0, abs=1e-12)
