@@ -296,19 +296,8 @@ def predict_bias_shifts(session: Session, quant: QuantConfig, plan: list[LayerPl
     originals = {layer.module_name: (layer.module.weight.detach().clone(),
                                      None if layer.module.bias is None else layer.module.bias.detach().clone())
                  for layer in session.layers if layer.module_name in expected}
-    quantizer = ModelQuantizer(session.model, quant, session.stats, plan=plan, rounding=rounding)
-    with quantizer:
-        shifts = data_free_shifts(session.layers, originals, expected)
-    quantized = sum(spec.weight.bits is not None for spec in quantizer.specs)
-    if shifts:
-        log.info("-bcdf: mean shifts of %d of %d quantized layers predicted from their inputs' BatchNorm statistics "
-                 "(the others read the image, or a value the BatchNorms do not describe: a concat, a product, an "
-                 "activation of a residual sum)",
-                 len(shifts), quantized)
-    else:
-        log.warning("-bcdf: no layer's input has BatchNorm statistics to predict its mean from (BatchNorms that are "
-                    "placeholders of mean 0 and variance 1, or none): nothing is corrected")
-    return shifts
+    with ModelQuantizer(session.model, quant, session.stats, plan=plan, rounding=rounding):
+        return data_free_shifts(session.layers, originals, expected)
 
 
 def layer_order(session: Session, quant: QuantConfig) -> list[str]:

@@ -176,6 +176,13 @@ class Session:
         per run."""
         if self._expected_inputs is None:
             self._expected_inputs = expected_inputs(self.model, self.bn_moments)
+            if self._expected_inputs:
+                log.info("-bcdf: the input means of %d of %d layers are predicted from BatchNorm statistics (the "
+                         "others read the image, or a value the BatchNorms do not describe: a concat, a product, an "
+                         "activation of a residual sum)", len(self._expected_inputs), len(self.layers))
+            else:
+                log.warning("-bcdf: no layer's input has BatchNorm statistics to predict its mean from (BatchNorms "
+                            "that are placeholders of mean 0 and variance 1, or none): nothing is corrected")
         return self._expected_inputs
 
     def correction_images(self, purpose: str = "-bca measures each layer's mean shift") -> tuple[Dataset, list[int]]:
