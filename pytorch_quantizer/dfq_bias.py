@@ -22,7 +22,8 @@ Through an activation ``clamp(., 0, u)`` (ReLU: ``u`` infinite; ReLU6 and per-ch
 (the mean of the part inside ``[0, u]`` plus ``u`` times the mass above it). Identities (folded BatchNorms,
 eval-mode dropout), average pooling and flattening keep each channel's mean, and a residual add adds the means of
 its two operands. Any other producer (the image, a concat, a product such as squeeze-excitation, an activation of
-a sum) leaves its consumer uncorrected, and the run says at how many layers the correction was made.
+a sum, an activation other than ReLU/ReLU6/clamp such as SiLU) leaves its consumer uncorrected, and the run says at
+how many layers the correction was made.
 
 Against ``-bca``: no images and no pass, but only as good as the Gaussian model of each pre-activation, and blind
 to what the layers before this one changed in its input (DFQ's "empirical" variant, our ``-bca``, sees both).
