@@ -179,8 +179,7 @@ class Session:
             if self._expected_inputs:
                 log.info("-bcdf: the input means of %d of %d layers are predicted from BatchNorm statistics (the "
                          "others read the image, or a value the BatchNorms do not describe: a concat, a product, an "
-                         "activation of a residual sum or other than ReLU/ReLU6/clamp)", len(self._expected_inputs),
-                         len(self.layers))
+                         "activation of a residual sum)", len(self._expected_inputs), len(self.layers))
             else:
                 log.warning("-bcdf: no layer's input has BatchNorm statistics to predict its mean from (BatchNorms "
                             "that are placeholders of mean 0 and variance 1, or none): nothing is corrected")

@@ -15,6 +15,7 @@ from pytorch_quantizer.dfq_bias import (
     clipped_normal_mean,
     data_free_shifts,
     expected_inputs,
+    gaussian_mean,
     mean_error,
 )
 from pytorch_quantizer.equalize import batchnorm_moments, equalize
@@ -262,3 +263,39 @@ def test_a_network_fx_cannot_trace_is_refused_in_one_line():
     with pytest.raises(DataFreeBiasError, match="torch.fx cannot trace") as raised:
         expected_inputs(Branchy(), {})
     assert "\n" not in str(raised.value)
+
+
+def test_quadrature_means_match_the_closed_form_and_sampling():
+    """Gauss-Hermite against the clipped-normal formula (ReLU6, kinked: the hard case) and against a million
+    samples of SiLU and Hardswish."""
+    mean, std = torch.tensor([-1.0, 0.5, 3.0, 7.0]), torch.tensor([2.0, 1.0, 3.0, 0.5])
+    relu6 = gaussian_mean(nn.ReLU6(), mean, std)
+    assert torch.allclose(relu6, clipped_normal_mean(mean, std, 6.0), rtol=2e-3, atol=2e-3)
+    g = torch.Generator().manual_seed(0)
+    samples = mean.double().unsqueeze(-1) + std.double().unsqueeze(-1) * torch.randn(4, 1_000_000, generator=g,
+                                                                                     dtype=torch.float64)
+    for f in (nn.SiLU(), nn.Hardswish()):
+        assert torch.allclose(gaussian_mean(f, mean, std), f(samples).mean(-1), rtol=0, atol=1e-2), f
+
+
+class SiluBlock(nn.Module):
+    """conv -> BN -> SiLU -> conv, as EfficientNet's and MobileNetV3's blocks (there with Hardswish) are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        self.act, self.conv1 = nn.SiLU(), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.act(self.bn0(self.conv0(x))))
+
+
+def test_a_smooth_activation_is_predicted_through():
+    torch.manual_seed(0)
+    images = torch.randn(400, 3, 10, 10)
+    original = _calibrated(SiluBlock(), images)
+    folded, pairs = fold_batchnorm(original, images[:2])
+    expected = expected_inputs(folded, batchnorm_moments(original, pairs))
+    assert set(expected) == {"conv1"}
+    measured = _inputs(folded, images)["conv1"]
+    assert torch.allclose(expected["conv1"], measured, rtol=0.02, atol=0.02), (expected["conv1"], measured)
