@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import LAYER_TYPES, layer_graph, node_use
+from .graph import LAYER_TYPES, in_out_channels, layer_graph, node_use
 from .layers import ActivationLayer, ChannelClamp
 
 Moments = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer path -> (mean, std) of its output channels
@@ -112,7 +112,7 @@ def expected_inputs(model: nn.Module, moments: Moments) -> dict[str, torch.Tenso
         if node.op == "call_module" and isinstance(modules[str(node.target)], LAYER_TYPES):
             source = known.get(node.args[0]) if len(node.args) == 1 and isinstance(node.args[0], fx.Node) else None
             name = str(node.target)
-            if source is not None and _channels_in(modules[name]) == source.mean.numel():
+            if source is not None and in_out_channels(modules[name])[0] == source.mean.numel():
                 seen = found.setdefault(name, source.mean)
                 if seen is not None and not torch.equal(seen, source.mean):
                     found[name] = None
@@ -182,10 +182,6 @@ def _pools(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
         dims = (dims,) if isinstance(dims, int) else dims
         return isinstance(dims, (tuple, list)) and bool(dims) and all(isinstance(d, int) and d >= 2 for d in dims)
     return False
-
-
-def _channels_in(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
 def mean_error(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, expected: torch.Tensor

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import LAYER_TYPES, is_identity, layer_graph
+from .graph import LAYER_TYPES, in_out_channels, is_identity, layer_graph
 from .layers import ChannelClamp
 
 _FREE_FUNCTIONS = (F.relu, torch.relu)  # commute with a positive scale: nothing to change
@@ -170,11 +170,11 @@ def _find_pairs(module: fx.GraphModule) -> list[_Pair]:
         if caps is not None:
             activation, consumer = consumer, _only_consumer(consumer, modules)
         second = layer(consumer)
-        if second is None or _channels(first)[1] != _channels(second)[0]:
+        if second is None or in_out_channels(first)[1] != in_out_channels(second)[0]:
             continue
         site = None
         if isinstance(caps, torch.Tensor):  # this call's own clamp, its caps then scaled with the channels
-            clamp, site = ChannelClamp(caps.expand(_channels(first)[1])), activation
+            clamp, site = ChannelClamp(caps.expand(in_out_channels(first)[1])), activation
         pairs.append(_Pair(node.target, consumer.target, clamp, site))
     return pairs
 
@@ -231,12 +231,6 @@ def _activation(node: fx.Node | None, modules: dict[str, nn.Module]) -> str | to
     return None
 
 
-def _channels(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    return layer.in_channels, layer.out_channels
-
-
 def _input_view(layer: nn.Module) -> torch.Tensor:
     """The weight as (input channel, everything it multiplies): a grouped conv's input channel ``i`` of group
     ``k`` is ``weight[k * O/g : (k+1) * O/g, i mod I/g]``."""
@@ -263,7 +257,8 @@ def _sweep(module: fx.GraphModule, pairs: list[_Pair], tol: float, max_sweeps: i
            ) -> tuple[int, dict[str, torch.Tensor]]:
     """Equalize the pairs in turn until no scale moves by more than ``tol``; returns the sweeps made and, per
     producer, the divisor its output channels now carry."""
-    divisors = {p.first: torch.ones(_channels(module.get_submodule(p.first))[1], dtype=torch.float64) for p in pairs}
+    divisors = {p.first: torch.ones(in_out_channels(module.get_submodule(p.first))[1], dtype=torch.float64)
+                for p in pairs}
     sweeps = 0
     with torch.no_grad():
         while pairs and sweeps < max_sweeps:

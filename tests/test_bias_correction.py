@@ -120,11 +120,7 @@ def test_cli_use_mode_with_bca(data_dir, stats_dir, capsys):
     (("-sm", "no", "--qtype", "int4", "-cs", "4", "-bca", "--bca_rounds", "0"), "positive"),
 ])
 def test_bad_bca_input_is_one_line_exit_2(data_dir, tmp_path, capsys, flags, message):
-    try:
-        code = run_cli(data_dir, tmp_path, *flags)
-    except SystemExit as exit:  # argparse's own checks
-        code = exit.code
-    assert code == 2
+    assert run_cli(data_dir, tmp_path, *flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "stats").exists()

@@ -241,11 +241,7 @@ def test_cli_bcdf_without_batchnorm_statistics_warns(data_dir, tmp_path, caplog)
     (("-sm", "no", "-qw", "f32", "--qtype", "int8", "-bcdf"), "weights are float"),
 ])
 def test_bad_bcdf_input_is_one_line_exit_2(data_dir, tmp_path, capsys, flags, message):  # noqa: F811
-    try:
-        code = run_cli(data_dir, tmp_path, *flags)
-    except SystemExit as exit_:
-        code = exit_.code
-    assert code == 2
+    assert run_cli(data_dir, tmp_path, *flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "stats").exists() and not (tmp_path / "results.csv").exists()

@@ -270,11 +270,7 @@ def test_cli_per_channel_and_allocation_end_to_end(data_dir, pc_stats):
 )
 def test_cli_bad_allocation_input_exits_2(data_dir, pc_stats, flags, message, capsys):
     before = sorted(p.name for p in (pc_stats / "stats").iterdir())
-    try:
-        code = run_cli(data_dir, pc_stats, *flags)
-    except SystemExit as exc:
-        code = exc.code
-    assert code == 2
+    assert run_cli(data_dir, pc_stats, *flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
     assert sorted(p.name for p in (pc_stats / "stats").iterdir()) == before

@@ -25,10 +25,6 @@ def test_weight_and_activation_grid(data_dir, stats_dir):
     (("-ep", "-ep_w", "int4,int4"), "each type once"),
 ])
 def test_bad_sweep_flags(data_dir, tmp_path, capsys, flags, message):
-    try:
-        code = run_cli(data_dir, tmp_path, "-sm", "no", *flags)
-    except SystemExit as exit:  # argparse's own checks
-        code = exit.code
-    assert code == 2
+    assert run_cli(data_dir, tmp_path, "-sm", "no", *flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
