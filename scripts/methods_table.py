@@ -53,6 +53,7 @@ ROWS = [
     Row("pcw", "-th laplace -hr -pcw"),
     Row("float_bias", "-th laplace -hr -pcw --float_bias"),
     Row("equalize", "--equalize -th laplace -hr -pcw", "equalized"),
+    Row("equalize_float_bias", "--equalize -th laplace -hr -pcw --float_bias", "equalized"),
     Row("adaround", "-th laplace -hr -pcw --float_bias --weight_rounding adaround"),
     Row("bca", "-th laplace -hr -pcw -bca"),
     Row("baa", "-th slab -hr -pcw -pcq_a -baa", "channels"),
