@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import LAYER_TYPES, in_out_channels, layer_graph, node_use
-from .layers import ActivationLayer, ChannelClamp
+from .graph import LAYER_TYPES, layer_graph, node_use
+from .layers import ActivationLayer, ChannelClamp, in_out_channels
 
 Moments = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer path -> (mean, std) of its output channels
 _ADDS = (operator.add, operator.iadd, torch.add)

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import LAYER_TYPES, in_out_channels, is_identity, layer_graph
-from .layers import ChannelClamp
+from .graph import LAYER_TYPES, is_identity, layer_graph
+from .layers import ChannelClamp, in_out_channels
 
 _FREE_FUNCTIONS = (F.relu, torch.relu)  # commute with a positive scale: nothing to change
 DEAD = 2.0**-24  # a channel below float32's resolution of its layer's largest weight is dead

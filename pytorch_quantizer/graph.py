@@ -159,13 +159,6 @@ class _LayerLeafTracer(fx.Tracer):
         return isinstance(m, (*LAYER_TYPES, ChannelClamp)) or super().is_leaf_module(m, module_qualified_name)
 
 
-def in_out_channels(layer: nn.Module) -> tuple[int, int]:
-    """The (input, output) channels of a conv, or the features of a linear layer."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    return layer.in_channels, layer.out_channels
-
-
 def layer_graph(model: nn.Module) -> fx.Graph:
     """The model's fx graph with every Conv2d/Linear (subclasses too) as one ``call_module`` node; raises what
     ``torch.fx`` raises for a model it cannot trace."""

@@ -15,6 +15,13 @@ ACT_POINTS = ("output", "input")  # which tensor of each layer is observed and q
 QUANTIZED_TYPES: tuple[tuple[str, type[nn.Module]], ...] = (("conv", nn.Conv2d), ("linear", nn.Linear))
 
 
+def in_out_channels(layer: nn.Module) -> tuple[int, int]:
+    """The (input, output) channels of a conv, or the features of a linear layer."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
+
+
 @dataclass(frozen=True)
 class ActivationLayer:
     """One hooked layer: ``name`` is the seed's (``conv3_activation``), ``module_name`` the model's path."""

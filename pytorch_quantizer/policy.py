@@ -30,7 +30,7 @@ from .clipping import (
     check_bits,
     check_prior,
 )
-from .layers import ActivationLayer
+from .layers import ActivationLayer, in_out_channels
 from .methods import ClippingMethod, Grid, SpikeAndSlab, get_method
 from .observers import Observation
 from .quant_config import QuantConfig
@@ -296,12 +296,11 @@ class LayerPlan:
 CHANNEL_FIELDS = ("channel_method", "channel_alpha", "channel_delta", "channel_offset", "channel_levels")
 
 
-def layer_channels(layer: ActivationLayer, point: str) -> int | None:
-    """Channels (dim 1) of the tensor quantized at ``point``: a conv's out/in channels, a linear's features."""
-    module = layer.module
-    attr = {("conv", "output"): "out_channels", ("conv", "input"): "in_channels",
-            ("linear", "output"): "out_features", ("linear", "input"): "in_features"}[(layer.kind, point)]
-    return getattr(module, attr, None)
+def layer_channels(layer: ActivationLayer, point: str) -> int:
+    """Channels (dim 1) of the tensor quantized at ``point`` ("input" or "output"): a conv's in/out channels, a
+    linear's features."""
+    inputs, outputs = in_out_channels(layer.module)
+    return {"input": inputs, "output": outputs}[point]
 
 
 def _channel_plan(layer: ActivationLayer, spec: ActSpec, role: Role, obs: Observation, method: ClippingMethod,
@@ -312,7 +311,7 @@ def _channel_plan(layer: ActivationLayer, spec: ActSpec, role: Role, obs: Observ
     if obs.channel_moments is None:
         raise StatisticsError(f"the statistics in {statistics.folder} hold no per-channel moments; collect them with "
                               "-sm collect -pcq_a")
-    if channels is not None and len(obs.channel_moments) != channels:
+    if len(obs.channel_moments) != channels:
         raise StatisticsError(f"the statistics in {statistics.folder} have {len(obs.channel_moments)} channels for "
                               f"{layer.name}, whose {statistics.point} has {channels}; collect them again with "
                               "-sm collect -pcq_a")
